@@ -1,0 +1,193 @@
+"""Lazy checkpoint reading: one tensor at a time from sharded safetensors (any shard layout).
+
+Pickle checkpoints (``*.bin``) are read only when the caller opts in (``allow_pickle=True``, the CLI's
+``--allow-pickle``), and then with ``torch.load(weights_only=True)``. Models are local directories or Hugging Face
+hub ids; with no network a hub id gets an error that says so plainly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from dfsmerge.errors import CheckpointError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class CheckpointReader:
+    """Read-only, lazy view of one checkpoint's tensors.
+
+    Tensors are located through ``model.safetensors.index.json`` when present, else by reading the headers of every
+    ``*.safetensors`` file in the directory (so any shard layout works). Only the requested tensor is read.
+    """
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or str(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"model {self.name!r}: {self.path} is not a directory; give a checkpoint directory "
+                                  "or a Hugging Face hub id")
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"model {self.name!r}: no config.json in {self.path}; point at the directory that "
+                                  "holds config.json and the weights")
+        self.config: dict[str, Any] = json.loads(cfg.read_text())
+        self._weight_map: dict[str, Path] = {}
+        self._pickle = False
+        self._handles: dict[Path, Any] = {}
+        self._pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._index(allow_pickle)
+
+    # -- locating tensors -------------------------------------------------------------------------
+    def _index(self, allow_pickle: bool) -> None:
+        st_index = self.path / "model.safetensors.index.json"
+        st_files = sorted(self.path.glob("*.safetensors"))
+        if st_index.is_file():
+            self._weight_map = self._read_index(st_index)
+        elif st_files:
+            for f in st_files:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self._weight_map[k] = f
+        else:
+            bin_index = self.path / "pytorch_model.bin.index.json"
+            bin_files = sorted(self.path.glob("*.bin"))
+            if not (bin_index.is_file() or bin_files):
+                raise CheckpointError(f"model {self.name!r}: no *.safetensors or *.bin weights in {self.path}")
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"model {self.name!r}: {self.path} holds only pickle checkpoints (*.bin); pickle can run code, "
+                    "so it is off by default: pass --allow-pickle (loaded with torch.load(weights_only=True)) or "
+                    "convert the model to safetensors")
+            self._pickle = True
+            if bin_index.is_file():
+                self._weight_map = self._read_index(bin_index)
+            else:
+                for f in bin_files:
+                    for k in self._load_pickle(f):
+                        self._weight_map[k] = f
+
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"model {self.name!r}: {index} is not a valid index ({e}); regenerate it") from None
+        out = {}
+        for k, f in weight_map.items():
+            p = self.path / f
+            if not p.is_file():
+                raise CheckpointError(f"model {self.name!r}: index lists shard {f} for {k} but {p} does not exist; "
+                                      "download the missing shard")
+            out[k] = p
+        return out
+
+    def _load_pickle(self, f: Path) -> dict[str, torch.Tensor]:
+        if self._pickle_cache is None or self._pickle_cache[0] != f:
+            try:
+                sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises several types for non-tensor pickles
+                raise CheckpointError(f"model {self.name!r}: cannot load {f} with weights_only=True ({e}); "
+                                      "convert it to safetensors") from None
+            self._pickle_cache = (f, sd)
+        return self._pickle_cache[1]
+
+    # -- public API -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def shard_of(self, name: str) -> Path:
+        return self._weight_map[name]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped for safetensors; no other tensor is touched).
+
+        Raises:
+            CheckpointError: the tensor is not in the checkpoint.
+        """
+        try:
+            f = self._weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"model {self.name!r}: tensor {name!r} not found in {self.path}; "
+                                  "the model's architecture may differ from the others") from None
+        if self._pickle:
+            return self._load_pickle(f)[name]
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = safe_open(str(f), framework="pt")
+        return h.get_tensor(name)
+
+    def get_shape(self, name: str) -> tuple[int, ...]:
+        if self._pickle:
+            return tuple(self.get_tensor(name).shape)
+        h = self._handles.get(self._weight_map[name]) or safe_open(str(self._weight_map[name]), framework="pt")
+        self._handles[self._weight_map[name]] = h
+        return tuple(h.get_slice(name).get_shape())
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self._weight_map:
+            yield k, self.get_tensor(k)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickle_cache = None
+
+
+def resolve_model_path(ref: str | Path, *, revision: str | None = None) -> Path:
+    """A local directory for ``ref``: the directory itself, or a hub snapshot (cache first, then download).
+
+    Raises:
+        CheckpointError: ``ref`` is neither a directory nor a reachable hub id.
+    """
+    p = Path(str(ref)).expanduser()
+    if p.exists():
+        return p
+    ref = str(ref)
+    if not _HUB_ID.match(ref):
+        raise CheckpointError(f"model {ref!r}: no such directory, and not a Hugging Face hub id (org/name); "
+                              "check the path")
+    from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(ref, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(ref, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"model {ref!r}: not a local directory and could not be downloaded from the Hugging Face hub "
+            f"({type(e).__name__}: {msg}); with no network, download it elsewhere and pass its local directory"
+        ) from None
+
+
+def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
+                    name: str | None = None) -> CheckpointReader:
+    """Open a model given as a local directory or a hub id for lazy reading.
+
+    Args:
+        ref: local checkpoint directory or hub id.
+        allow_pickle: permit ``*.bin`` checkpoints (loaded with ``weights_only=True``).
+    Returns:
+        A :class:`CheckpointReader`.
+    Raises:
+        CheckpointError: missing path, unreachable hub id, no weights, pickle without permission.
+    """
+    return CheckpointReader(resolve_model_path(ref, revision=revision), allow_pickle=allow_pickle,
+                            name=name or str(ref))

@@ -1,0 +1,191 @@
+"""Sharded, atomic checkpoint writing.
+
+Everything is written into a temporary directory beside the target and renamed into place at the end, so a
+killed process never leaves a half-written model where a good one was (or where none was). Shards are streamed:
+each tensor goes to disk as it arrives, so peak memory stays near one tensor, not one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfsmerge.errors import OutputExistsError
+
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of ``size`` given as an int or a string like ``"5GB"`` / ``"500MiB"``."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper().replace(" ", "")
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if s.endswith(unit) and s[: -len(unit)].replace(".", "", 1).isdigit():
+            return int(float(s[: -len(unit)]) * _UNITS[unit])
+    if s.isdigit():
+        return int(s)
+    raise ValueError(f"max_shard_size={size!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+
+
+class _ShardStream:
+    """One safetensors file written tensor by tensor: data to a side file, header + data joined at close."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._data_path = path.with_suffix(".data")
+        self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed in close()
+        self.header: dict[str, Any] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        n = len(raw) if isinstance(raw, bytes) else raw.nbytes
+        self._data.write(memoryview(raw) if n else b"")
+        self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.nbytes, self.nbytes + n]}
+        self.nbytes += n
+
+    def close(self, metadata: dict[str, str]) -> None:
+        self._data.close()
+        head = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(head)))
+            out.write(head)
+            shutil.copyfileobj(data, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        self._data_path.unlink()
+
+
+class ShardedWriter:
+    """Write a Hugging Face checkpoint directory atomically.
+
+    Usage::
+
+        with ShardedWriter(out_dir, max_shard_size="5GB", force=False) as w:
+            w.add_tensor(name, tensor)        # streamed to the current shard
+            w.write_json("config.json", cfg)  # any side file
+        # on normal exit: shards renamed, index written, directory renamed into place
+        # on an exception: the temporary directory is removed and the target is untouched
+
+    Raises:
+        OutputExistsError: ``out_dir`` exists and ``force`` is False (checked before anything is written).
+    """
+
+    def __init__(self, out_dir: str | Path, *, max_shard_size: int | str = "5GB", force: bool = False):
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.max_shard_size = parse_size(max_shard_size)
+        self.force = force
+        self.tmp_dir: Path | None = None
+        self._shards: list[_ShardStream] = []
+        self._current: _ShardStream | None = None
+        self.total_size = 0
+
+    def check_target(self) -> None:
+        if self.out_dir.exists() and not self.force:
+            raise OutputExistsError(f"output {self.out_dir} already exists; choose another path or pass --force "
+                                    "to replace it")
+
+    def __enter__(self) -> ShardedWriter:
+        self.check_target()
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp_dir.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._commit()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        for s in self._shards:
+            if not s._data.closed:
+                s._data.close()
+        if self.tmp_dir is not None and self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    # -- content --------------------------------------------------------------------------------
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self._current is None or (self._current.nbytes and self._current.nbytes + n > self.max_shard_size):
+            self._current = _ShardStream(self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors")
+            self._shards.append(self._current)
+        self._current.add(name, tensor)
+        self.total_size += n
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        (self.tmp_dir / rel).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def write_text(self, rel: str, text: str) -> None:
+        (self.tmp_dir / rel).write_text(text)
+
+    def copy_file(self, src: str | Path, rel: str | None = None) -> None:
+        shutil.copy2(src, self.tmp_dir / (rel or Path(src).name))
+
+    # -- finish ---------------------------------------------------------------------------------
+    def _commit(self) -> None:
+        n = len(self._shards)
+        weight_map = {}
+        for i, s in enumerate(self._shards):
+            s.close({"format": "pt"})
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            s.path.rename(self.tmp_dir / final)
+            weight_map.update({k: final for k in s.header})
+        if n > 1:
+            self.write_json("model.safetensors.index.json",
+                            {"metadata": {"total_size": self.total_size}, "weight_map": weight_map})
+        self._fsync_dir(self.tmp_dir)
+        if self.out_dir.exists():
+            if not self.force:  # appeared while we were writing
+                self.abort()
+                self.check_target()
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            self.out_dir.rename(old)
+            self.tmp_dir.rename(self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp_dir.rename(self.out_dir)
+        self._fsync_dir(self.out_dir.parent)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def copy_tokenizer(src_dir: str | Path, writer: ShardedWriter) -> list[str]:
+    """Copy the tokenizer files of checkpoint ``src_dir`` into the writer's directory; returns the names copied."""
+    from dfsmerge.io.reader import TOKENIZER_FILES
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        p = Path(src_dir) / name
+        if p.is_file():
+            writer.copy_file(p, name)
+            copied.append(name)
+    return copied

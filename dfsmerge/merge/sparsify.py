@@ -1,0 +1,269 @@
+"""Sparsification of task vectors (deltas from a base model), the first step of the GTA family.
+
+Each sparsifier returns ``delta * mask`` and, when ``rescale`` is set, multiplies the kept entries so the
+L1 norm of the result equals the L1 norm of the input (mergekit 0.1.5's ``RescaleNorm.l1``; DARE's paper
+rescales by ``1/density`` instead, which matches the L1 norm only in expectation).
+
+- ``magnitude``: keep the ``density`` fraction of largest-magnitude entries (TIES, Yadav et al. 2023,
+  arXiv 2306.01708, step 1 "trim").
+- ``random``: keep each entry with probability ``density`` (DARE, Yu et al. 2023, arXiv 2311.03099, Eq. (1)).
+- ``magnitude_outliers``: drop the ``gamma`` fraction of largest entries, then the smallest, keeping
+  ``density`` (Model Breadcrumbs, Davari & Belilovsky 2023, arXiv 2312.06795).
+- ``della_magprune``: keep each entry with a probability that grows linearly with its magnitude rank within
+  its row, from ``density - epsilon`` to ``density + epsilon`` (DELLA, Deep et al. 2024, arXiv 2406.11617,
+  Eq. (2)).
+
+The mask functions are the references of the fused Triton kernels: keep their tie-breaking (PyTorch's
+default sort on float32 magnitudes) and their RNG draw order (one ``torch.bernoulli`` per call).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from dfsmerge.errors import MergeError
+
+__all__ = [
+    "Sparsification",
+    "apply_mask",
+    "breadcrumbs_mask",
+    "della_mask",
+    "della_probabilities",
+    "magnitude_mask",
+    "random_mask",
+    "sparsify",
+]
+
+# Norms below this count as zero: no rescale (mergekit's RescaleNorm eps).
+_RESCALE_EPS = 1e-7
+
+
+class Sparsification(str, Enum):
+    """How a task vector is pruned before merging (names as mergekit's ``SparsificationMethod``)."""
+
+    magnitude = "magnitude"
+    random = "random"
+    magnitude_outliers = "magnitude_outliers"
+    della_magprune = "della_magprune"
+
+
+def apply_mask(delta: torch.Tensor, mask: torch.Tensor, *, rescale: bool) -> torch.Tensor:
+    """Zero the entries of ``delta`` where ``mask`` is 0, optionally restoring the L1 norm.
+
+    Args:
+        delta: task vector, any shape.
+        mask: 0/1 tensor broadcastable to ``delta`` (same dtype or bool).
+        rescale: multiply the result by ``|delta|_1 / |delta * mask|_1`` (skipped when either norm is
+            below 1e-7, so an all-dropped tensor stays zero).
+
+    Returns:
+        The masked (and rescaled) tensor, dtype of ``delta``.
+    """
+    masked = delta * mask
+    if not rescale:
+        return masked
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def _sort_key(delta: torch.Tensor) -> torch.Tensor:
+    # Sort float32 magnitudes on CPU (as mergekit) so ties break the same way.
+    w = delta.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Mask keeping the ``max(1, int(density * numel))`` largest-magnitude entries (TIES "trim").
+
+    Args:
+        delta: task vector, any shape.
+        density: fraction kept; ``>= 1`` keeps all, ``<= 0`` keeps none.
+
+    Returns:
+        Mask of ``delta``'s shape and dtype.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta)
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    order = torch.sort(_sort_key(delta), descending=True).indices  # (n,)
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[:k]] = 1
+    return mask.reshape(delta.shape)
+
+
+def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Mask dropping the ``int(gamma * n)`` largest entries and enough small ones to keep ``int(density * n)``.
+
+    When ``density + gamma > 1`` fewer outliers are dropped so that exactly ``int(density * n)`` are kept.
+
+    Args:
+        delta: task vector, any shape.
+        density: fraction kept (``>= 1`` keeps all).
+        gamma: fraction of largest-magnitude entries removed as outliers.
+
+    Returns:
+        Mask of ``delta``'s shape and dtype.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta)
+    n_keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - n_keep - n_top)
+    order = torch.sort(_sort_key(delta), descending=False).indices  # (n,) ascending magnitude
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[n_bottom : n_bottom + n_keep]] = 1
+    return mask.reshape(delta.shape)
+
+
+def random_mask(
+    delta: torch.Tensor, density: float, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Bernoulli(``density``) keep-mask, one draw per entry (DARE, Eq. (1)).
+
+    Args:
+        delta: task vector (only its shape, dtype and device are used).
+        density: keep probability; ``>= 1`` keeps all without drawing.
+        generator: RNG (default: torch's global RNG).
+
+    Returns:
+        Mask of ``delta``'s shape and dtype.
+    """
+    if density >= 1:
+        return torch.ones_like(delta)
+    probs = torch.full_like(delta, max(float(density), 0.0), dtype=_draw_dtype(delta))
+    return torch.bernoulli(probs, generator=generator).to(delta.dtype)
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probabilities of MagPrune: rank-linear in magnitude along dim 1 (DELLA, Eq. (2)).
+
+    ``p = density - epsilon + 2 * epsilon * r / (n - 1)`` where ``r`` is the 0-based ascending magnitude rank
+    of the entry among the ``n`` entries of its row (dim 1; a 1-D tensor is one row). A row of a single entry
+    gets ``p = density`` (mergekit 0.1.5 divides 0 by 0 there and fails).
+
+    Args:
+        delta: task vector, at least 1-D.
+        density: mean keep probability.
+        epsilon: half-width of the probability range; needs ``0 < density - epsilon`` and
+            ``density + epsilon < 1``.
+
+    Returns:
+        Probabilities, shaped like ``delta`` viewed as 2-D for 1-D input (float32 on CPU).
+
+    Raises:
+        MergeError: epsilon out of range for this density.
+    """
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise MergeError(
+            f"della: epsilon={epsilon} with density={density} gives keep probabilities outside (0, 1); "
+            f"choose epsilon < min(density, 1 - density) = {min(density, 1 - density):.6g}"
+        )
+    mags = delta.abs() if delta.dim() >= 2 else delta.abs().unsqueeze(0)  # (R, n, ...)
+    work = _draw_dtype(delta)
+    n = mags.shape[1]
+    order = torch.sort(mags, dim=1, descending=False).indices  # ascending along each row
+    ranks = torch.empty_like(order)
+    positions = torch.arange(n, device=delta.device).reshape((1, n) + (1,) * (mags.dim() - 2))
+    ranks.scatter_(1, order, positions.expand_as(order))  # inverse permutation: 0-based rank
+    if n > 1:
+        rank_norm = ranks.to(work) / (n - 1)
+    else:
+        rank_norm = torch.full(ranks.shape, 0.5, dtype=work, device=delta.device)
+    return (density - epsilon) + rank_norm * (2 * epsilon)
+
+
+def della_mask(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MagPrune keep-mask: Bernoulli of :func:`della_probabilities` (one draw per entry).
+
+    Args:
+        delta: task vector, at least 1-D.
+        density: mean keep probability (``>= 1`` keeps all, ``<= 0`` none; no draw in either case).
+        epsilon: see :func:`della_probabilities`.
+        generator: RNG (default: torch's global RNG).
+
+    Returns:
+        Mask of ``delta``'s shape and dtype.
+
+    Raises:
+        MergeError: epsilon out of range for this density.
+    """
+    if density >= 1:
+        return torch.ones_like(delta)
+    if density <= 0:
+        return torch.zeros_like(delta)
+    probs = della_probabilities(delta, density, epsilon)
+    return torch.bernoulli(probs, generator=generator).reshape(delta.shape).to(delta.dtype)
+
+
+def _draw_dtype(delta: torch.Tensor) -> torch.dtype:
+    # torch.bernoulli lacks float16 on CPU; mergekit draws in float32 there (bfloat16 stays).
+    if delta.device.type != "cpu" or delta.dtype == torch.bfloat16:
+        return delta.dtype
+    return torch.float32
+
+
+def sparsify(
+    delta: torch.Tensor,
+    method: Sparsification | str,
+    density: float,
+    *,
+    rescale: bool = False,
+    gamma: float = 0.0,
+    epsilon: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Prune a task vector with one of the four methods, optionally restoring its L1 norm.
+
+    ``density >= 1`` returns ``delta`` unchanged (no rescale, no RNG draw) for every method, as mergekit.
+    ``magnitude`` and ``della_magprune`` with ``density <= 0`` return zeros.
+
+    Args:
+        delta: task vector, any shape.
+        method: a :class:`Sparsification` or its name.
+        density: fraction (or probability) kept.
+        rescale: L1-norm matching after masking (see :func:`apply_mask`).
+        gamma: outlier fraction for ``magnitude_outliers``.
+        epsilon: probability half-width for ``della_magprune``.
+        generator: RNG of the random methods.
+
+    Returns:
+        The pruned tensor, same shape and dtype as ``delta``.
+
+    Raises:
+        MergeError: unknown method, or epsilon out of range for ``della_magprune``.
+    """
+    try:
+        method = Sparsification(method)
+    except ValueError:
+        known = ", ".join(m.value for m in Sparsification)
+        raise MergeError(f"sparsification method {method!r} is unknown; use one of: {known}") from None
+    if density >= 1:
+        return delta
+    if method is Sparsification.magnitude:
+        if density <= 0 or delta.numel() == 0:
+            return torch.zeros_like(delta)
+        mask = magnitude_mask(delta, density)
+    elif method is Sparsification.random:
+        mask = random_mask(delta, density, generator=generator)
+    elif method is Sparsification.magnitude_outliers:
+        mask = breadcrumbs_mask(delta, density, gamma)
+    else:
+        if density <= 0:
+            return torch.zeros_like(delta)
+        mask = della_mask(delta, density, epsilon, generator=generator)
+    return apply_mask(delta, mask, rescale=rescale)

@@ -1,0 +1,1 @@
+"""Fused Triton merge kernels, each beside its PyTorch reference (importable as ``dfsmerge.kernels``)."""
