@@ -153,7 +153,8 @@ def get_architecture(config: Mapping[str, Any] | str, *, source: str = "") -> Ar
     model_type = config if isinstance(config, str) else config.get("model_type")
     where = f" of {source}" if source else ""
     if not model_type:
-        raise ArchitectureError(f"config.json{where} has no model_type; supported: {', '.join(supported_model_types())}")
+        raise ArchitectureError(
+            f"config.json{where} has no model_type; supported: {', '.join(supported_model_types())}")
     try:
         return REGISTRY[model_type]
     except KeyError:

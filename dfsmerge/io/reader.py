@@ -30,8 +30,10 @@ class CheckpointReader:
     ``*.safetensors`` file in the directory (so any shard layout works). Only the requested tensor is read.
     """
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False, name: str | None = None):
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, name: str | None = None,
+                 keep_open: bool = False):
         self.path = Path(path)
+        self.keep_open = keep_open
         self.name = name or str(path)
         if not self.path.is_dir():
             raise CheckpointError(f"model {self.name!r}: {self.path} is not a directory; give a checkpoint directory "
@@ -56,8 +58,7 @@ class CheckpointReader:
         elif st_files:
             for f in st_files:
                 with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self._weight_map[k] = f
+                    self._weight_map.update(dict.fromkeys(h.keys(), f))  # noqa: SIM118 - safe_open is no dict
         else:
             bin_index = self.path / "pytorch_model.bin.index.json"
             bin_files = sorted(self.path.glob("*.bin"))
@@ -123,17 +124,21 @@ class CheckpointReader:
                                   "the model's architecture may differ from the others") from None
         if self._pickle:
             return self._load_pickle(f)[name]
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(str(f), framework="pt")
-        return h.get_tensor(name)
+        if self.keep_open:
+            h = self._handles.get(f)
+            if h is None:
+                h = self._handles[f] = safe_open(str(f), framework="pt")
+            return h.get_tensor(name)
+        # Opened per call: the shard's memory map is dropped at once, so reading a whole model one tensor at
+        # a time keeps the resident set near one tensor (file pages included).
+        with safe_open(str(f), framework="pt") as h:
+            return h.get_tensor(name)
 
     def get_shape(self, name: str) -> tuple[int, ...]:
         if self._pickle:
             return tuple(self.get_tensor(name).shape)
-        h = self._handles.get(self._weight_map[name]) or safe_open(str(self._weight_map[name]), framework="pt")
-        self._handles[self._weight_map[name]] = h
-        return tuple(h.get_slice(name).get_shape())
+        with safe_open(str(self._weight_map[name]), framework="pt") as h:
+            return tuple(h.get_slice(name).get_shape())
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self._weight_map:

@@ -1,0 +1,66 @@
+"""``dfsmerge`` command line: parses arguments and calls the library (no logic lives here).
+
+User errors (:class:`dfsmerge.errors.DfsmergeError`) are printed on one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from dfsmerge.errors import DfsmergeError
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def _command(name: str):
+    def deco(fn):
+        _COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfsmerge", description="Evolutionary model merging in parameter and "
+                                "data-flow space.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="run a mergekit YAML recipe")
+    m.add_argument("config", help="mergekit YAML recipe")
+    m.add_argument("out", help="output directory")
+    m.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random methods (default 0)")
+    m.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (weights_only=True)")
+    m.add_argument("--force", action="store_true", help="replace an existing output directory")
+    m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@_command("merge")
+def _merge(args: argparse.Namespace) -> int:
+    from dfsmerge.config import load_merge_config
+    from dfsmerge.recipe import run_merge
+
+    config = load_merge_config(args.config)
+    out = run_merge(config, args.out, device=args.device, seed=args.seed, allow_pickle=args.allow_pickle,
+                    force=args.force, max_shard_size=args.max_shard_size, progress=not args.quiet)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_COMMANDS[args.command](args) or 0)
+    except DfsmergeError as e:
+        print(f"dfsmerge: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfsmerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Config files as frozen pydantic models.
+
+This module holds the mergekit-compatible merge recipe (``dfsmerge merge``): ``models:`` or ``slices:``,
+``base_model``, ``merge_method``, parameters at model, slice-source, slice and global level, gradients (lists
+interpolated across layers) and filters (``- filter: self_attn`` ``value: ...``), ``dtype``, ``out_dtype``,
+``tokenizer_source``. Loading errors are collected and reported as one :class:`ConfigError` naming each field,
+its value and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from dfsmerge.errors import ConfigError
+
+Scalar = Union[bool, int, float, str]  # noqa: UP007 - pydantic union order matters
+
+
+class ConditionalParameter(BaseModel):
+    """A value that applies to tensors whose name contains ``filter`` (``None`` or ``"*"``: every tensor)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    value: Scalar | list[Scalar]
+    filter: str | None = None
+
+
+ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], Scalar, list[Scalar]]  # noqa: UP007
+Parameters = dict[str, ParameterSetting]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputModel(_Frozen):
+    model: str
+    parameters: Parameters | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _no_lora(cls, v: str) -> str:
+        if "+" in v:
+            raise ValueError(f"model={v!r}: LoRA references (model+lora) are not supported; merge the LoRA first")
+        return v
+
+
+class InputSlice(InputModel):
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range={list(v)} is empty or negative; use [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(_Frozen):
+    sources: list[InputSlice]
+    base_model: str | None = None
+    parameters: Parameters | None = None
+    residual_weight: float | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> OutputSlice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if not self.sources:
+            raise ValueError("slice has no sources; list at least one {model, layer_range}")
+        if len(lengths) > 1:
+            ranges = [list(s.layer_range) for s in self.sources]
+            raise ValueError(f"sources have layer ranges of different lengths {ranges}; every source of a slice "
+                             "must span the same number of layers")
+        return self
+
+
+class MergeConfig(_Frozen):
+    """A mergekit merge recipe (mergekit 0.1.5 schema, without MoE ``modules:``)."""
+
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> MergeConfig:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of 'models:' (whole models merged) or 'slices:' (layer ranges)")
+        for field in ("dtype", "out_dtype"):
+            v = getattr(self, field)
+            if v is not None and v not in DTYPES:
+                raise ValueError(f"{field}={v!r} is not a dtype; use one of {', '.join(DTYPES)}")
+        if self.tokenizer is not None:
+            raise ValueError("tokenizer: (vocabulary merging) is not supported yet; use tokenizer_source: base or "
+                             "tokenizer_source: <model>")
+        ts = self.tokenizer_source
+        if ts == "union":
+            raise ValueError("tokenizer_source='union' is not supported yet; use 'base' or a model name")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe names, base first, without duplicates, in order of appearance."""
+        seen: list[str] = []
+        for m in ([self.base_model] if self.base_model else []):
+            seen.append(m)
+        for m in self.models or []:
+            if m.model not in seen:
+                seen.append(m.model)
+        for s in self.slices or []:
+            for src in s.sources:
+                if src.model not in seen:
+                    seen.append(src.model)
+            if s.base_model and s.base_model not in seen:
+                seen.append(s.base_model)
+        return seen
+
+    def normalized_slices(self, num_layers: Callable[[str], int]) -> list[OutputSlice]:
+        """The recipe as output slices (a ``models:`` recipe is one slice over every layer, base appended)."""
+        if self.slices:
+            return list(self.slices)
+        sources = [InputSlice(model=m.model, parameters=m.parameters, layer_range=(0, num_layers(m.model)))
+                   for m in self.models]
+        if self.base_model and all(m.model != self.base_model for m in self.models):
+            sources.append(InputSlice(model=self.base_model, layer_range=(0, num_layers(self.base_model))))
+        return [OutputSlice(sources=sources)]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
+
+
+DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "float64")
+
+
+def torch_dtype(name: str | None):
+    """``torch.dtype`` of a config dtype name (``None`` stays ``None``)."""
+    import torch
+
+    if name is None:
+        return None
+    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}[name]
+
+
+def canonical_dtype(name: str) -> str:
+    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
+
+
+# -- parameter resolution ----------------------------------------------------------------------------
+def evaluate_setting(setting: Any, *, tensor_name: str, t: float, validate: Callable[[Any], Any]) -> Any:
+    """Value of one parameter setting for a tensor at relative depth ``t`` in [0, 1] (None: no match).
+
+    Numeric lists are gradients, linearly interpolated at ``t``; lists of booleans or strings pick the entry at
+    ``int(t * (n - 1))``; conditional settings apply to tensor names containing their ``filter`` (first match).
+    """
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if isinstance(setting, bool | int | float | str):
+        return validate(setting)
+    if not isinstance(setting, list) or not setting:
+        return None
+    if all(isinstance(e, bool | int | float | str) for e in setting):
+        values = [validate(e) for e in setting]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            return values[int(t * (len(values) - 1))]
+        pos = t * (len(values) - 1)
+        i0 = int(pos)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = pos - i0
+        return validate((1 - frac) * values[i0] + frac * values[i1])
+    for cond in setting:
+        if not isinstance(cond, ConditionalParameter):
+            cond = ConditionalParameter.model_validate(cond)
+        if cond.filter in (None, "*") or (tensor_name and cond.filter in tensor_name):
+            return evaluate_setting(cond.value, tensor_name=tensor_name, t=t, validate=validate)
+    return None
+
+
+def resolve_parameter(name: str, scopes: Iterable[Mapping[str, Any] | None], *, tensor_name: str, t: float,
+                      validate: Callable[[Any], Any]) -> Any:
+    """First value of ``name`` found in ``scopes`` (highest precedence first), or None."""
+    for scope in scopes:
+        if scope and name in scope:
+            v = evaluate_setting(scope[name], tensor_name=tensor_name, t=t, validate=validate)
+            if v is not None:
+                return v
+    return None
+
+
+def validator_for(kind: type) -> Callable[[Any], Any]:
+    """Convert a YAML scalar to a parameter's declared type (bool, int, float or str)."""
+    def convert(v: Any) -> Any:
+        if kind is bool:
+            if isinstance(v, str):
+                if v.lower() in ("true", "yes", "1"):
+                    return True
+                if v.lower() in ("false", "no", "0"):
+                    return False
+                raise ValueError(f"{v!r} is not a boolean; use true or false")
+            return bool(v)
+        if kind in (int, float):
+            if isinstance(v, bool):
+                return kind(v)
+            return kind(float(v)) if kind is int else float(v)
+        return v
+    return convert
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def format_validation_error(e: ValidationError, *, source: str) -> str:
+    """One message for all pydantic errors: ``field=value: problem`` each, joined with ``; ``."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "union")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check its spelling against the mergekit/dfsmerge documentation"
+        elif err["type"] == "missing":
+            msg = "required field is missing; add it"
+        val = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(val, dict) else f"={val!r}"
+        parts.append(f"{loc or '(top level)'}{shown}: {msg}")
+    return f"{source}: " + "; ".join(dict.fromkeys(parts))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; check the path")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_merge_config(path_or_data: str | Path | Mapping[str, Any]) -> MergeConfig:
+    """Parse a mergekit YAML recipe.
+
+    Raises:
+        ConfigError: every problem found, each naming the field, the value and the fix.
+    """
+    if isinstance(path_or_data, Mapping):
+        data, source = dict(path_or_data), "merge config"
+    else:
+        data, source = load_yaml(path_or_data), str(path_or_data)
+    if "modules" in data:
+        raise ConfigError(f"{source}: modules= (multi-module/MoE recipes) is not supported; use models: or slices:")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source=source)) from None

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random checkpoints written once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_family_models(tmp_path_factory):
+    """``{family: {"base": path, "ft1": path, "ft2": path, "ft3": path}}``: a base and three perturbed fine-tunes
+    per supported family (2 layers, hidden 32)."""
+    from dfsmerge.testing import FAMILIES, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_families")
+    out = {}
+    for fam in FAMILIES:
+        base = make_tiny_checkpoint(fam, root / fam / "base", seed=0, num_layers=2, hidden=32)
+        models = {"base": base}
+        for i in (1, 2, 3):
+            models[f"ft{i}"] = make_tiny_checkpoint(fam, root / fam / f"ft{i}", seed=i, like=base, delta_std=0.2)
+        out[fam] = models
+    return out
