@@ -27,7 +27,7 @@ __all__ = ["Consensus", "disjoint_merge", "generalized_task_arithmetic", "sign_c
 _ZERO_WEIGHT_SUM = 1e-8
 
 
-class Consensus(str, Enum):
+class Consensus(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11)
     """How the sign of each parameter is elected (TIES uses ``sum``)."""
 
     sum = "sum"

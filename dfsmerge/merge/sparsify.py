@@ -13,8 +13,10 @@ rescales by ``1/density`` instead, which matches the L1 norm only in expectation
   its row, from ``density - epsilon`` to ``density + epsilon`` (DELLA, Deep et al. 2024, arXiv 2406.11617,
   Eq. (2)).
 
-The mask functions are the references of the fused Triton kernels: keep their tie-breaking (PyTorch's
-default sort on float32 magnitudes) and their RNG draw order (one ``torch.bernoulli`` per call).
+The mask functions are the references of the fused Triton kernels: keep their tie-breaking (that of
+PyTorch's default sort on float32 magnitudes, as mergekit; ``magnitude`` and ``magnitude_outliers`` select
+with ``kthvalue`` in O(n) and sort only when the threshold value is tied) and their RNG draw order (one
+``torch.bernoulli`` over the whole tensor per call).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ __all__ = [
 _RESCALE_EPS = 1e-7
 
 
-class Sparsification(str, Enum):
+class Sparsification(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11)
     """How a task vector is pruned before merging (names as mergekit's ``SparsificationMethod``)."""
 
     magnitude = "magnitude"
@@ -93,10 +95,28 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    order = torch.sort(_sort_key(delta), descending=True).indices  # (n,)
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[:k]] = 1
-    return mask.reshape(delta.shape)
+    w = _sort_key(delta)  # (n,)
+    keep = _keep_rank_range(w, n - k, n)
+    if keep is None:  # ties at the boundary: break them as a full descending sort does
+        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        keep[torch.sort(w, descending=True).indices[:k]] = True
+    return keep.to(delta.dtype).reshape(delta.shape)
+
+
+def _keep_rank_range(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
+    """Entries whose ascending rank lies in [lo, hi), found by selection (O(n)) rather than a sort.
+
+    ``low <= w <= high`` (the values at ranks lo and hi - 1) holds for every wanted entry; it selects exactly
+    them unless a boundary value is tied with an entry outside the range (or is NaN). Then None: only a sort
+    fixes which copies are kept.
+    """
+    n = w.numel()
+    if lo >= hi:
+        return torch.zeros(n, dtype=torch.bool, device=w.device)
+    keep = w >= torch.kthvalue(w, lo + 1).values  # value at rank lo
+    if hi < n:
+        keep &= w <= torch.kthvalue(w, hi).values  # value at rank hi - 1
+    return keep if int(torch.count_nonzero(keep)) == hi - lo else None
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -118,15 +138,15 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     n_keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - n_keep - n_top)
-    order = torch.sort(_sort_key(delta), descending=False).indices  # (n,) ascending magnitude
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[n_bottom : n_bottom + n_keep]] = 1
-    return mask.reshape(delta.shape)
+    w = _sort_key(delta)  # (n,)
+    keep = _keep_rank_range(w, n_bottom, n_bottom + n_keep) if n else torch.zeros(0, dtype=torch.bool)
+    if keep is None:  # ties at a boundary: break them as a full ascending sort does
+        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        keep[torch.sort(w, descending=False).indices[n_bottom : n_bottom + n_keep]] = True
+    return keep.to(delta.dtype).reshape(delta.shape)
 
 
-def random_mask(
-    delta: torch.Tensor, density: float, *, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_mask(delta: torch.Tensor, density: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Bernoulli(``density``) keep-mask, one draw per entry (DARE, Eq. (1)).
 
     Args:
@@ -174,10 +194,8 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     ranks = torch.empty_like(order)
     positions = torch.arange(n, device=delta.device).reshape((1, n) + (1,) * (mags.dim() - 2))
     ranks.scatter_(1, order, positions.expand_as(order))  # inverse permutation: 0-based rank
-    if n > 1:
-        rank_norm = ranks.to(work) / (n - 1)
-    else:
-        rank_norm = torch.full(ranks.shape, 0.5, dtype=work, device=delta.device)
+    # A single-entry row has no rank spread: give it the mean probability.
+    rank_norm = ranks.to(work) / (n - 1) if n > 1 else torch.full_like(ranks, 0, dtype=work) + 0.5
     return (density - epsilon) + rank_norm * (2 * epsilon)
 
 
