@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (weights_only=True)")
     m.add_argument("--force", action="store_true", help="replace an existing output directory")
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    m.add_argument("--workers", type=int, default=None, help="tensors merged at once (default 2 on CPU, 1 on CUDA)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -45,7 +46,8 @@ def _merge(args: argparse.Namespace) -> int:
 
     config = load_merge_config(args.config)
     out = run_merge(config, args.out, device=args.device, seed=args.seed, allow_pickle=args.allow_pickle,
-                    force=args.force, max_shard_size=args.max_shard_size, progress=not args.quiet)
+                    force=args.force, max_shard_size=args.max_shard_size, progress=not args.quiet,
+                    workers=args.workers)
     print(f"merged model written to {out}")
     return 0
 

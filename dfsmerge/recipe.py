@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+import math
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,9 +236,53 @@ def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: i
     return out
 
 
+def _job_bytes(plan: MergePlan, job: TensorJob) -> int:
+    """Rough working memory of one job: fp32 copies of every input and a few temporaries per input."""
+    model, name = job.inputs[0]
+    reader = plan.readers[model]
+    shape = reader.get_shape(name if name in reader else plan.arch.embed)
+    return math.prod(shape) * 4 * (len(job.inputs) + 1) * 3
+
+
+def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, workers: int | None = None,
+                memory_budget: int | str = "1GB") -> Iterator[tuple[TensorJob, torch.Tensor]]:
+    """Merged tensors in plan order, computed by a small thread pool (torch releases the GIL in its kernels).
+
+    Reading, merging and writing overlap; at most ``workers + 1`` jobs are in flight and their estimated
+    working memory stays under ``memory_budget`` (a job larger than the budget runs alone).
+    """
+    from dfsmerge.io import parse_size
+
+    if workers is None:
+        workers = 1 if device.startswith("cuda") else 2
+    if workers <= 1:
+        for job in plan.jobs:
+            yield job, execute_job(plan, job, device=device, seed=seed)
+        return
+    budget = parse_size(memory_budget)
+    pending: deque[tuple[TensorJob, Future, int]] = deque()
+    in_flight = 0
+    with ThreadPoolExecutor(workers, thread_name_prefix="dfsmerge-merge") as pool:
+        try:
+            for job in plan.jobs:
+                cost = _job_bytes(plan, job)
+                while pending and (len(pending) > workers or in_flight + cost > budget):
+                    done_job, fut, c = pending.popleft()
+                    in_flight -= c
+                    yield done_job, fut.result()
+                pending.append((job, pool.submit(execute_job, plan, job, device=device, seed=seed), cost))
+                in_flight += cost
+            while pending:
+                done_job, fut, _ = pending.popleft()
+                yield done_job, fut.result()
+        finally:
+            for _, fut, _ in pending:
+                fut.cancel()
+
+
 def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", seed: int | None = 0,
               allow_pickle: bool = False, force: bool = False, max_shard_size: int | str = "5GB",
-              progress: bool = True) -> Path:
+              progress: bool = True, workers: int | None = None, memory_budget: int | str = "1GB") -> Path:
     """Run a recipe and write the merged checkpoint atomically to ``out_dir``.
 
     Args:
@@ -243,6 +290,9 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
         out_dir: target directory (must not exist unless ``force``).
         device: where tensors are merged (``cuda`` uses the fused kernels where available).
         seed: seed of the random methods (DARE, DELLA); the same seed gives the same model.
+        workers: tensors merged concurrently (default: 2 on CPU, 1 on CUDA); results are identical for any value.
+        memory_budget: bound on the estimated working memory of the tensors in flight (a larger tensor runs
+            alone), so concurrency never multiplies the peak of the biggest tensor.
     Returns:
         ``out_dir``.
     Raises:
@@ -257,9 +307,10 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
     readers = open_models(config, allow_pickle=allow_pickle)
     plan = plan_merge(config, readers)
     donor = _tokenizer_donor(config)
+    results = iter_merged(plan, device=device, seed=seed, workers=workers, memory_budget=memory_budget)
     with ShardedWriter(out_dir, max_shard_size=max_shard_size, force=force) as w:
-        for job in tqdm(plan.jobs, desc="merging", unit="tensor", disable=not progress):
-            w.add_tensor(job.out_name, execute_job(plan, job, device=device, seed=seed))
+        for job, tensor in tqdm(results, total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress):
+            w.add_tensor(job.out_name, tensor)
         w.write_json("config.json", plan.out_config)
         copy_tokenizer(readers[donor].path, w)
         gen = readers[donor].path / "generation_config.json"

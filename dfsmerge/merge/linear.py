@@ -38,9 +38,10 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normali
             f"linear: weights {list(weights)} sum to 0 with normalize=true (division by zero); "
             "change the weights or set normalize: false"
         )
-    result = torch.zeros_like(first, dtype=dtype)
-    for tensor, coefficient in zip(tensors, w.tolist(), strict=True):
-        result.add_(tensor.to(dtype), alpha=coefficient)
+    coefficients = w.tolist()
+    result = torch.mul(first, coefficients[0]) if first.dtype == dtype else first.to(dtype).mul_(coefficients[0])
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:], strict=True):
+        result.add_(tensor, alpha=coefficient)  # promotes to the fp32 accumulator in the same pass
     if normalize:
         result = result / total.to(first.device)
     return result.to(first.dtype)

@@ -82,6 +82,11 @@ def _sort_key(delta: torch.Tensor) -> torch.Tensor:
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Mask keeping the ``max(1, int(density * numel))`` largest-magnitude entries (TIES "trim").
 
+    Found by selection in O(n) (one ``kthvalue``), not a sort. Among entries tied in magnitude at the
+    threshold, the ones with the lowest flat index are kept: a fixed rule, the same on every device. (mergekit
+    keeps whichever copies its unstable ``argsort`` puts first, which depends on the sort implementation; with
+    distinct magnitudes, as in float32 checkpoints, both keep the same entries.)
+
     Args:
         delta: task vector, any shape.
         density: fraction kept; ``>= 1`` keeps all, ``<= 0`` keeps none.
@@ -96,11 +101,19 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
     w = _sort_key(delta)  # (n,)
-    keep = _keep_rank_range(w, n - k, n)
-    if keep is None:  # ties at the boundary: break them as a full descending sort does
-        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-        keep[torch.sort(w, descending=True).indices[:k]] = True
-    return keep.to(delta.dtype).reshape(delta.shape)
+    return top_k_mask(w, k).to(delta.dtype).reshape(delta.shape)
+
+
+def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of the 1-D ``w``; ties at the threshold go to the lowest index."""
+    n = w.numel()
+    threshold = torch.kthvalue(w, n - k + 1).values  # the k-th largest value
+    keep = w > threshold
+    need = k - int(torch.count_nonzero(keep))
+    if need > 0:
+        tied = w == threshold
+        keep |= tied & (torch.cumsum(tied, 0, dtype=torch.int64) <= need)
+    return keep
 
 
 def _keep_rank_range(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:

@@ -1,0 +1,129 @@
+"""Wall time and peak memory of `dfsmerge merge` against `mergekit-yaml` on the same >= 1 GB checkpoint set.
+
+Writes three random Llama-shaped bf16 checkpoints (a base and two fine-tunes, ~0.4 GB each), merges them with the
+same recipe through both tools (alternating, best of --repeats), and prints both wall times, the ratio and
+dfsmerge's peak RSS. Both tools run as subprocesses with the same thread count (OMP_NUM_THREADS).
+
+    python benchmarks/merge_speed.py [--methods ties,linear] [--threads 2] [--repeats 2] [--workdir DIR]
+Target (issue 2): dfsmerge <= 0.5x mergekit's time, peak RSS < 2 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+HIDDEN, INTER, LAYERS, VOCAB = 1024, 4096, 8, 32000
+
+
+def write_set(root: Path) -> dict[str, Path]:
+    from dfsmerge.io import ShardedWriter
+    from dfsmerge.testing import save_tiny_tokenizer, tiny_config
+
+    cfg = tiny_config("llama", num_layers=LAYERS, hidden=HIDDEN, heads=16, kv_heads=16, intermediate=INTER,
+                      vocab_size=VOCAB).to_dict()
+    cfg["dtype"] = "bfloat16"
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for n in "qkvo":
+            shapes[p + f"self_attn.{n}_proj.weight"] = (HIDDEN, HIDDEN)
+        shapes[p + "mlp.gate_proj.weight"] = shapes[p + "mlp.up_proj.weight"] = (INTER, HIDDEN)
+        shapes[p + "mlp.down_proj.weight"] = (HIDDEN, INTER)
+        shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (HIDDEN,)
+    paths = {}
+    for k, name in enumerate(("base", "ft1", "ft2")):
+        out = root / name
+        paths[name] = out
+        if (out / "config.json").exists():
+            continue
+        with ShardedWriter(out, max_shard_size="200MB") as w:
+            for j, (tname, shape) in enumerate(shapes.items()):
+                g = torch.Generator().manual_seed(1000 * j)  # shared base values ...
+                t = torch.randn(shape, generator=g) * 0.02
+                if k:  # ... plus a per-model delta
+                    t += torch.randn(shape, generator=torch.Generator().manual_seed(1000 * j + k)) * 0.002
+                w.add_tensor(tname, t.to(torch.bfloat16))
+            w.write_json("config.json", cfg)
+        save_tiny_tokenizer(out)
+    return paths
+
+
+def recipe(method: str, m: dict[str, Path]) -> dict:
+    params = {"weight": 0.6, "density": 0.5}
+    if method == "linear":
+        return {"merge_method": "linear", "dtype": "bfloat16",
+                "models": [{"model": str(m[k]), "parameters": {"weight": w}}
+                           for k, w in (("base", 0.4), ("ft1", 0.3), ("ft2", 0.3))]}
+    return {"merge_method": method, "base_model": str(m["base"]), "dtype": "bfloat16",
+            "parameters": {"normalize": True},
+            "models": [{"model": str(m["ft1"]), "parameters": params},
+                       {"model": str(m["ft2"]), "parameters": params}]}
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, int]:
+    """Wall seconds and the child's peak RSS in bytes (run with /usr/bin/time-free rusage via a wrapper)."""
+    wrapper = [sys.executable, "-c",
+               "import resource,subprocess,sys,json,time;t=time.perf_counter();"
+               "r=subprocess.run(sys.argv[1:]);dt=time.perf_counter()-t;"
+               "print(json.dumps([r.returncode,dt,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))"]
+    res = subprocess.run(wrapper + cmd, env=env, capture_output=True, text=True)
+    rc, dt, rss = json.loads(res.stdout.strip().splitlines()[-1])
+    if rc != 0:
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    return dt, rss * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="ties,linear")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="dfsmerge-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    models = write_set(root / "models")
+    size = sum(f.stat().st_size for p in models.values() for f in p.glob("*.safetensors"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    mk_bin = shutil.which("mergekit-yaml")
+    if mk_bin is None:
+        raise SystemExit("mergekit-yaml not found: pip install mergekit==0.1.5 (the test oracle) to compare")
+    print(f"checkpoint set: 3 models, {size / 1e9:.2f} GB on disk (bf16), threads={args.threads}")
+    print(f"{'method':<8} {'dfsmerge s':>11} {'mergekit s':>11} {'ratio':>7} {'dfsmerge peak RSS':>18}")
+    for method in args.methods.split(","):
+        rp = root / f"{method}.yaml"
+        rp.write_text(yaml.safe_dump(recipe(method, models)))
+        ours, theirs, rss = [], [], 0
+        for _ in range(args.repeats):
+            dt, r = timed([sys.executable, "-m", "dfsmerge.cli", "merge", str(rp), str(root / "out_ours"),
+                           "--force", "--quiet"], env)
+            ours.append(dt)
+            rss = max(rss, r)
+            shutil.rmtree(root / "out_mk", ignore_errors=True)
+            dt, _ = timed([mk_bin, str(rp), str(root / "out_mk"), "--quiet", "--no-copy-tokenizer",
+                           "--no-write-model-card"], env)
+            theirs.append(dt)
+        a, b = min(ours), min(theirs)
+        print(f"{method:<8} {a:>11.2f} {b:>11.2f} {a / b:>7.2f} {rss / 2**30:>14.2f} GiB")
+    print(f"(best of {args.repeats}; ratio = dfsmerge / mergekit; targets: ratio <= 0.5, RSS < 2 GiB)")
+    print(f"workdir: {root}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    main()
