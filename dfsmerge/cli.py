@@ -36,7 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     m.add_argument("--workers", type=int, default=None, help="tensors merged at once (default 2 on CPU, 1 on CUDA)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    z = sub.add_parser("zoo", help="the toy zoo: tiny models trained on CPU")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zb = zsub.add_parser("build", help="train the toy zoo into DIR (reuses a finished build)")
+    zb.add_argument("dir", nargs="?", default=None, help="zoo directory (default: $DFSMERGE_ZOO or the cache)")
+    zb.add_argument("--size", default="default", help="tiny (seconds, for tests) or default (minutes)")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
+    zb.add_argument("--force", action="store_true", help="replace a directory holding something else")
+    zb.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+@_command("zoo")
+def _zoo(args: argparse.Namespace) -> int:
+    from dfsmerge.zoo import build_zoo, default_zoo_dir
+
+    out = args.dir or default_zoo_dir(args.size, args.seed)
+    zoo = build_zoo(out, size=args.size, seed=args.seed, progress=not args.quiet, force=args.force,
+                    threads=args.threads, log=None if args.quiet else print)
+    print(f"zoo ready at {zoo.root}")
+    return 0
 
 
 @_command("merge")
