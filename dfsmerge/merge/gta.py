@@ -91,6 +91,13 @@ def disjoint_merge(
     return mixed / divisor
 
 
+def _ordered_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out += t
+    return out
+
+
 def _per_model(value: float | Sequence[float], k: int, what: str) -> list[float]:
     if isinstance(value, int | float):
         return [float(value)] * k
@@ -146,24 +153,40 @@ def generalized_task_arithmetic(
     densities = _per_model(densities, k, "density")
     epsilons = _per_model(epsilon, k, "epsilon")
     gammas = _per_model(gamma, k, "gamma")
-    deltas = base.new_empty((k, *base.shape))  # (K, *S)
-    for i, tensor in enumerate(tensors):
-        delta = tensor - base
-        if sparsification is not None:
-            delta = sparsify(
-                delta,
-                sparsification,
-                densities[i],
-                rescale=rescale,
-                gamma=gammas[i],
-                epsilon=epsilons[i],
-                generator=generator,
-            )
-        deltas[i] = delta
+    # Memory: the K weighted deltas plus a few full-size temporaries, never (K, *S) stacks of signs, masks and
+    # products as in the stacked building blocks above (tests/merge checks both against mergekit).
     w = torch.tensor(weights, dtype=base.dtype, device=base.device)  # (K,)
-    deltas.mul_(w.reshape((k,) + (1,) * base.dim()))  # (K, *S) * (K, 1..) -> (K, *S)
-    mask = sign_consensus(deltas, consensus, int8_mask=int8_mask) if consensus is not None else None
-    mixed = disjoint_merge(deltas, w, mask, normalize=normalize)  # (*S)
+    deltas = []
+    for i, tensor in enumerate(tensors):
+        delta = tensor - base  # (*S)
+        if sparsification is not None:
+            delta = sparsify(delta, sparsification, densities[i], rescale=rescale, gamma=gammas[i],
+                             epsilon=epsilons[i], generator=generator)
+        deltas.append(delta.mul_(w[i]))  # w_i * delta_i (delta is our own temporary)
+    if consensus is None:
+        mixed = _ordered_sum(deltas)
+        if normalize:
+            divisor = w.sum()
+            if divisor.abs() >= _ZERO_WEIGHT_SUM:
+                mixed = mixed / divisor
+    else:
+        if Consensus(consensus) is Consensus.sum:
+            elected_positive = _ordered_sum(deltas) >= 0  # (*S) sign of the summed weighted deltas
+        else:
+            votes = torch.zeros(base.shape, dtype=torch.int8 if int8_mask else base.dtype, device=base.device)
+            for d in deltas:
+                votes += d.sign().to(votes.dtype)
+            elected_positive = votes >= 0
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if normalize else None
+        for i, d in enumerate(deltas):
+            agree = torch.where(elected_positive, d > 0, d < 0)  # sign(d) == elected sign (zeros never agree)
+            mixed += d * agree
+            if divisor is not None:
+                divisor += w[i] * agree
+        if divisor is not None:
+            divisor[divisor == 0] = 1
+            mixed /= divisor
     if lambda_ != 1:
         mixed = mixed * lambda_
     return (base + mixed).to(base.dtype)
