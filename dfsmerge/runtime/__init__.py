@@ -1,0 +1,8 @@
+"""Runtime: stitched layer paths with per-hop KV caches, in-place PS buffers, and the candidate runtime."""
+
+from dfsmerge.runtime.ps_buffers import PSBuffers
+from dfsmerge.runtime.runtime import InfeasibleCandidateError, Runtime
+from dfsmerge.runtime.stitched import Hop, StitchedModel, StitchedOutput, hops_from_plan
+
+__all__ = ["Hop", "InfeasibleCandidateError", "PSBuffers", "Runtime", "StitchedModel", "StitchedOutput",
+           "hops_from_plan"]

@@ -1,0 +1,75 @@
+"""Runtime: turns a :class:`~dfsmerge.genome.Candidate` into a callable model over resident weights.
+
+PS part: re-merged into the resident :class:`PSBuffers` in place (skipped when the recipe did not change).
+DFS part: one :class:`StitchedModel` whose step list is swapped per candidate; no weight is copied.
+In joint/staged mode the PS-merged model is in the pool as model A (:data:`dfsmerge.genome.MERGED`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from dfsmerge.dfs.genome import Infeasible
+from dfsmerge.errors import DfsmergeError
+from dfsmerge.runtime.ps_buffers import PSBuffers
+from dfsmerge.runtime.stitched import StitchedModel
+
+if TYPE_CHECKING:
+    from dfsmerge.genome import Candidate
+    from dfsmerge.pool import LayerPool
+
+
+class InfeasibleCandidateError(DfsmergeError):
+    """The candidate's path is infeasible; score it as the worst fitness instead of running it."""
+
+
+class Runtime:
+    """Prepares candidates over one pool.
+
+    Args:
+        pool: the resident layer pool (with the PS source models when PS is searched).
+        ps_template: the model whose architecture the merged copy takes (enables PS; usually the base model).
+        merged_as_base: add the merged model to the pool as model A (joint/staged modes).
+        seed: seed of random merge methods.
+    """
+
+    def __init__(self, pool: LayerPool, *, ps_template: str | None = None, merged_as_base: bool = False,
+                 seed: int = 0):
+        from dfsmerge.genome import MERGED
+
+        self.pool = pool
+        self.buffers: PSBuffers | None = None
+        if ps_template is not None:
+            self.buffers = PSBuffers({m.name: m.model for m in pool}, ps_template, seed=seed)
+            if merged_as_base:
+                pool.add_model(MERGED, self.buffers.model, source="ps-recipe", as_base=True)
+        self._stitched: StitchedModel | None = None
+
+    def prepare(self, candidate: Candidate) -> nn.Module:
+        """The model of ``candidate``: the stitched model (DFS part) or the merged model (PS only).
+
+        Raises:
+            InfeasibleCandidateError: the path is :class:`Infeasible`.
+            ConfigError: a PS part without ``ps_template``, or a path outside the pool.
+        """
+        from dfsmerge.errors import ConfigError
+
+        if isinstance(candidate.path, Infeasible):
+            raise InfeasibleCandidateError(f"infeasible candidate: {candidate.path.reason}")
+        if candidate.ps is not None:
+            if self.buffers is None:
+                raise ConfigError("candidate has a PS recipe but the runtime has no PS buffers; pass ps_template")
+            if candidate.ps != self.buffers.recipe:
+                self.buffers.apply(candidate.ps)
+        if candidate.path is None:
+            if self.buffers is None:
+                raise ConfigError("candidate has neither a PS recipe nor a path")
+            return self.buffers.model
+        plan = candidate.path
+        if self._stitched is None:
+            self._stitched = StitchedModel.from_pool(self.pool, plan)
+        else:
+            self._stitched.set_plan(self.pool, self.pool.validate_plan(plan))
+        return self._stitched
