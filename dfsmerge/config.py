@@ -40,6 +40,8 @@ class _Frozen(BaseModel):
 class InputModel(_Frozen):
     model: str
     parameters: Parameters | None = None
+    # mergekit ignores a layer_range on whole-model entries (mergekit-evolve writes one); so do we
+    layer_range: tuple[int, int] | None = None
 
     @field_validator("model")
     @classmethod
@@ -50,7 +52,7 @@ class InputModel(_Frozen):
 
 
 class InputSlice(InputModel):
-    layer_range: tuple[int, int]
+    layer_range: tuple[int, int]  # type: ignore[assignment]
 
     @field_validator("layer_range")
     @classmethod
