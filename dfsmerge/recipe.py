@@ -9,6 +9,7 @@ peak memory stays near a few tensors.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from collections import deque
@@ -216,10 +217,17 @@ def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: i
     from dfsmerge.merge import merge_tensor
 
     dtype = torch_dtype(plan.config.dtype)
-    tensors = []
+    tensors, dtypes = [], []
     for m, n in job.inputs:
         t = _read(plan.readers[m], n, plan.arch).to(device)
-        tensors.append(t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+        if t.is_floating_point():
+            if dtype is not None:
+                t = t.to(dtype)
+            dtypes.append(t.dtype)
+            if t.dtype in (torch.bfloat16, torch.float16):
+                # the library computes in float32 anyway; converting here frees each 16-bit copy at once
+                t = t.float()
+        tensors.append(t)
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         detail = ", ".join(f"{m}: {list(t.shape)}" for (m, _), t in zip(job.inputs, tensors, strict=True))
@@ -231,8 +239,9 @@ def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: i
     except (MergeError, ConfigError):
         raise
     out_dtype = torch_dtype(plan.config.out_dtype)
-    if out_dtype is not None and out.is_floating_point():
-        out = out.to(out_dtype)
+    if out.is_floating_point() and dtypes:
+        # the result takes the promoted input dtype (as mergekit), or out_dtype when given
+        out = out.to(out_dtype or functools.reduce(torch.promote_types, dtypes))
     return out
 
 

@@ -111,8 +111,8 @@ def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     keep = w > threshold
     need = k - int(torch.count_nonzero(keep))
     if need > 0:
-        tied = w == threshold
-        keep |= tied & (torch.cumsum(tied, 0, dtype=torch.int64) <= need)
+        tied = torch.nonzero(w == threshold).reshape(-1)  # ascending flat indices of the tied entries
+        keep[tied[:need]] = True
     return keep
 
 
