@@ -1,0 +1,124 @@
+"""The fitness of a candidate: scores on the chosen tasks (lm-eval or native) and its costs, as values to minimise,
+cached by the decoded candidate. Also the function API behind ``dfsmerge eval``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from dfsmerge.objectives.cache import ResultCache
+from dfsmerge.objectives.config import EvalConfig, ObjectiveConfig
+from dfsmerge.objectives.cost import CandidateDescription, compute_cost, describe_model
+from dfsmerge.objectives.fitness import objective_values, scalar_fitness
+from dfsmerge.objectives.tasks import TaskSuite
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One candidate's evaluation.
+
+    Attributes:
+        results: ``{task: {metric key: value}}`` (lm-eval's keys) plus ``{"cost": {name: value}}`` for costs.
+        scores: ``{objective key: raw value}``.
+        values: ``{objective key: value to minimise}`` (direction applied).
+        fitness: weighted sum of ``values`` (lower is better).
+    """
+
+    results: dict
+    scores: dict
+    values: dict
+    fitness: float
+
+
+class Evaluator:
+    """Scores candidates on an :class:`EvalConfig`; tasks are loaded and validated at construction.
+
+    Args:
+        config: objectives and settings.
+        tokenizer: tokenizer shared by the candidates (model A's).
+        cache: result cache to use (a new one by default; pass one to share it between evaluators).
+
+    Raises:
+        ConfigError: any objective is invalid (see :class:`dfsmerge.objectives.tasks.TaskSuite`).
+    """
+
+    def __init__(self, config: EvalConfig, tokenizer, *, cache: ResultCache | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.suite = TaskSuite(config, tokenizer)
+        self.directions = {**self.suite.directions(), **{o.key: "minimize" for o in config.cost_objectives}}
+        self.cache = cache if cache is not None else ResultCache()
+        self._lm = None
+
+    def evaluate(self, model, *, key: Hashable | None = None,
+                 description: CandidateDescription | None = None) -> EvalResult:
+        """Evaluate ``model``; with ``key``, a candidate already scored under that key is not run again."""
+        if key is None:
+            return self._evaluate(model, description)
+        return self.cache.get_or_compute(key, lambda: self._evaluate(model, description))
+
+    def _evaluate(self, model, description) -> EvalResult:
+        from dfsmerge.runtime.lm_adapter import DfsLM
+
+        if self._lm is None:
+            self._lm = DfsLM(model, self.tokenizer, batch_size=self.config.batch_size,
+                             max_gen_toks=self.config.max_gen_toks)
+        results = self.suite.evaluate(model, self.tokenizer, lm=self._lm)
+        metrics = self.suite.metrics()
+        scores = {o.key: results[o.name].get(metrics[o.key], math.nan) for o in self.config.task_objectives}
+        if self.config.cost_objectives:
+            desc = description or describe_model(model)
+            costs = {o.name: compute_cost(o.name, model, desc) for o in self.config.cost_objectives}
+            results["cost"] = costs
+            scores.update({o.key: costs[o.name] for o in self.config.cost_objectives})
+        values = objective_values(scores, self.config.objectives, self.directions)
+        return EvalResult(results=results, scores=scores, values=values,
+                          fitness=scalar_fitness(values, self.config.objectives))
+
+
+def evaluate_model(model, tokenizer, objectives: Sequence[ObjectiveConfig | str] | EvalConfig, *,
+                   task_paths: Sequence[str] = (), batch_size: int = 16, split: str | None = None,
+                   limit: int | float | None = None, native: bool = False,
+                   allow_benchmark_test_split: bool = True) -> dict:
+    """Score one model on tasks (what ``dfsmerge eval`` prints).
+
+    Args:
+        model: HF-like causal LM (vanilla or stitched).
+        tokenizer: its tokenizer.
+        objectives: task names, :class:`ObjectiveConfig` objects, or a whole :class:`EvalConfig`.
+        task_paths: custom task YAML directories.
+        split, limit, native: applied to objectives given by name.
+        allow_benchmark_test_split: reporting a test score is fine (it is optimising on it that is guarded).
+
+    Returns:
+        ``{"results": {task: {metric key: value}}}`` (plus ``"cost"`` when cost objectives are present).
+
+    Raises:
+        ConfigError: unknown task, metric not produced, empty split, unsupported feature.
+    """
+    if isinstance(objectives, EvalConfig):
+        config = objectives
+    else:
+        objs = []
+        for o in objectives:
+            if isinstance(o, str):
+                o = ObjectiveConfig(name=o, split=split, limit=limit, native=native)
+            objs.append(o)
+        config = EvalConfig(objectives=tuple(objs), task_paths=tuple(task_paths), batch_size=batch_size,
+                            allow_benchmark_test_split=allow_benchmark_test_split)
+    ev = Evaluator(config, tokenizer)
+    return {"results": ev.evaluate(model).results}
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of ``{"results": {task: {metric: value}}}`` (or the inner dict)."""
+    res = results.get("results", results)
+    rows = [(task, metric, value) for task, metrics in res.items() for metric, value in metrics.items()]
+    header = ("task", "metric", "value")
+    cells = [header] + [(t, m, f"{v:.4f}" if isinstance(v, float) and abs(v) < 1e6 else f"{v:.6g}")
+                        for t, m, v in rows]
+    widths = [max(len(str(r[i])) for r in cells) for i in range(3)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
