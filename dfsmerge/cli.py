@@ -36,6 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     m.add_argument("--workers", type=int, default=None, help="tensors merged at once (default 2 on CPU, 1 on CUDA)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = sub.add_parser("eval", help="score a checkpoint, hub id, zoo:<name> or plan file on lm-eval tasks")
+    e.add_argument("model", metavar="MODEL_OR_PLAN")
+    e.add_argument("--tasks", required=True, help="comma-separated task names")
+    e.add_argument("--task-search-path", action="append", default=[], metavar="DIR",
+                   help="directory of custom task YAMLs (repeatable)")
+    e.add_argument("--zoo", default=None, metavar="DIR", help="toy zoo: resolves zoo:<name> and adds its tasks")
+    e.add_argument("--split", default=None, help="split to score (default: the task's test split)")
+    e.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction < 1)")
+    e.add_argument("--native", action="store_true", help="the fast native evaluator instead of lm-eval's loop")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    e.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (weights_only=True)")
+    e.add_argument("--json", action="store_true", help='print {"results": {task: {metric: value}}}')
+
     z = sub.add_parser("zoo", help="the toy zoo: tiny models trained on CPU")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zb = zsub.add_parser("build", help="train the toy zoo into DIR (reuses a finished build)")
@@ -46,6 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--force", action="store_true", help="replace a directory holding something else")
     zb.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+@_command("eval")
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dfsmerge.config import torch_dtype
+    from dfsmerge.objectives import evaluate_model, format_table
+    from dfsmerge.runtime.loading import load_model_or_plan
+
+    paths = list(args.task_search_path)
+    if args.zoo:
+        from dfsmerge.zoo import load_zoo
+
+        paths.append(str(load_zoo(args.zoo).task_dir))
+    model, tokenizer = load_model_or_plan(args.model, device=args.device, dtype=torch_dtype(args.dtype),
+                                          allow_pickle=args.allow_pickle, zoo_dir=args.zoo)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    out = evaluate_model(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()],
+                         task_paths=paths, batch_size=args.batch_size, split=args.split, limit=limit,
+                         native=args.native)
+    print(json.dumps(out, indent=2) if args.json else format_table(out))
+    return 0
 
 
 @_command("zoo")

@@ -1,0 +1,57 @@
+"""Turn what a user names on the command line into a model: a checkpoint directory, a hub id, a ``zoo:<name>``
+reference or a plan file (a stitched model over a layer pool)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfsmerge.errors import CheckpointError
+
+
+def resolve_model_ref(ref: str, *, zoo_dir: str | Path | None = None) -> str:
+    """A local path or hub id for ``ref`` (``zoo:<name>`` resolved against ``zoo_dir``, building it if missing)."""
+    if isinstance(ref, str) and ref.startswith("zoo:"):
+        from dfsmerge.zoo import resolve_zoo_model
+
+        return str(resolve_zoo_model(ref, zoo_dir))
+    return str(ref)
+
+
+def is_plan_file(ref: str | Path) -> bool:
+    p = Path(ref)
+    return p.is_file() and p.suffix in (".yaml", ".yml")
+
+
+def load_model_or_plan(ref: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                       allow_pickle: bool = False, zoo_dir: str | Path | None = None) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for evaluation.
+
+    Args:
+        ref: checkpoint directory, hub id, ``zoo:<name>``, or a plan YAML (``models``/``base``/``path``).
+        allow_pickle: allow ``*.bin`` checkpoints (loaded with ``weights_only=True``).
+    Raises:
+        CheckpointError: nothing loadable at ``ref``.
+    """
+    if is_plan_file(ref):
+        from dfsmerge.dfs import PathPlan
+        from dfsmerge.pool import LayerPool
+
+        plan = PathPlan.load(ref)
+        models = {name: resolve_model_ref(src, zoo_dir=zoo_dir) for name, src in plan.models.items()}
+        pool = LayerPool(models, base=plan.base, device=device, dtype=dtype)
+        return pool.stitch(plan), pool.tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dfsmerge.io import open_checkpoint
+
+    path = open_checkpoint(resolve_model_ref(str(ref), zoo_dir=zoo_dir), allow_pickle=allow_pickle).path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=not allow_pickle or None)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"model {str(ref)!r}: transformers cannot load {path} ({str(e).splitlines()[0]})") \
+            from None
+    return model.to(device).eval(), tokenizer
