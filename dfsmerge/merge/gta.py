@@ -181,9 +181,9 @@ def generalized_task_arithmetic(
         divisor = torch.zeros_like(base) if normalize else None
         for i, d in enumerate(deltas):
             agree = torch.where(elected_positive, d > 0, d < 0)  # sign(d) == elected sign (zeros never agree)
-            mixed += d * agree
+            mixed += d.masked_fill_(~agree, 0)  # d is not needed after this
             if divisor is not None:
-                divisor += w[i] * agree
+                divisor.add_(agree, alpha=float(w[i]))
         if divisor is not None:
             divisor[divisor == 0] = 1
             mixed /= divisor

@@ -21,6 +21,8 @@ with ``kthvalue`` in O(n) and sort only when the threshold value is tied) and th
 
 from __future__ import annotations
 
+import math
+
 from enum import Enum
 
 import torch
@@ -104,10 +106,33 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return top_k_mask(w, k).to(delta.dtype).reshape(delta.shape)
 
 
+def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry of the 1-D ``w`` (exact), as a 0-d tensor.
+
+    Large inputs are bracketed first: quantiles of a strided sample give bounds ``lo <= x_k <= hi`` with a wide
+    margin, the bounds are verified by counting, and the exact selection runs only over the entries inside the
+    band (about 1% of them). Should the check fail (an unlucky sample), it falls back to a full ``kthvalue``.
+    """
+    n = w.numel()
+    if n >= 1 << 17:
+        sample = w[:: n // 65536]  # (m,) strided view, deterministic
+        m = sample.numel()
+        p = k / n
+        margin = 6.0 * math.sqrt(m * p * (1 - p)) + 16  # ranks; the sample rank's std is sqrt(m p (1-p))
+        top = min(m, max(1, int(p * m - margin)))  # rank from the top of the upper bound
+        bottom = min(m, max(1, int(math.ceil(p * m + margin))))  # ... and of the lower bound
+        hi = torch.kthvalue(sample, m - top + 1).values
+        lo = torch.kthvalue(sample, m - bottom + 1).values
+        above = int(torch.count_nonzero(w > hi))
+        band = w[(w >= lo) & (w <= hi)]  # (b,)
+        if above < k <= above + band.numel():
+            return torch.kthvalue(band, band.numel() - (k - above) + 1).values
+    return torch.kthvalue(w, n - k + 1).values
+
+
 def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of the 1-D ``w``; ties at the threshold go to the lowest index."""
-    n = w.numel()
-    threshold = torch.kthvalue(w, n - k + 1).values  # the k-th largest value
+    threshold = kth_largest(w, k)
     keep = w > threshold
     need = k - int(torch.count_nonzero(keep))
     if need > 0:
@@ -288,6 +313,9 @@ def sparsify(
     if method is Sparsification.magnitude:
         if density <= 0 or delta.numel() == 0:
             return torch.zeros_like(delta)
+        if not rescale:  # one pass with a boolean mask (same values as delta * magnitude_mask(...))
+            keep = top_k_mask(_sort_key(delta), max(1, int(density * delta.numel())))
+            return delta.masked_fill(~keep.reshape(delta.shape), 0)
         mask = magnitude_mask(delta, density)
     elif method is Sparsification.random:
         mask = random_mask(delta, density, generator=generator)

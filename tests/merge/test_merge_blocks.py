@@ -150,3 +150,21 @@ def test_selection_with_tied_magnitudes_matches_mergekit(levels, density):
     for gamma in (0.0, 0.05):
         expected = mk_sparsify.magnitude_outliers(delta, density, gamma=gamma)
         _close(sparsify(delta, "magnitude_outliers", density, gamma=gamma), expected)
+
+
+@pytest.mark.parametrize("levels", [7, 300, None])
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.5, 0.97])
+def test_kth_largest_on_large_inputs_equals_kthvalue(levels, density):
+    """The bracketed selection (used above 2**17 entries) is exact, with and without heavy ties."""
+    from dfsmerge.merge.sparsify import kth_largest, top_k_mask
+
+    g = torch.Generator().manual_seed(21)
+    n = 300_001
+    w = torch.randn(n, generator=g).abs() if levels is None else torch.randint(0, levels, (n,), generator=g).float()
+    k = max(1, int(density * n))
+    assert kth_largest(w, k).item() == torch.kthvalue(w, n - k + 1).values.item()
+    keep = top_k_mask(w, k)
+    assert int(keep.sum()) == k
+    ref = torch.zeros(n, dtype=torch.bool)
+    ref[torch.sort(w, descending=True, stable=True).indices[:k]] = True  # stable: ties lowest index first
+    assert torch.equal(keep, ref)
