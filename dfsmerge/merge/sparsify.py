@@ -22,7 +22,6 @@ with ``kthvalue`` in O(n) and sort only when the threshold value is tied) and th
 from __future__ import annotations
 
 import math
-
 from enum import Enum
 
 import torch

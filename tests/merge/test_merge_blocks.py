@@ -144,7 +144,7 @@ def test_selection_with_tied_magnitudes_matches_mergekit(levels, density):
     threshold = w.sort(descending=True).values[k - 1]
     untied = (w != threshold).reshape(delta.shape)
     _close(ours[untied], theirs[untied])
-    tied_idx = torch.nonzero((w == threshold)).reshape(-1)
+    tied_idx = torch.nonzero(w == threshold).reshape(-1)
     n_tied_kept = int(kept.reshape(-1)[tied_idx].sum())
     assert kept.reshape(-1)[tied_idx[:n_tied_kept]].all(), "tied entries must be kept lowest index first"
     for gamma in (0.0, 0.05):
