@@ -1,0 +1,83 @@
+"""lm-eval's own ``HFLM`` on a folded export scores what dfsmerge's adapter (``DfsLM``) scores on the stitched
+plan, for a multiple-choice and a generate_until task over local JSONL."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
+from dfsmerge.export import export_plan
+from dfsmerge.testing import make_tiny_checkpoint
+
+MC, GEN = "dfsx_mc", "dfsx_gen"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _write_task(d: Path, name: str, body: str, docs: list[dict]) -> None:
+    path = d / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in docs))
+    (d / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                    f"    validation: {path}\nvalidation_split: validation\n{body}")
+
+
+def _evaluate(lm, task_dir: Path) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    return lm_eval.simple_evaluate(model=lm, tasks=[MC, GEN], task_manager=tm, random_seed=None,
+                                   numpy_random_seed=None, torch_random_seed=None, bootstrap_iters=0,
+                                   log_samples=True, verbosity="ERROR")
+
+
+def test_hflm_on_export_scores_as_dfslm_on_plan(tmp_path):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from dfsmerge.pool import LayerPool
+    from dfsmerge.runtime.lm_adapter import DfsLM
+
+    a = make_tiny_checkpoint("llama", tmp_path / "A", seed=0, num_layers=3, hidden=64)
+    b = make_tiny_checkpoint("llama", tmp_path / "B", seed=1, num_layers=3, hidden=64)
+    plan = PathPlan((Step(LayerRef("A", 0), 1.0), Step(LayerRef("B", 1), 1.3), Step(LayerRef("A", 1), 0.7),
+                     Step(LayerRef("A", 1), 1.6), Step(LayerRef("A", 2), 0.9)), models={"A": str(a), "B": str(b)},
+                    base="A")
+    out = export_plan(plan, tmp_path / "export")
+
+    rng = random.Random(0)
+    word = lambda n: "".join(rng.choice("abcdefghij") for _ in range(n))  # noqa: E731
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_task(tasks, MC, "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
+                "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+                [{"question": f"q: {word(rng.randint(3, 9))} is", "choices": [word(rng.randint(1, 4)) for _ in
+                                                                             range(4)], "label": rng.randrange(4)}
+                 for _ in range(10)])
+    _write_task(tasks, GEN, "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
+                "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 6\n  do_sample: false\n"
+                "metric_list:\n  - metric: exact_match\n",
+                [{"q": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}=", "a": word(2)} for _ in range(6)])
+
+    tok = AutoTokenizer.from_pretrained(str(a))
+    ref = _evaluate(DfsLM(LayerPool({"A": str(a), "B": str(b)}).stitch(plan).eval(), tok, batch_size=4), tasks)
+    got = _evaluate(HFLM(pretrained=str(out), batch_size=4, device="cpu", dtype="float32"), tasks)
+
+    for task in (MC, GEN):
+        strip = lambda r: {k: v for k, v in r.items() if "stderr" not in k}  # noqa: E731
+        assert strip(got["results"][task]) == strip(ref["results"][task])
+    assert [s["resps"] for s in got["samples"][GEN]] == [s["resps"] for s in ref["samples"][GEN]]
+    for x, y in zip(got["samples"][MC], ref["samples"][MC], strict=True):
+        for (lx, gx), (ly, gy) in zip([r[0] for r in x["resps"]], [r[0] for r in y["resps"]], strict=True):
+            assert abs(float(lx) - float(ly)) < 1e-4 * max(1.0, abs(float(ly))) and gx == gy
