@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (weights_only=True)")
     e.add_argument("--json", action="store_true", help='print {"results": {task: {metric: value}}}')
 
+    from dfsmerge.export.cli import add_export_parser
+
+    add_export_parser(sub)
+
     z = sub.add_parser("zoo", help="the toy zoo: tiny models trained on CPU")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zb = zsub.add_parser("build", help="train the toy zoo into DIR (reuses a finished build)")
@@ -61,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--force", action="store_true", help="replace a directory holding something else")
     zb.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+@_command("export")
+def _export(args: argparse.Namespace) -> int:
+    from dfsmerge.export.cli import run_export
+
+    return run_export(args)
 
 
 @_command("eval")
