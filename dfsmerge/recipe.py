@@ -245,6 +245,27 @@ def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: i
     return out
 
 
+def output_manifest(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Name, shape and dtype of every output tensor, in plan order, from the input headers alone."""
+    dtype, out_dtype = torch_dtype(plan.config.dtype), torch_dtype(plan.config.out_dtype)
+    manifest = []
+    for job in plan.jobs:
+        dtypes = []
+        for m, n in job.inputs:
+            reader = plan.readers[m]
+            name = n if n in reader else plan.arch.embed  # a tied source's head is its embedding
+            dtypes.append(reader.get_dtype(name))
+        model, name = job.inputs[0]
+        reader = plan.readers[model]
+        shape = reader.get_shape(name if name in reader else plan.arch.embed)
+        if all(d.is_floating_point for d in dtypes):
+            dtypes = [dtype or d for d in dtypes]
+            manifest.append((job.out_name, shape, out_dtype or functools.reduce(torch.promote_types, dtypes)))
+        else:
+            manifest.append((job.out_name, shape, dtypes[0]))
+    return manifest
+
+
 def _job_bytes(plan: MergePlan, job: TensorJob) -> int:
     """Rough working memory of one job: fp32 copies of every input and a few temporaries per input."""
     model, name = job.inputs[0]
@@ -317,7 +338,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
     plan = plan_merge(config, readers)
     donor = _tokenizer_donor(config)
     results = iter_merged(plan, device=device, seed=seed, workers=workers, memory_budget=memory_budget)
-    with ShardedWriter(out_dir, max_shard_size=max_shard_size, force=force) as w:
+    with ShardedWriter(out_dir, max_shard_size=max_shard_size, force=force, manifest=output_manifest(plan)) as w:
         for job, tensor in tqdm(results, total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress):
             w.add_tensor(job.out_name, tensor)
         w.write_json("config.json", plan.out_config)

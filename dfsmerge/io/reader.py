@@ -20,6 +20,9 @@ from dfsmerge.errors import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -139,6 +142,13 @@ class CheckpointReader:
             return tuple(self.get_tensor(name).shape)
         with safe_open(str(self._weight_map[name]), framework="pt") as h:
             return tuple(h.get_slice(name).get_shape())
+
+    def get_dtype(self, name: str) -> torch.dtype:
+        """Storage dtype of one tensor (read from the header only)."""
+        if self._pickle:
+            return self.get_tensor(name).dtype
+        with safe_open(str(self._weight_map[name]), framework="pt") as h:
+            return _DTYPES[h.get_slice(name).get_dtype()]
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self._weight_map:

@@ -8,6 +8,7 @@ each tensor goes to disk as it arrives, so peak memory stays near one tensor, no
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -38,6 +39,54 @@ def parse_size(size: int | str) -> int:
     if s.isdigit():
         return int(s)
     raise ValueError(f"max_shard_size={size!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+
+
+class _PlannedShard:
+    """One safetensors file whose header is known up front (from a manifest): header first, data streamed in
+    place, no second copy."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str]):
+        self.path = path
+        self.header: dict[str, Any] = {}
+        self.expected: list[tuple[str, tuple[int, ...], torch.dtype]] = list(entries)
+        offset = 0
+        for name, shape, dtype in entries:
+            n = math.prod(shape) * _itemsize(dtype)
+            self.header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        self.nbytes = offset
+        head = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(struct.pack("<Q", len(head)))
+        self._file.write(head)
+        self._next = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, want_shape, want_dtype = self.expected[self._next]
+        t = tensor.detach().to("cpu").contiguous()
+        if name != want_name or tuple(t.shape) != tuple(want_shape) or t.dtype != want_dtype:
+            raise RuntimeError(f"writer manifest expected {want_name} {tuple(want_shape)} {want_dtype}, got {name} "
+                               f"{tuple(t.shape)} {t.dtype}")
+        if t.numel():
+            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.expected)
+
+    def close(self, metadata: dict[str, str] | None = None) -> None:
+        if not self.complete:
+            raise RuntimeError(f"shard {self.path.name} got {self._next} of {len(self.expected)} tensors")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class _ShardStream:
@@ -89,13 +138,15 @@ class ShardedWriter:
         OutputExistsError: ``out_dir`` exists and ``force`` is False (checked before anything is written).
     """
 
-    def __init__(self, out_dir: str | Path, *, max_shard_size: int | str = "5GB", force: bool = False):
+    def __init__(self, out_dir: str | Path, *, max_shard_size: int | str = "5GB", force: bool = False,
+                 manifest: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.max_shard_size = parse_size(max_shard_size)
         self.force = force
+        self.manifest = manifest
         self.tmp_dir: Path | None = None
-        self._shards: list[_ShardStream] = []
-        self._current: _ShardStream | None = None
+        self._shards: list[_ShardStream | _PlannedShard] = []
+        self._current: _ShardStream | _PlannedShard | None = None
         self.total_size = 0
 
     def check_target(self) -> None:
@@ -108,7 +159,24 @@ class ShardedWriter:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir()
+        if self.manifest is not None:
+            self._plan_shards()
         return self
+
+    def _plan_shards(self) -> None:
+        # With a manifest (every tensor's name, shape and dtype in write order) each shard's header is known up
+        # front, so tensors are written straight to their final place.
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = []
+        size = 0
+        for entry in self.manifest:
+            n = math.prod(entry[1]) * _itemsize(entry[2])
+            if not groups or (size and size + n > self.max_shard_size):
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += n
+        for i, entries in enumerate(groups):
+            self._shards.append(_PlannedShard(self.tmp_dir / f"shard-{i:05d}.safetensors", entries, {"format": "pt"}))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -118,14 +186,22 @@ class ShardedWriter:
 
     def abort(self) -> None:
         for s in self._shards:
-            if not s._data.closed:
-                s._data.close()
+            f = s._file if isinstance(s, _PlannedShard) else s._data
+            if not f.closed:
+                f.close()
         if self.tmp_dir is not None and self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     # -- content --------------------------------------------------------------------------------
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         n = tensor.numel() * tensor.element_size()
+        if self.manifest is not None:
+            shard = next((s for s in self._shards if not s.complete), None)
+            if shard is None:
+                raise RuntimeError(f"tensor {name!r} is not in the writer's manifest")
+            shard.add(name, tensor)
+            self.total_size += n
+            return
         if self._current is None or (self._current.nbytes and self._current.nbytes + n > self.max_shard_size):
             self._current = _ShardStream(self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors")
             self._shards.append(self._current)

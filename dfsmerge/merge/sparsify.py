@@ -196,6 +196,12 @@ def random_mask(delta: torch.Tensor, density: float, *, generator: torch.Generat
     """
     if density >= 1:
         return torch.ones_like(delta)
+    if generator is not None:
+        # Seeded (dfsmerge's reproducible stream): one uniform draw per entry, kept iff u < density. Same
+        # distribution as Bernoulli(density), twice as fast as torch.bernoulli on CPU.
+        u = torch.rand(delta.shape, generator=generator, device=delta.device)
+        return (u < max(float(density), 0.0)).to(delta.dtype)
+    # Unseeded: torch's global RNG drawn exactly as mergekit 0.1.5 draws it.
     probs = torch.full_like(delta, max(float(density), 0.0), dtype=_draw_dtype(delta))
     return torch.bernoulli(probs, generator=generator).to(delta.dtype)
 
