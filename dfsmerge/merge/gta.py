@@ -161,7 +161,7 @@ def generalized_task_arithmetic(
         delta = tensor - base  # (*S)
         if sparsification is not None:
             delta = sparsify(delta, sparsification, densities[i], rescale=rescale, gamma=gammas[i],
-                             epsilon=epsilons[i], generator=generator)
+                             epsilon=epsilons[i], generator=generator, inplace=True)
         deltas.append(delta.mul_(w[i]))  # w_i * delta_i (delta is our own temporary)
     if consensus is None:
         mixed = _ordered_sum(deltas)

@@ -287,6 +287,7 @@ def sparsify(
     gamma: float = 0.0,
     epsilon: float = 0.0,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Prune a task vector with one of the four methods, optionally restoring its L1 norm.
 
@@ -301,6 +302,7 @@ def sparsify(
         gamma: outlier fraction for ``magnitude_outliers``.
         epsilon: probability half-width for ``della_magprune``.
         generator: RNG of the random methods.
+        inplace: magnitude pruning without rescale may overwrite ``delta`` (saves one full-size copy).
 
     Returns:
         The pruned tensor, same shape and dtype as ``delta``.
@@ -320,7 +322,8 @@ def sparsify(
             return torch.zeros_like(delta)
         if not rescale:  # one pass with a boolean mask (same values as delta * magnitude_mask(...))
             keep = top_k_mask(_sort_key(delta), max(1, int(density * delta.numel())))
-            return delta.masked_fill(~keep.reshape(delta.shape), 0)
+            drop = ~keep.reshape(delta.shape)
+            return delta.masked_fill_(drop, 0) if inplace else delta.masked_fill(drop, 0)
         mask = magnitude_mask(delta, density)
     elif method is Sparsification.random:
         mask = random_mask(delta, density, generator=generator)
