@@ -101,8 +101,8 @@ def math_splits(seed: int) -> dict[str, np.ndarray]:
     """The fixed partition of the 20,000 math problems into test / validation / train indices."""
     perm = np.random.default_rng([seed, 7]).permutation(20000)
     n_test, n_val = MATH_SPLIT_SIZES["test"], MATH_SPLIT_SIZES["validation"]
-    return {"test": np.sort(perm[:n_test]), "validation": np.sort(perm[n_test:n_test + n_val]),
-            "train": np.sort(perm[n_test + n_val:])}
+    # shuffled order, so that lm-eval's ``limit`` takes a random subset
+    return {"test": perm[:n_test], "validation": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
 
 
 @dataclass(frozen=True, slots=True)
