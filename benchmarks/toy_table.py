@@ -1,11 +1,11 @@
 """The paper-style results table (Sakana AI, arXiv 2403.13187, Table 1) on the toy zoo.
 
 For each seed: builds the default zoo, scores every source, the unsearched merges (task arithmetic with unit
-weights, TIES and DARE-TIES at weight 1 / density 0.5, a hand frankenmerge: the language expert's embedding in
-front of the math expert's blocks and head), and the searched models (PS, DFS, PS+DFS staged and joint with
-CMA-ES, and random search at the same budget). Searched winners are exported as folded Hugging Face checkpoints
-(`dfsmerge export RUN --candidate best`) and every row is scored on the TEST split through `dfsmerge eval`, so
-the table is about models anyone can load. Searches score on the validation split.
+weights, TIES and DARE-TIES at weight 1 / density 0.5, and two hand frankenmerges: a passthrough layer stack, and
+the language expert's embedding in front of the math expert's blocks and head), and the searched models (PS,
+DFS, PS+DFS staged and joint with CMA-ES, and random search at the same budget). Searched winners are exported
+as folded Hugging Face checkpoints (`dfsmerge export RUN --candidate best`) and every row is scored on the TEST
+split through `dfsmerge eval`, so the table is about models anyone can load. Searches score on the validation split.
 
     python benchmarks/toy_table.py [--seeds 0,1] [--max-evals N] [--workdir runs/toy_table]
                                    [--out benchmarks/results/toy_table.md] [--threads 1]
@@ -62,7 +62,22 @@ def merge_row(zoo: Path, work: Path, method: str, env: dict) -> Path:
     return out
 
 
+def stack_row(zoo: Path, work: Path, env: dict) -> Path:
+    """A mergekit-style passthrough frankenmerge: the language expert's first half, the math expert's second."""
+    import yaml
+
+    n = json.loads((zoo / "models/math/config.json").read_text())["num_hidden_layers"]
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(zoo / "models/language"), "layer_range": [0, n // 2]}]},
+        {"sources": [{"model": str(zoo / "models/math"), "layer_range": [n // 2, n]}]}]}
+    (work / "stack.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = work / "stack"
+    dfsmerge("merge", str(work / "stack.yaml"), str(out), "--force", "--quiet", env=env)
+    return out
+
+
 def frankenmerge_row(zoo: Path, work: Path, env: dict) -> Path:
+    """The language expert's embedding in front of the math expert's blocks, norm and head."""
     import yaml
 
     n = json.loads((zoo / "models/math/config.json").read_text())["num_hidden_layers"]
@@ -97,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--max-evals", type=int, default=None, help="override every search's budget")
-    ap.add_argument("--workdir", default=str(ROOT / "runs/toy_table"))
+    ap.add_argument("--workdir", default=str(ROOT / "runs/toy_table"))  # zoos and runs are reused from here
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/toy_table.md"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated row groups: sources,merges,searches")
@@ -127,7 +142,9 @@ def main() -> None:
             for label, method in (("task arithmetic, unit weights", "task_arithmetic"),
                                   ("TIES (w 1, density 0.5)", "ties"), ("DARE-TIES (w 1, density 0.5)", "dare_ties")):
                 add(label, seed, score(str(merge_row(zoo, work, method, env)), zoo, env), 1, None)
-            add("hand frankenmerge (lang. embed + math)", seed,
+            add("hand frankenmerge: layer stack (lang. 1st half, math 2nd)", seed,
+                score(str(stack_row(zoo, work, env)), zoo, env), 1, None)
+            add("hand frankenmerge: lang. embedding + math blocks", seed,
                 score(str(frankenmerge_row(zoo, work, env)), zoo, env), 1, None)
         if "searches" in groups:
             for label, config in SEARCHES.items():
