@@ -42,13 +42,8 @@ def _evaluate(lm, task_dir: Path) -> dict:
                                    log_samples=True, verbosity="ERROR")
 
 
-def test_hflm_on_export_scores_as_dfslm_on_plan(tmp_path):
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
-
-    from dfsmerge.pool import LayerPool
-    from dfsmerge.runtime.lm_adapter import DfsLM
-
+def _setup(tmp_path: Path):
+    """Two tiny llamas, a cross-model plan with repeats, its folded export and two local tasks."""
     a = make_tiny_checkpoint("llama", tmp_path / "A", seed=0, num_layers=3, hidden=64)
     b = make_tiny_checkpoint("llama", tmp_path / "B", seed=1, num_layers=3, hidden=64)
     plan = PathPlan((Step(LayerRef("A", 0), 1.0), Step(LayerRef("B", 1), 1.3), Step(LayerRef("A", 1), 0.7),
@@ -70,6 +65,17 @@ def test_hflm_on_export_scores_as_dfslm_on_plan(tmp_path):
                 "metric_list:\n  - metric: exact_match\n",
                 [{"q": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}=", "a": word(2)} for _ in range(6)])
 
+    return a, b, plan, out, tasks
+
+
+def test_hflm_on_export_scores_as_dfslm_on_plan(tmp_path):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from dfsmerge.pool import LayerPool
+    from dfsmerge.runtime.lm_adapter import DfsLM
+
+    a, b, plan, out, tasks = _setup(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(a))
     ref = _evaluate(DfsLM(LayerPool({"A": str(a), "B": str(b)}).stitch(plan).eval(), tok, batch_size=4), tasks)
     got = _evaluate(HFLM(pretrained=str(out), batch_size=4, device="cpu", dtype="float32"), tasks)
@@ -81,3 +87,30 @@ def test_hflm_on_export_scores_as_dfslm_on_plan(tmp_path):
     for x, y in zip(got["samples"][MC], ref["samples"][MC], strict=True):
         for (lx, gx), (ly, gy) in zip([r[0] for r in x["resps"]], [r[0] for r in y["resps"]], strict=True):
             assert abs(float(lx) - float(ly)) < 1e-4 * max(1.0, abs(float(ly))) and gx == gy
+
+
+def test_lm_eval_cli_on_export_scores_as_dfsmerge_eval_of_the_plan(tmp_path):
+    """The command lines users run: `lm_eval run --model hf` on the export, `dfsmerge eval` on the plan file."""
+    import shutil
+    import subprocess
+    import sys
+
+    _, _, plan, out, tasks = _setup(tmp_path)
+    plan.save(tmp_path / "plan.yaml")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    lm_eval_bin = shutil.which("lm_eval") or shutil.which("lm-eval")
+    assert lm_eval_bin, "lm-eval's command line is not installed"
+    res = subprocess.run([lm_eval_bin, "run", "--model", "hf", "--model_args", f"pretrained={out},dtype=float32",
+                          "--tasks", f"{MC},{GEN}", "--include_path", str(tasks), "--device", "cpu",
+                          "--batch_size", "4", "--output_path", str(tmp_path / "lm_eval_out")],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    theirs = json.loads(next((tmp_path / "lm_eval_out").rglob("results_*.json")).read_text())["results"]
+    res = subprocess.run([sys.executable, "-m", "dfsmerge.cli", "eval", str(tmp_path / "plan.yaml"), "--tasks",
+                          f"{MC},{GEN}", "--task-search-path", str(tasks), "--batch-size", "4", "--json"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = json.loads(res.stdout[res.stdout.index("{"):])["results"]
+    for task, metrics in ours.items():
+        for key, value in metrics.items():
+            assert theirs[task][key] == value, (task, key, theirs[task][key], value)
