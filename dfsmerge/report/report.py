@@ -1,0 +1,289 @@
+"""Report writing: plots (matplotlib, Agg) and ``report.md``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dfsmerge.errors import CheckpointError
+
+TOP_K = 10
+
+
+def load_evals(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The complete lines of ``RUN/evals.jsonl`` (a partial last line of a running search is skipped).
+
+    Raises:
+        CheckpointError: no evals log in ``run_dir``.
+    """
+    p = Path(run_dir) / "evals.jsonl"
+    if not p.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} has no evals.jsonl; is it a `dfsmerge search` run directory?")
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def _fit(r: dict[str, Any]) -> float:
+    f = r.get("fitness")
+    return math.inf if f is None else float(f)
+
+
+def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts, best record (over all stages, as ``best/``) and best-so-far trajectory of a run's evals."""
+    final_stage = max((r.get("stage", 1) for r in evals), default=1)
+    best, curve, b = None, [], math.inf
+    for r in evals:
+        f = _fit(r)
+        if f < _fit(best or {}):
+            best = r
+        b = min(b, f)
+        curve.append(b)
+    return {"n": len(evals), "failed": sum(1 for r in evals if r.get("error") and not r.get("infeasible")),
+            "infeasible": sum(1 for r in evals if r.get("infeasible")),
+            "cached": sum(1 for r in evals if r.get("cached")), "best": best, "curve": curve,
+            "keys": list(evals[0]["values"]) if evals else [], "stages": final_stage,
+            "generations": 1 + max((r.get("generation", 0) for r in evals), default=-1)}
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fitness(evals: list[dict[str, Any]], out: Path) -> Path:
+    """Fitness of every candidate and the best so far, by evaluation id."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ids = [r["id"] for r in evals if math.isfinite(_fit(r))]
+    fs = [_fit(r) for r in evals if math.isfinite(_fit(r))]
+    ax.scatter(ids, fs, s=8, alpha=0.5, label="candidate")
+    b, xs, ys, cur = math.inf, [], [], None
+    for r in evals:
+        if r.get("stage", 1) != cur:  # the best so far restarts with each stage of a staged run
+            b, cur = math.inf, r.get("stage", 1)
+        b = min(b, _fit(r))
+        if math.isfinite(b):
+            xs.append(r["id"])
+            ys.append(b)
+    ax.step(xs, ys, where="post", color="C3", label="best so far")
+    for r0, r1 in zip(evals, evals[1:], strict=False):
+        if r0.get("stage", 1) != r1.get("stage", 1):
+            ax.axvline(r1["id"] - 0.5, color="gray", ls="--", lw=1)
+            ax.text(r1["id"], ax.get_ylim()[1], " stage 2", va="top", fontsize=8)
+    failed = [r["id"] for r in evals if not math.isfinite(_fit(r))]
+    if failed and fs:
+        ax.scatter(failed, [max(fs)] * len(failed), marker="x", color="gray", s=12, label="failed / infeasible")
+    ax.set_xlabel("evaluation id")
+    ax.set_ylabel("fitness (lower is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_pareto(evals: list[dict[str, Any]], keys: list[str], out: Path) -> Path | None:
+    """Objective values (to minimise) of every successful candidate with the non-dominated ones marked; 2 objectives
+    on one panel, 3 as the three pairwise panels."""
+    from itertools import combinations
+
+    import numpy as np
+
+    from dfsmerge.optim import pareto_mask
+
+    if not 2 <= len(keys) <= 3:
+        return None
+    rows = [r for r in evals if all(r["values"].get(k) is not None and math.isfinite(r["values"][k]) for k in keys)]
+    if not rows:
+        return None
+    F = np.array([[r["values"][k] for k in keys] for r in rows])  # (n, n_obj)
+    mask = pareto_mask(F)
+    plt = _plt()
+    pairs = list(combinations(range(len(keys)), 2))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        ax.scatter(F[~mask, i], F[~mask, j], s=8, alpha=0.4, label="candidate")
+        order = np.argsort(F[mask, i])
+        ax.plot(F[mask, i][order], F[mask, j][order], "o-", color="C3", ms=4, label="Pareto set")
+        ax.set_xlabel(f"{keys[i]} (min)")
+        ax.set_ylabel(f"{keys[j]} (min)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def pool_layer_counts(path: dict[str, Any], ps: dict[str, Any] | None = None) -> dict[str, int]:
+    """Decoder layer count of each model of a plan dict, read from the checkpoints' configs (``@ps``: the PS
+    recipe's first model); models that cannot be read are left out."""
+    from dfsmerge.io import open_checkpoint
+
+    out = {}
+    ps_src = None
+    if ps:
+        srcs = (ps.get("slices") or [{}])[0].get("sources") or ps.get("models") or []
+        ps_src = srcs[0]["model"] if srcs else None
+    for name, ref in path["models"].items():
+        ref = ps_src if ref == "@ps" else ref
+        try:
+            out[name] = int(open_checkpoint(ref).config["num_hidden_layers"])
+        except Exception:  # noqa: BLE001 - a model no longer on disk: draw the used layers only
+            continue
+    return out
+
+
+def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None = None) -> Path:
+    """The best path as a layer diagram (left: step k on x, pool layer on y, coloured by model, scales annotated)
+    and as the networkx layer-path graph of :meth:`PathPlan.graph` (right: edge labels = transition counts)."""
+    import networkx as nx
+
+    from dfsmerge.dfs.plan import LayerRef, PathPlan
+
+    plan = PathPlan.from_dict(path)
+    models = list(plan.models)
+    used = {m: 1 + max([s.layer.index for s in plan.steps if s.layer.model == m], default=0) for m in models}
+    depth = {m: max(used[m], (num_layers or {}).get(m, 0)) for m in models}
+    offsets, y = {}, 0
+    for m in models:
+        offsets[m] = y
+        y += depth[m] + 1
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 0.5 * len(plan.steps) + 6), 4.5),
+                                  gridspec_kw={"width_ratios": [2, 1]})
+    ys = [offsets[s.layer.model] + s.layer.index for s in plan.steps]
+    ax.plot(range(len(ys)), ys, color="lightgray", zorder=1)
+    for k, (s, yy) in enumerate(zip(plan.steps, ys, strict=True)):
+        ax.scatter([k], [yy], color=colors[s.layer.model], s=60, zorder=2)
+        if not math.isclose(s.scale, 1.0, abs_tol=5e-3):
+            ax.annotate(f"×{s.scale:.2f}", (k, yy), textcoords="offset points", xytext=(0, 7), ha="center",
+                        fontsize=7)
+    ax.set_yticks([offsets[m] + i for m in models for i in range(depth[m])])
+    ax.set_yticklabels([f"{m}[{i}]" for m in models for i in range(depth[m])], fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_xticks(range(len(ys)))
+    ax.set_ylim(-0.7, y - 1.3)  # every pool layer has a row, used or not
+    ax.set_title(f"best path: {len(plan.steps)} steps, head/norm from {plan.base}, embedding from {plan.embed_model}",
+                 fontsize=9)
+    for m in models:
+        ax.scatter([], [], color=colors[m], label=f"{m}: {plan.models[m]}"[:60])
+    ax.legend(fontsize=7, loc="best")
+    g = plan.graph([LayerRef(m, i) for m in models for i in range(depth[m])])
+    pos = {}
+    for node in g.nodes:
+        if isinstance(node, LayerRef):
+            pos[node] = (models.index(node.model), -node.index)
+    lo = min((p[1] for p in pos.values()), default=0)
+    pos["embed"] = ((len(models) - 1) / 2, 1)
+    pos["head"] = ((len(models) - 1) / 2, lo - 1)
+    ncolor = [colors.get(g.nodes[n]["model"], "C7") if isinstance(n, LayerRef) else "white" for n in g.nodes]
+    nx.draw_networkx_nodes(g, pos, ax=ax2, node_color=ncolor, edgecolors="black", node_size=300)
+    nx.draw_networkx_labels(g, pos, ax=ax2, labels={n: str(n) if isinstance(n, LayerRef) else n for n in g.nodes},
+                            font_size=6)
+    nx.draw_networkx_edges(g, pos, ax=ax2, arrows=True, connectionstyle="arc3,rad=0.15", arrowsize=8)
+    nx.draw_networkx_edge_labels(g, pos, ax=ax2, edge_labels={e: g.edges[e]["count"] for e in g.edges
+                                                              if g.edges[e]["count"] > 1}, font_size=6)
+    ax2.set_title("layer-path graph", fontsize=9)
+    ax2.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _describe(c: dict[str, Any]) -> str:
+    parts = []
+    if c.get("ps"):
+        parts.append(f"PS {c['ps'].get('merge_method')}")
+    if c.get("path"):
+        steps = c["path"]["path"]
+        parts.append(f"path {len(steps)}: " + " ".join(f"{s['model']}[{s['layer']}]" for s in steps[:12])
+                     + (" …" if len(steps) > 12 else ""))
+    if c.get("infeasible"):
+        parts.append("infeasible")
+    return "; ".join(parts)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``RUN/report/`` (fitness.png, pareto.png, path.png, report.md) and return the report directory.
+
+    Raises:
+        CheckpointError: ``run_dir`` is not a run directory.
+    """
+    run = Path(run_dir)
+    evals = load_evals(run)
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    s = summarize(evals)
+    keys = s["keys"]
+    images = []
+    if evals:
+        images.append(("Fitness", plot_fitness(evals, out / "fitness.png")))
+        p = plot_pareto(evals, keys, out / "pareto.png") if len(keys) > 1 else None
+        if p:
+            images.append(("Objectives and Pareto set", p))
+    best = s["best"]
+    if best and (best.get("candidate") or {}).get("path"):
+        cand = best["candidate"]
+        images.append(("Best path", plot_path(cand["path"], out / "path.png",
+                                              pool_layer_counts(cand["path"], cand.get("ps")))))
+    cfg_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    lines = [f"# Search report: `{run.name}`", ""]
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(cfg_text) or {}
+        g, o = cfg.get("genome", {}), cfg.get("optimizer", {})
+        lines += [f"- mode: **{g.get('mode')}**, models: {', '.join(m['name'] for m in g.get('models', []))}",
+                  f"- optimizer: **{o.get('name')}** (popsize {o.get('popsize') or 'default'}), seed {cfg.get('seed')}"]
+    except Exception:  # noqa: BLE001 - the report still works without a readable config
+        pass
+    lines += [f"- evaluations: {s['n']} ({s['cached']} cached duplicates, {s['failed']} failed, "
+              f"{s['infeasible']} infeasible) in {s['generations']} generations",
+              f"- best fitness: {_fmt(_fit(best)) if best else '–'} (eval id {best['id'] if best else '–'})", ""]
+    if (run / "best").is_dir():
+        lines += ["Best candidate files: " + ", ".join(f"[`best/{p.name}`](../best/{p.name})"
+                                                       for p in sorted((run / "best").iterdir())), ""]
+    if (run / "pareto.jsonl").is_file():
+        n = len((run / "pareto.jsonl").read_text().splitlines())
+        lines += [f"Pareto set: {n} candidates in [`pareto.jsonl`](../pareto.jsonl)", ""]
+    lines += [f"## Best {TOP_K} candidates", ""]
+    ranked = sorted((r for r in evals if math.isfinite(_fit(r)) and not r.get("cached")),
+                    key=lambda r: (_fit(r), r["id"]))[:TOP_K]
+    head = ["id", "gen", "fitness", *keys, "candidate"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ranked:
+        obj = r.get("objectives") or {}
+        lines.append("| " + " | ".join([str(r["id"]), str(r.get("generation")), _fmt(_fit(r)),
+                                        *(_fmt(obj.get(k)) for k in keys),
+                                        _describe(r.get("candidate") or {})]) + " |")
+    lines.append("")
+    errs = [r for r in evals if r.get("error") and not r.get("infeasible") and not r.get("cached")]
+    if errs:
+        lines += ["## Failed candidates", ""] + [f"- id {r['id']}: {r['error']}" for r in errs[:20]] + [""]
+    for title, img in images:
+        lines += [f"## {title}", "", f"![{title}]({img.name})", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out

@@ -1,0 +1,124 @@
+"""``dfsmerge search`` and ``dfsmerge inspect``: argument parsing and calls into the library (no logic here).
+
+The lead's ``dfsmerge/cli.py`` wires them with::
+
+    from dfsmerge.search.cli import add_inspect_parser, add_search_parser
+    add_search_parser(sub); add_inspect_parser(sub)        # each sets handler=... via set_defaults
+
+and dispatches ``args.handler(args)``. Standalone: ``python -m dfsmerge.search.cli search CONFIG --out RUN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def add_search_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``search`` subcommand to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser("search", help="evolve a merge (PS, DFS, staged or joint) and write a run directory",
+                              description="Run an explicit, checkpointed evolutionary search. Flags override the "
+                              "config file; a killed run continues with --resume.")
+    p.add_argument("config", help="search config YAML (dfsmerge form, or a mergekit-evolve config)")
+    p.add_argument("--out", required=True, help="run directory (new and empty unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--seed", type=int, default=None, help="override seed")
+    p.add_argument("--max-evals", type=int, default=None, help="override budget.max_evals")
+    p.add_argument("--max-generations", type=int, default=None, help="override budget.max_generations")
+    p.add_argument("--time-limit", type=float, default=None, help="override budget.time_limit (seconds)")
+    p.add_argument("--backend", choices=("local", "ray"), default=None, help="override backend")
+    p.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
+    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
+    p.add_argument("--device", default=None, help="override device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--task-path", action="append", default=None,
+                   help="extra lm-eval task directory (repeatable; mergekit-evolve's --task-search-path)")
+    p.add_argument("--zoo-dir", default=None, help="toy zoo directory for zoo:<name> models")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; one log line per generation")
+    p.set_defaults(handler=search_command)
+    return p
+
+
+def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``inspect`` subcommand (re-draws ``RUN/report`` and prints the summary)."""
+    p = subparsers.add_parser("inspect", help="write the report of a search run (also while it runs)")
+    p.add_argument("run", help="run directory of `dfsmerge search`")
+    p.set_defaults(handler=inspect_command)
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("dfsmerge.search")
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def search_command(args: argparse.Namespace) -> int:
+    """Handler of ``dfsmerge search``; prints where the best model, plan and report are."""
+    from dfsmerge.search.config import load_search_config
+    from dfsmerge.search.loop import run_search
+
+    _setup_logging(args.quiet)
+    config = load_search_config(args.config)
+    task_paths = tuple(config.task_paths) + tuple(args.task_path or ())
+    overrides = {"seed": args.seed, "budget.max_evals": args.max_evals,
+                 "budget.max_generations": args.max_generations, "budget.time_limit": args.time_limit,
+                 "backend": args.backend, "ray_address": args.address, "num_workers": args.workers,
+                 "device": args.device, "zoo_dir": args.zoo_dir,
+                 "task_paths": list(task_paths) if args.task_path else None}
+    result = run_search(config, args.out, resume=args.resume, progress=not args.quiet, address=args.address,
+                        **overrides)
+    print(f"search finished: {result.n_evals} evaluations in {result.run_dir} ({result.stop_reason})")
+    if result.best is not None:
+        print(f"best fitness {result.best['fitness']:.6g} (eval id {result.best['id']})")
+    for name in ("plan", "recipe", "mergekit", "pareto", "report"):
+        if name in result.outputs:
+            print(f"  {name}: {result.outputs[name]}")
+    if result.best is not None:
+        print(f"export the best model with `dfsmerge export` (it reads {result.run_dir}/best and evals.jsonl)")
+    else:
+        print("no candidate succeeded; see the errors in evals.jsonl")
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """Handler of ``dfsmerge inspect``."""
+    from dfsmerge.report import load_evals, summarize, write_report
+
+    out = write_report(args.run)
+    s = summarize(load_evals(args.run))
+    best = s["best"]
+    print(f"{s['n']} evaluations ({s['failed']} failed, {s['infeasible']} infeasible, {s['cached']} cached) in "
+          f"{s['generations']} generations")
+    if best is not None:
+        print(f"best fitness {best['fitness']:.6g} (eval id {best['id']}); objectives: {best.get('objectives')}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python -m dfsmerge.search.cli``) until the lead wires the commands."""
+    from dfsmerge.errors import DfsmergeError
+
+    parser = argparse.ArgumentParser(prog="dfsmerge")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_search_parser(sub)
+    add_inspect_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except DfsmergeError as e:
+        print(f"dfsmerge: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfsmerge: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""The search loop of DESIGN.md section 7, explicit and checkpointed (never a callback, unlike mergekit-evolve's
+``cma.fmin2(callback=...)``, which can never resume)::
+
+    state = load_or_new(run_dir)
+    while not done:
+        X = optimizer.ask();  checkpoint            # the pending population is durable
+        for x in X: result = cached or logged or backend.evaluate(x);  append evals.jsonl + fsync
+        optimizer.tell(X, F);  checkpoint
+
+Killed anywhere, ``--resume`` loads the last checkpoint (an optimizer saved after ``ask`` replays that ask), reuses
+every candidate of the pending generation already in ``evals.jsonl`` and scores only the rest, so nothing is lost
+or scored twice and the trajectory equals an uninterrupted run's (objectives are deterministic per candidate).
+
+Staged mode (Sakana AI, arXiv 2403.13187, sec. 3.3): stage 1 searches PS, stage 2 searches DFS with the stage-1
+best recipe as model A; ``max_evals``/``max_generations`` apply per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfsmerge.errors import CheckpointError, DfsmergeError
+from dfsmerge.search.config import SearchConfig, load_search_config
+from dfsmerge.search.state import RunDir, check_resume_config
+
+log = logging.getLogger("dfsmerge.search")
+
+
+class SearchFailedError(DfsmergeError):
+    """Too many consecutive candidates failed; the run is stopped (and resumable)."""
+
+
+@dataclass
+class SearchResult:
+    """What a finished (or stopped) search produced.
+
+    Attributes:
+        run_dir: the run directory.
+        n_evals: lines in ``evals.jsonl``.
+        best: the best record (lowest fitness over all stages), or None when every candidate failed.
+        pareto: multi-objective runs: the non-dominated records (all stages).
+        stop_reason: why the last stage ended.
+        outputs: name -> path of what was written (best plan/recipe/mergekit, pareto, report).
+    """
+
+    run_dir: Path
+    n_evals: int
+    best: dict[str, Any] | None
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = ""
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def _rng_state() -> dict[str, Any]:
+    out: dict[str, Any] = {"python": repr(random.getstate()), "numpy": None}
+    st = np.random.get_state()
+    out["numpy"] = [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]
+    if "torch" in sys.modules:
+        import torch
+
+        out["torch"] = torch.get_rng_state().numpy().tobytes()
+    return out
+
+
+def _set_rng_state(d: dict[str, Any] | None) -> None:
+    if not d:
+        return
+    import ast
+
+    random.setstate(ast.literal_eval(d["python"]))
+    n = d["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if d.get("torch") is not None:
+        import torch
+
+        torch.set_rng_state(torch.frombuffer(bytearray(d["torch"]), dtype=torch.uint8).clone())
+
+
+class _Progress:
+    """tqdm bar per generation (evals/s and best so far), or one log line per generation when quiet."""
+
+    def __init__(self, enabled: bool, emit: Callable[[str], None]):
+        self.enabled = enabled and sys.stderr.isatty() or enabled == "force"
+        self.emit = emit
+        self.bar = None
+
+    def start(self, gen: int, n: int, best: float | None) -> None:
+        self.t0 = time.perf_counter()
+        self.n = 0
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n, desc=f"generation {gen}", unit="eval", leave=False, dynamic_ncols=True)
+            self._post(best)
+
+    def _post(self, best):
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"best={best:.6g}" if best is not None and math.isfinite(best) else "best=-")
+
+    def step(self, best: float | None) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self._post(best)
+
+    def end(self, gen: int, best: float | None, n_evals: int) -> None:
+        dt = time.perf_counter() - self.t0
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        rate = self.n / dt if dt > 0 else float("inf")
+        b = f"{best:.6g}" if best is not None and math.isfinite(best) else "-"
+        self.emit(f"generation {gen}: {self.n} evals ({rate:.2f} evals/s), {n_evals} in all, best fitness {b}")
+
+
+class _Trackers:
+    """Optional W&B / TensorBoard logging (only when enabled in the config and installed)."""
+
+    def __init__(self, config: SearchConfig, run_dir: Path, emit):
+        self.tb = self.wandb = None
+        lg = config.logging
+        if lg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - optional
+                emit(f"tensorboard logging disabled ({type(e).__name__}: {e})")
+        if lg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=lg.wandb_project, config=config.to_dict(), dir=str(run_dir),
+                                        resume="allow")
+            except Exception as e:  # noqa: BLE001 - optional
+                emit(f"wandb logging disabled ({type(e).__name__}: {e})")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _f(v: Any) -> float:
+    return math.inf if v is None else float(v)
+
+
+class Search:
+    """One search run over a run directory (see :func:`run_search`)."""
+
+    def __init__(self, config: SearchConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+                 address: str | None = None, emit: Callable[[str], None] | None = None, backend=None):
+        from dfsmerge.search.space import build_space
+
+        self.config = config
+        self.emit = emit or (lambda msg: log.info(msg))
+        RunDir.check(out, resume=resume)  # refuse a non-empty --out (or a missing run) before any work
+        if resume:
+            check_resume_config(RunDir(out).read_config(), config.to_dict())
+        # Everything that can reject the config runs before the run directory is created: genome vs. models, tasks.
+        self.space, self.models = build_space(config)
+        if backend is None:
+            from dfsmerge.search.backends import make_backend
+
+            backend = make_backend(config, self.models, address=address)
+        self.backend = backend
+        if hasattr(backend, "worker"):
+            backend.worker  # noqa: B018 - builds the worker: tasks are validated before the loop starts
+        elif config.needs_model:
+            from dfsmerge.search.worker import Worker
+
+            Worker(config, self.models)  # validate tasks here, before remote workers load anything
+        self.run = RunDir.open(out, resume=resume)
+        self.run.write_config(config.to_dict())
+        self.state = self.run.read_state() if resume else None
+        self.progress = _Progress(progress, self.emit)
+        self.trackers = _Trackers(config, self.run.path, self.emit)
+        self.cache: dict[str, dict[str, Any]] = {}
+        for rec in self.run.evals:
+            if rec.get("key") and not rec.get("cached"):
+                self.cache.setdefault(rec["key"], rec)
+        self.consecutive_failures = 0
+        self.stop_reason = ""
+        self._stage_best: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def _stage_space(self, stage: int, fixed: list[float] | None):
+        if self.config.genome.mode != "staged":
+            return self.space
+        if stage == 1:
+            return self.space.with_stage(1)
+        return self.space.with_stage(2, self.space.ps.decode(np.asarray(fixed)))
+
+    def _make_optimizer(self, space, stage: int):
+        from dfsmerge.optim import make_optimizer
+        from dfsmerge.search.space import binary_mask
+
+        o = self.config.optimizer
+        lo, hi = space.bounds
+        return make_optimizer(o.name, dim=space.dim, bounds=(lo, hi), x0=space.initial(),
+                              seed=self.config.seed + stage - 1, popsize=o.popsize, n_obj=self.config.n_obj,
+                              binary_mask=np.asarray(binary_mask(space)), **o.all_options())
+
+    def _checkpoint(self, opt, *, stage: int, offset: int, gen_offset: int, fixed, phase: str, elapsed: float) -> None:
+        self.run.write_state({"stage": stage, "stage_offset": offset, "generation_offset": gen_offset,
+                              "fixed_ps": fixed, "phase": phase, "elapsed_s": elapsed,
+                              "optimizer": None if opt is None else opt.state_dict(), "rng": _rng_state()})
+
+    def _key(self, cand_dict: dict[str, Any], x: np.ndarray) -> str:
+        """Duplicate key: the decoded candidate (plus the genome itself when a synthetic objective reads it)."""
+        import hashlib
+
+        blob = json.dumps(cand_dict, sort_keys=True, separators=(",", ":")).encode()
+        if self.config.synthetic_objectives:
+            blob += np.asarray(x, dtype=np.float64).tobytes()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    @staticmethod
+    def _candidate_dict(cand) -> dict[str, Any]:
+        from dfsmerge.dfs.genome import Infeasible
+
+        out: dict[str, Any] = {"ps": cand.ps.to_mergekit() if cand.ps is not None else None, "path": None}
+        if isinstance(cand.path, Infeasible):
+            out["infeasible"] = cand.path.reason
+        elif cand.path is not None:
+            out["path"] = cand.path.to_dict()
+        return out
+
+    def _F(self, recs: list[dict[str, Any]]) -> np.ndarray:  # noqa: N802
+        if self.config.n_obj == 1:
+            return np.array([[_f(r.get("fitness"))] for r in recs])
+        keys = [o.key for o in self.config.objectives]
+        return np.array([[_f(r["values"].get(k)) for k in keys] for r in recs])
+
+    # ---------------------------------------------------------------- the loop
+    def run_loop(self) -> SearchResult:
+        t_session = time.perf_counter()
+        st = self.state or {}
+        elapsed0 = float(st.get("elapsed_s", 0.0))
+        stages = (1, 2) if self.config.genome.mode == "staged" else (1,)
+        stage0 = int(st.get("stage", 1))
+        offset = int(st.get("stage_offset", 0))
+        gen_offset = int(st.get("generation_offset", 0))
+        fixed = st.get("fixed_ps")
+        _set_rng_state(st.get("rng"))
+        reason = ""
+        try:
+            for stage in stages:
+                if stage < stage0:
+                    continue
+                space = self._stage_space(stage, fixed)
+                self.backend.set_stage(stage, fixed)
+                opt = self._make_optimizer(space, stage)
+                if stage == stage0 and st.get("optimizer") is not None:
+                    opt.load_state_dict(st["optimizer"])
+                reason = self._run_stage(stage, space, opt, offset, gen_offset, fixed, elapsed0, t_session)
+                self.emit(f"stage {stage} ended: {reason}" if len(stages) > 1 else f"search ended: {reason}")
+                gen_offset += opt.generation
+                if stage == 1 and len(stages) == 2:
+                    best = self._best_of(offset)
+                    if best is None:
+                        raise SearchFailedError("staged mode: no stage-1 (PS) candidate succeeded, so stage 2 has no "
+                                                "model A; check the errors in evals.jsonl")
+                    fixed = best["genome"]
+                    offset = len(self.run.evals)
+                    self._checkpoint(None, stage=2, offset=offset, gen_offset=gen_offset, fixed=fixed,
+                                     phase="stage_start", elapsed=elapsed0 + time.perf_counter() - t_session)
+        finally:
+            self.run.close()
+            self.trackers.close()
+        self.stop_reason = reason
+        # Every stage's candidates are whole models scored on the same objectives, so the best (and the Pareto set)
+        # is taken over all of them: in staged mode CMA-ES never scores stage 2's start (the stage-1 best itself),
+        # and a stage-2 search can end below it.
+        return self.finish(0)
+
+    def _budget_reason(self, opt, elapsed: float) -> str | None:
+        b = self.config.budget
+        if b.max_evals is not None and opt.n_evals >= b.max_evals:
+            return f"max_evals={b.max_evals} reached ({opt.n_evals} evaluations)"
+        if b.max_generations is not None and opt.generation >= b.max_generations:
+            return f"max_generations={b.max_generations} reached"
+        if b.time_limit is not None and elapsed >= b.time_limit:
+            return f"time_limit={b.time_limit}s reached"
+        if opt.stop():
+            return f"optimizer stopped: {opt.stop_reason}"
+        return None
+
+    def _run_stage(self, stage, space, opt, offset, gen_offset, fixed, elapsed0, t_session) -> str:
+        # One checkpoint per generation, right after ask: it holds the optimizer as told so far plus the pending
+        # population, so a kill after tell loses nothing (the logged results are told again on resume). A
+        # checkpoint after tell is written only when the stage ends.
+        self._stage_best = self._best_of(offset)
+        while True:
+            elapsed = elapsed0 + time.perf_counter() - t_session
+            if not opt.pending:
+                reason = self._budget_reason(opt, elapsed)
+                if reason:
+                    self._checkpoint(opt, stage=stage, offset=offset, gen_offset=gen_offset, fixed=fixed,
+                                     phase="told", elapsed=elapsed)
+                    return reason
+            X = opt.ask()  # (n, dim)
+            if X.shape[0] == 0:
+                self._checkpoint(opt, stage=stage, offset=offset, gen_offset=gen_offset, fixed=fixed,
+                                 phase="asked", elapsed=elapsed)
+                return "optimizer has no new candidate to ask"
+            gen = gen_offset + opt.generation
+            self._checkpoint(opt, stage=stage, offset=offset, gen_offset=gen_offset, fixed=fixed, phase="asked",
+                             elapsed=elapsed)
+            recs = self._evaluate_generation(X, space, stage, gen, offset + opt.n_evals)
+            F = self._F(recs)  # (n, n_obj)
+            opt.tell(X, F)
+            fit = np.array([_f(r.get("fitness")) for r in recs])
+            best = self._stage_best
+            metrics = {"fitness/best": _f(best and best.get("fitness")), "evals": float(len(self.run.evals))}
+            if np.isfinite(fit).any():
+                metrics["fitness/generation_mean"] = float(fit[np.isfinite(fit)].mean())
+            self.trackers.log(gen, {k: v for k, v in metrics.items() if math.isfinite(v)})
+
+    def _evaluate_generation(self, X: np.ndarray, space, stage: int, gen: int, base_id: int) -> list[dict]:
+        n = X.shape[0]
+        recs: list[dict[str, Any] | None] = [None] * n
+        cands: list[Any] = [None] * n
+        todo: dict[str, list[int]] = {}  # key -> indices waiting for one evaluation
+        for i in range(n):
+            eid = base_id + i
+            if eid < len(self.run.evals):  # logged before a kill: reuse, never re-score
+                rec = self.run.evals[eid]
+                if not np.array_equal(np.asarray(rec["genome"], dtype=np.float64), X[i]):
+                    raise CheckpointError(f"evals.jsonl line id={eid} holds another genome than the resumed "
+                                          "optimizer asks; the run directory is inconsistent, start a new run")
+                recs[i] = rec
+                continue
+            cand = space.decode(X[i])
+            cands[i] = (cand, self._candidate_dict(cand))
+            key = self._key(cands[i][1], X[i])
+            todo.setdefault(key, []).append(i)
+        best = self._best_fitness()
+        self.progress.start(gen, n, best)
+        for _ in range(sum(r is not None for r in recs)):
+            self.progress.step(best)
+        next_i = 0
+        while next_i < n and recs[next_i] is not None:
+            next_i += 1
+        # Score each distinct new candidate once; cached ones cost nothing.
+        fresh_keys = [k for k in todo if k not in self.cache]
+        ready: dict[int, dict[str, Any]] = {}
+
+        def make_record(i: int, key: str, result: dict[str, Any], cached: bool) -> dict[str, Any]:
+            rec = {"id": base_id + i, "generation": gen, "stage": stage, "genome": X[i].tolist(),
+                   "candidate": cands[i][1], "key": key,
+                   "objectives": result["scores"], "values": result["values"], "fitness": result["fitness"],
+                   "error": result.get("error"), "cached": cached, "timings": result.get("timings", {}),
+                   "time": time.time()}
+            if result.get("infeasible"):
+                rec["infeasible"] = True
+            if result.get("traceback"):
+                rec["traceback"] = result["traceback"]
+            return rec
+
+        def flush() -> None:
+            nonlocal next_i
+            while next_i < n and (recs[next_i] is not None or next_i in ready):
+                if recs[next_i] is None:
+                    rec = ready.pop(next_i)
+                    self.run.append_eval(rec)
+                    recs[next_i] = rec
+                    self._count_failure(rec)
+                    if math.isfinite(_f(rec.get("fitness"))) and (
+                            self._stage_best is None or _f(rec["fitness"]) < _f(self._stage_best["fitness"])):
+                        self._stage_best = rec
+                    self.progress.step(self._best_fitness())
+                next_i += 1
+
+        for key, idx in todo.items():
+            if key in self.cache:
+                for i in idx:
+                    ready[i] = make_record(i, key, _result_of(self.cache[key]), True)
+        flush()
+        genomes = [X[todo[k][0]] for k in fresh_keys]
+        decoded = [cands[todo[k][0]][0] for k in fresh_keys]
+        for j, result in self.backend.evaluate(genomes, decoded):
+            key = fresh_keys[j]
+            first, *dups = todo[key]
+            ready[first] = make_record(first, key, result, False)
+            for i in dups:
+                ready[i] = make_record(i, key, result, True)
+            if not result.get("error"):
+                self.cache[key] = {"objectives": result["scores"], "values": result["values"],
+                                   "fitness": result["fitness"], "error": None}
+            elif result.get("infeasible"):
+                self.cache[key] = {"objectives": result["scores"], "values": result["values"],
+                                   "fitness": result["fitness"], "error": result["error"], "infeasible": True}
+            flush()
+        flush()
+        self.progress.end(gen, self._best_fitness(), len(self.run.evals))
+        return recs  # type: ignore[return-value]
+
+    def _count_failure(self, rec: dict[str, Any]) -> None:
+        if rec.get("error") and not rec.get("infeasible") and not rec.get("cached"):
+            self.consecutive_failures += 1
+            limit = self.config.budget.max_consecutive_failures
+            if self.consecutive_failures >= limit:
+                raise SearchFailedError(
+                    f"{self.consecutive_failures} consecutive candidates failed (budget.max_consecutive_failures="
+                    f"{limit}); last error (id {rec['id']}): {rec['error']}. Fix the cause and continue with --resume")
+        elif not rec.get("error"):
+            self.consecutive_failures = 0
+
+    # ---------------------------------------------------------------- best / outputs
+    def _best_fitness(self) -> float | None:
+        b = self._stage_best
+        return None if b is None else _f(b.get("fitness"))
+
+    def _best_of(self, offset: int) -> dict[str, Any] | None:
+        best = None
+        for rec in self.run.evals[offset:]:
+            f = _f(rec.get("fitness"))
+            if math.isfinite(f) and (best is None or f < _f(best.get("fitness"))):
+                best = rec
+        return best
+
+    def finish(self, offset: int) -> SearchResult:
+        """Write ``best/``, ``pareto.jsonl`` (multi-objective) and ``report/``; return the result."""
+        from dfsmerge.search.outputs import pareto_records, write_best
+
+        outputs: dict[str, Path] = {}
+        best = self._best_of(offset)
+        if best is not None:
+            outputs.update(write_best(self.run.best_dir, best, self.space))
+        pareto: list[dict[str, Any]] = []
+        if self.config.n_obj > 1:
+            keys = [o.key for o in self.config.objectives]
+            pareto = pareto_records(self.run.evals[offset:], keys)
+            text = "".join(json.dumps({"id": r["id"], "values": {k: r["values"][k] for k in keys},
+                                       "objectives": r["objectives"], "candidate": r["candidate"]}) + "\n"
+                           for r in pareto)
+            from dfsmerge.search.state import atomic_write
+
+            atomic_write(self.run.pareto_path, text)
+            outputs["pareto"] = self.run.pareto_path
+        try:
+            from dfsmerge.report import write_report
+
+            outputs["report"] = write_report(self.run.path)
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not lose a finished search
+            self.emit(f"warning: report not written ({type(e).__name__}: {e}); run `dfsmerge inspect RUN` to retry")
+        return SearchResult(run_dir=self.run.path, n_evals=len(self.run.evals), best=best, pareto=pareto,
+                            stop_reason=self.stop_reason, outputs=outputs)
+
+
+def _result_of(rec: dict[str, Any]) -> dict[str, Any]:
+    out = {"scores": rec["objectives"], "values": {k: _f(v) for k, v in rec["values"].items()},
+           "fitness": _f(rec.get("fitness")), "error": rec.get("error"), "timings": {}}
+    if rec.get("infeasible"):
+        out["infeasible"] = True
+    return out
+
+
+def run_search(config: SearchConfig | str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
+               address: str | None = None, emit: Callable[[str], None] | None = None, backend=None,
+               **overrides: Any) -> SearchResult:
+    """Run (or resume) a search and write its run directory.
+
+    Args:
+        config: a :class:`SearchConfig` or a config file path.
+        out: the run directory (new and empty unless ``resume``).
+        resume: continue the run in ``out`` (killed or finished: a raised budget continues it).
+        progress: tqdm bar per generation on a terminal (``"force"``: always); else one log line per generation.
+        address: Ray cluster address (``backend: ray``).
+        emit: where progress lines go (default: the ``dfsmerge.search`` logger).
+        backend: a ready backend (tests); default from ``config.backend``.
+        **overrides: dotted config overrides, e.g. ``{"budget.max_evals": 10}`` (None values ignored).
+
+    Returns:
+        The :class:`SearchResult`.
+
+    Raises:
+        ConfigError: invalid config or overrides. OutputExistsError: ``out`` is not empty and not ``resume``.
+        CheckpointError: ``resume`` on something that is not a run. SearchFailedError: consecutive failures.
+    """
+    if not isinstance(config, SearchConfig):
+        config = load_search_config(config)
+    if overrides:
+        config = config.with_overrides(**overrides)
+    return Search(config, out, resume=resume, progress=progress, address=address, emit=emit,
+                  backend=backend).run_loop()

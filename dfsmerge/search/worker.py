@@ -1,0 +1,240 @@
+"""The evaluation worker: decodes genome vectors and scores them. It holds the LayerPool, the runtime and the task
+suite, all built once (lazily, on the first candidate that needs a model); the local backend runs one in-process,
+the Ray backend one per actor.
+
+Failure isolation lives here: a candidate that raises (also out of memory) or yields a non-finite objective is
+returned with ``error`` set and every value at the worst (+inf), never as an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from dfsmerge.errors import ConfigError
+from dfsmerge.search.config import SearchConfig, SyntheticObjectiveConfig
+
+SyntheticFn = Callable[[np.ndarray, Any, SyntheticObjectiveConfig], float]
+"""``fn(u, candidate, objective)`` with ``u`` the genome mapped to [0, 1] per gene (by the bounds)."""
+
+SYNTHETIC_OBJECTIVES: dict[str, SyntheticFn] = {}
+
+
+def register_synthetic(name: str):
+    """Decorator adding a synthetic objective (minimised) under ``name``."""
+
+    def deco(fn: SyntheticFn) -> SyntheticFn:
+        SYNTHETIC_OBJECTIVES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_synthetic("sphere")
+def _sphere(u: np.ndarray, candidate, obj: SyntheticObjectiveConfig) -> float:
+    """Squared distance of the normalised genome to ``center`` (default 0.3 in every gene); minimum 0."""
+    c = obj.params.get("center", 0.3)
+    return float(np.sum((u - c) ** 2))
+
+
+@register_synthetic("path_length")
+def _path_length(u: np.ndarray, candidate, obj: SyntheticObjectiveConfig) -> float:
+    """Path length of the decoded candidate (0 without a path): a model-free stand-in for ``cost/hops``."""
+    path = getattr(candidate, "path", None)
+    return float(len(path)) if path is not None and hasattr(path, "steps") else 0.0
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Worker:
+    """Scores genome vectors of one search.
+
+    Args:
+        config: the search config (or its dict, as Ray actors receive it).
+        models: the resolved models (``dfsmerge.search.space.ResolvedModels``); resolved again when None.
+
+    The pool is loaded on the first candidate whose objectives need a model; :meth:`set_stage` switches staged mode
+    to stage 2 (the PS-merged model of the stage-1 best becomes model A).
+    """
+
+    def __init__(self, config: SearchConfig | dict, models=None):
+        from dfsmerge.search.config import load_search_config
+        from dfsmerge.search.space import build_space
+
+        self.config = config if isinstance(config, SearchConfig) else load_search_config(config)
+        self.space, self.models = build_space(self.config, models)
+        self._base_space = self.space
+        lo, hi = self.space.bounds
+        self._lo, self._span = lo, hi - lo
+        for o in self.config.synthetic_objectives:
+            if o.name not in SYNTHETIC_OBJECTIVES:
+                raise ConfigError(f"objective {o.name!r} (type synthetic) is unknown; use one of "
+                                  f"{sorted(SYNTHETIC_OBJECTIVES)}")
+        self.runtime = None
+        self.evaluator = None
+        self.directions: dict[str, str] = {o.key: "minimize" for o in self.config.synthetic_objectives}
+        if self.config.needs_model:
+            self._prepare_tasks()
+
+    # ---------------------------------------------------------------- setup
+    def _model_a_path(self) -> str:
+        m = self.models
+        if m.ps:
+            return m.ps.get(m.base) or m.ps_extra.get(m.base) or next(iter(m.ps.values()))
+        return next(iter(m.dfs.values()))
+
+    def _prepare_tasks(self) -> None:
+        """Load and validate every task (and the tokenizer) before any model is loaded."""
+        from dfsmerge.objectives import EvalConfig, Evaluator
+
+        objs = self.config.model_objectives
+        ev = EvalConfig(objectives=objs, task_paths=self.models.task_paths, batch_size=self.config.batch_size,
+                        allow_benchmark_test_split=self.config.allow_benchmark_test_split,
+                        builtin_tasks=self.config.builtin_tasks)
+        tokenizer = None
+        if any(o.type == "task" for o in objs):
+            tokenizer = _load_tokenizer(self._model_a_path())
+        self.evaluator = Evaluator(ev, tokenizer)
+        self.directions.update(self.evaluator.directions)
+
+    def _load_runtime(self) -> None:
+        from dfsmerge.pool import LayerPool
+        from dfsmerge.runtime import Runtime
+
+        m = self.models
+        mode = self.config.genome.mode
+        base = (m.base or next(iter(m.ps))) if m.ps else next(iter(m.dfs))
+        pool = LayerPool(m.pool, base=base, device=_device(self.config.device), dtype=_torch_dtype(self.config.dtype))
+        self.runtime = Runtime(pool, ps_template=base if m.ps else None, merged_as_base=mode in ("joint", "staged"),
+                               seed=self.config.seed)
+        if self.evaluator is not None and self.evaluator.tokenizer is None:
+            self.evaluator.tokenizer = pool.tokenizer if _has_tok(pool) else None
+
+    def set_stage(self, stage: int, fixed_ps_genome: list[float] | None = None) -> None:
+        """Staged mode: switch to ``stage`` (2: DFS with the PS recipe decoded from ``fixed_ps_genome`` as model A)."""
+        if self.config.genome.mode != "staged":
+            return
+        if stage == 1:
+            self.space = self._base_space.with_stage(1)
+        else:
+            recipe = self._base_space.ps.decode(np.asarray(fixed_ps_genome, dtype=np.float64))
+            self.space = self._base_space.with_stage(2, recipe)
+        lo, hi = self.space.bounds
+        self._lo, self._span = lo, hi - lo
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, x, candidate=None) -> dict[str, Any]:
+        """Score one genome vector (``candidate``: its decoding, when the caller already has it).
+
+        Returns:
+            ``{"scores": {key: raw value}, "values": {key: value to minimise}, "fitness": weighted sum,
+            "error": str | None, "timings": {...}}``; never raises for a candidate's own failure.
+        """
+        t0 = time.perf_counter()
+        x = np.asarray(x, dtype=np.float64)
+        keys = [o.key for o in self.config.objectives]
+        timings: dict[str, float] = {}
+        try:
+            cand = self.space.decode(x) if candidate is None else candidate
+            timings["decode_s"] = time.perf_counter() - t0
+            if not cand.feasible:
+                return self._failed(keys, f"infeasible: {cand.path.reason}", timings, t0, infeasible=True)
+            scores: dict[str, float] = {}
+            values: dict[str, float] = {}
+            if self.config.needs_model:
+                if self.runtime is None:
+                    self._load_runtime()
+                t1 = time.perf_counter()
+                import torch
+
+                with torch.no_grad():
+                    model = self.runtime.prepare(cand)
+                    timings["prepare_s"] = time.perf_counter() - t1
+                    t2 = time.perf_counter()
+                    res = self.evaluator.evaluate(model, key=cand.key())
+                timings["eval_s"] = time.perf_counter() - t2
+                scores.update(res.scores)
+                values.update(res.values)
+            u = (x - self._lo) / self._span if len(x) else x
+            for o in self.config.synthetic_objectives:
+                v = float(SYNTHETIC_OBJECTIVES[o.name](u, cand, o))
+                scores[o.key] = v
+                values[o.key] = v if math.isfinite(v) else math.inf
+        except Exception as e:  # noqa: BLE001 - failure isolation: any candidate error becomes worst fitness
+            _free_cuda(e)
+            msg = f"{type(e).__name__}: {e}"
+            tb = traceback.format_exc(limit=4)
+            return self._failed(keys, msg, timings, t0, detail=tb)
+        bad = [k for k in keys if not math.isfinite(values.get(k, math.nan))]
+        fitness = math.inf if bad else sum(o.weight * values[o.key] for o in self.config.objectives)
+        timings["total_s"] = time.perf_counter() - t0
+        return {"scores": {k: _clean(scores.get(k)) for k in keys},
+                "values": {k: values.get(k, math.inf) for k in keys}, "fitness": fitness,
+                "error": f"non-finite objective {bad}" if bad else None, "timings": timings}
+
+    def _failed(self, keys, msg: str, timings, t0, *, infeasible: bool = False, detail: str | None = None):
+        timings["total_s"] = time.perf_counter() - t0
+        out = {"scores": {k: None for k in keys}, "values": {k: math.inf for k in keys}, "fitness": math.inf,
+               "error": msg, "timings": timings}
+        if infeasible:
+            out["infeasible"] = True
+        if detail:
+            out["traceback"] = detail
+        return out
+
+
+def _clean(v):
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _free_cuda(e: BaseException) -> None:
+    try:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _has_tok(pool) -> bool:
+    try:
+        pool.tokenizer  # noqa: B018
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _load_tokenizer(path: str):
+    """Model A's tokenizer, from its checkpoint directory (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    from dfsmerge.io import open_checkpoint
+
+    reader = open_checkpoint(path)
+    tok_dir = getattr(reader, "tokenizer_path", None) or path
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"model {path!r} has no loadable tokenizer ({type(e).__name__}: {e}); task objectives "
+                          "need model A's tokenizer files (tokenizer.json)") from None

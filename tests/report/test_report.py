@@ -1,0 +1,85 @@
+"""The run report: plots and report.md read back against the run's evals.jsonl (best row, counts, Pareto set),
+on finished runs in several modes and on a run whose log ends in a partial line (a search still writing)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from dfsmerge.report import load_evals, summarize, write_report
+from dfsmerge.search import load_search_config, run_search
+from tests.search.conftest import read_evals
+
+
+def _png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+@pytest.mark.parametrize(("mode", "optimizer", "n_obj"), [("dfs", "nsga2", 2), ("joint", "nsga2", 3),
+                                                         ("ps", "cma", 1)])
+def test_report_contents(mode, optimizer, n_obj, make_config, tmp_path):
+    objs = [{"type": "cost", "name": "hops"}, {"type": "synthetic", "name": "sphere"},
+            {"type": "synthetic", "name": "path_length", "weight": 0.1}][:max(n_obj, 2)]
+    d = make_config(mode, optimizer, popsize=4, max_evals=12, objectives=objs,
+                    dfs={"repetitions": 2, "scales": "per_step"})
+    run = tmp_path / "run"
+    run_search(load_search_config(d), run, progress=False)
+    evals = read_evals(run)
+    rep = run / "report"
+    md = (rep / "report.md").read_text()
+    assert _png(rep / "fitness.png")
+    assert _png(rep / "pareto.png") == (len(objs) >= 2)
+    ok = [r for r in evals if r["fitness"] is not None and not r["cached"]]
+    best = min(ok, key=lambda r: (r["fitness"], r["id"]))
+    rows = [line for line in md.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == min(10, len(ok))
+    assert rows[0].startswith(f"| {best['id']} |")
+    assert f"evaluations: {len(evals)}" in md
+    if mode != "ps":
+        assert _png(rep / "path.png") and "![Best path](path.png)" in md
+    else:
+        assert not (rep / "path.png").exists()
+
+
+def test_report_of_a_running_search(make_config, tmp_path, capsys):
+    from dfsmerge.search.cli import main
+
+    run = tmp_path / "run"
+    run_search(load_search_config(make_config("dfs", "random", popsize=4, max_evals=8)), run, progress=False)
+    with open(run / "evals.jsonl", "a") as f:
+        f.write('{"id": 8, "genome": [0.1')  # a search in the middle of writing a line
+    s = summarize(load_evals(run))
+    assert s["n"] == 8
+    want = min((r for r in read_evals_complete(run)), key=lambda r: (math.inf if r["fitness"] is None
+                                                                    else r["fitness"], r["id"]))
+    assert s["best"]["id"] == want["id"]
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"eval id {want['id']}" in out and "report.md" in out
+    assert write_report(run) == run / "report"
+
+
+def read_evals_complete(run):
+    import json
+
+    out = []
+    for line in (run / "evals.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def test_path_diagram_of_a_plan_with_repeats(tmp_path):
+    from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
+    from dfsmerge.report.report import plot_path
+
+    plan = PathPlan((Step(LayerRef("A", 0)), Step(LayerRef("B", 1), 0.8), Step(LayerRef("A", 0), 1.2),
+                     Step(LayerRef("B", 1), 0.8)), models={"A": "a", "B": "b"}, base="A")
+    g = plan.graph()
+    assert g.edges[LayerRef("A", 0), LayerRef("B", 1)]["count"] == 2  # what the diagram labels
+    out = plot_path(plan.to_dict(), tmp_path / "p.png")
+    assert _png(out)

@@ -1,0 +1,119 @@
+"""The search config: validation before any model is loaded (all errors in one ConfigError naming field, value and
+fix), overrides, objective kinds, and mergekit-evolve configs accepted unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dfsmerge.errors import ConfigError
+from dfsmerge.search import load_search_config, run_search
+from dfsmerge.search.config import SyntheticObjectiveConfig, translate_mergekit_evolve
+from tests.search.conftest import MC_TASK, read_evals
+
+
+def test_all_errors_in_one_message(make_config):
+    d = make_config("ps", "cma")
+    d["genome"]["mode"] = "sideways"
+    d["optimizer"] = {"name": "cma", "popsize": 1, "options": {"bogus": 1}}
+    d["objectives"] = [{"name": "x", "weight": -1}]
+    d["budget"] = {"max_evals": 0}
+    with pytest.raises(ConfigError) as e:
+        load_search_config(d)
+    msg = str(e.value)
+    for needle in ("genome.mode='sideways'", "optimizer.popsize=1", "weight=-1", "budget.max_evals=0"):
+        assert needle in msg, msg
+
+
+def test_cross_field_errors(make_config):
+    d = make_config("ps", "random")
+    d["genome"]["base_model"] = None
+    d["optimizer"] = {"name": "random", "sigma0": 0.3}
+    d["budget"] = {}
+    with pytest.raises(ConfigError) as e:
+        load_search_config(d)
+    msg = str(e.value)
+    assert "needs base_model" in msg and "'sigma0' is unknown" in msg and "budget has no limit" in msg, msg
+
+
+def test_layer_granularity_checked_against_the_models(make_config, tmp_path):
+    d = make_config("ps", "cma")
+    d["genome"]["layer_granularity"] = 3  # the tiny models have 2 layers
+    with pytest.raises(ConfigError, match="layer_granularity=3 does not divide num_hidden_layers=2"):
+        run_search(load_search_config(d), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()  # rejected before the run directory is created
+
+
+def test_objective_kinds_and_n_obj(make_config):
+    d = make_config("ps", "nsga2", objectives=["some_task", {"type": "cost", "name": "hops"},
+                                               {"type": "synthetic", "name": "sphere"}])
+    cfg = load_search_config(d)
+    assert [o.key for o in cfg.objectives] == ["some_task", "cost/hops", "synthetic/sphere"]
+    assert isinstance(cfg.objectives[2], SyntheticObjectiveConfig)
+    assert cfg.n_obj == 3
+    assert load_search_config({**d, "optimizer": {"name": "cma"}}).n_obj == 1
+    assert load_search_config({**d, "optimizer": {"name": "nsga2", "multi_objective": False}}).n_obj == 1
+    with pytest.raises(ConfigError, match="single-objective"):
+        load_search_config({**d, "optimizer": {"name": "cma", "multi_objective": True}})
+
+
+def test_overrides_and_round_trip(make_config):
+    cfg = load_search_config(make_config("dfs", "cma"))
+    cfg2 = cfg.with_overrides(**{"budget.max_evals": 50, "seed": 7, "backend": None})
+    assert cfg2.budget.max_evals == 50 and cfg2.seed == 7 and cfg2.backend == "local"
+    assert load_search_config(yaml.safe_load(yaml.safe_dump(cfg2.to_dict()))) == cfg2
+    with pytest.raises(ConfigError, match="backend"):
+        cfg.with_overrides(backend="spark")
+
+
+def test_relative_model_paths_resolve_against_the_config_file(tiny_models, tmp_path):
+    root = tiny_models["base"].parent
+    cfg_file = root / "search.yaml"
+    cfg_file.write_text(yaml.safe_dump({"genome": {"mode": "dfs", "models": ["m1", "m2"]},
+                                        "objectives": [{"type": "cost", "name": "hops"}],
+                                        "budget": {"max_evals": 4}}))
+    cfg = load_search_config(cfg_file)
+    assert [m.model for m in cfg.genome.models] == [str(tiny_models["m1"]), str(tiny_models["m2"])]
+
+
+MERGEKIT_EVOLVE = """\
+genome:
+  models:
+    - {m1}
+    - {m2}
+  merge_method: task_arithmetic
+  base_model: {base}
+  layer_granularity: 1
+  normalize: false
+  allow_negative_weights: false
+tasks:
+  - name: {task}
+    weight: 1.0
+    metric: acc,none
+limit: 8
+"""
+
+
+def test_mergekit_evolve_config_runs_unchanged(tiny_models, mc_task_dir, tmp_path, capsys):
+    from mergekit.evo.config import EvolMergeConfiguration
+
+    from dfsmerge.search.cli import main
+
+    text = MERGEKIT_EVOLVE.format(task=MC_TASK, **{k: str(v) for k, v in tiny_models.items()})
+    EvolMergeConfiguration.model_validate(yaml.safe_load(text))  # mergekit-evolve itself reads this file
+    cfg_file = tmp_path / "evolve.yaml"
+    cfg_file.write_text(text)
+    cfg = load_search_config(cfg_file)
+    assert cfg.genome.mode == "ps" and cfg.optimizer.name == "cma" and abs(cfg.optimizer.sigma0 - 1 / 6) < 1e-12
+    assert cfg.budget.max_evals == 100 and cfg.objectives[0].limit == 8
+    assert translate_mergekit_evolve(yaml.safe_load(text))["objectives"][0]["metric"] == "acc,none"
+    rc = main(["search", str(cfg_file), "--out", str(tmp_path / "run"), "--task-path", str(mc_task_dir),
+               "--max-evals", "4", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    evals = read_evals(tmp_path / "run")
+    assert len(evals) >= 4
+    for r in evals:
+        acc = r["objectives"][f"{MC_TASK}/acc,none"]
+        assert 0 <= acc <= 1 and r["values"][f"{MC_TASK}/acc,none"] == -acc  # higher_is_better -> minimise -acc
+        assert r["fitness"] == -acc
+    assert (tmp_path / "run" / "best" / "recipe.yaml").is_file()
