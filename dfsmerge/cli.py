@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help='print {"results": {task: {metric: value}}}')
 
     from dfsmerge.export.cli import add_export_parser
+    from dfsmerge.search.cli import add_inspect_parser, add_search_parser
 
+    add_search_parser(sub)
+    add_inspect_parser(sub)
     add_export_parser(sub)
 
     z = sub.add_parser("zoo", help="the toy zoo: tiny models trained on CPU")
@@ -123,8 +126,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = _COMMANDS.get(args.command) or args.handler  # search/inspect bring their own handlers
     try:
-        return int(_COMMANDS[args.command](args) or 0)
+        return int(handler(args) or 0)
     except DfsmergeError as e:
         print(f"dfsmerge: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
