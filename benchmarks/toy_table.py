@@ -116,7 +116,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/toy_table.md"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated row groups: sources,merges,searches")
+    ap.add_argument("--combine", default=None, metavar="A.json,B.json",
+                    help="only render the rows of earlier runs (e.g. one process per seed) into --out")
     args = ap.parse_args()
+    if args.combine:
+        rows: dict[str, dict[int, dict]] = {}
+        for f in args.combine.split(","):
+            for label, by_seed in json.loads(Path(f).read_text()).items():
+                rows.setdefault(label, {}).update({int(k): v for k, v in by_seed.items()})
+        seeds = sorted({s for by_seed in rows.values() for s in by_seed})
+        write(rows, seeds, args.out, f"python benchmarks/toy_table.py --combine {args.combine}")
+        return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     groups = set((args.only or "sources,merges,searches").split(","))
     rows: dict[str, dict[int, dict]] = {}
@@ -150,12 +160,17 @@ def main() -> None:
             for label, config in SEARCHES.items():
                 model, n, wall = search_row(zoo, work, config, seed, args.max_evals, env)
                 add(label, seed, score(str(model), zoo, env), n, wall)
-    table = render(rows, [int(s) for s in args.seeds.split(",")])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/toy_table.py " + " ".join(sys.argv[1:])
-    out.write_text(f"Made by `{cmd.strip()}` (test split, exact match %, seeds {args.seeds}).\n\n{table}\n")
-    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    write(rows, [int(s) for s in args.seeds.split(",")], args.out,
+          "python benchmarks/toy_table.py " + " ".join(sys.argv[1:]))
+
+
+def write(rows: dict[str, dict[int, dict]], seeds: list[int], out: str, cmd: str) -> None:
+    table = render(rows, seeds)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"Made by `{cmd.strip()}` (test split, exact match %, seeds "
+                    f"{' / '.join(map(str, seeds))}).\n\n{table}\n")
+    path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print(table)
 
 
