@@ -92,9 +92,10 @@ def make_task_manager(names: list[str] | tuple[str, ...], task_paths: tuple[str,
     tm = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
     if builtin_tasks and (tm is None or any(n not in tm.all_tasks for n in names)):
         tm = TaskManager(include_path=paths or None, include_defaults=True)
+    known = tm.all_tasks if tm is not None else []  # no custom paths and built-ins off: nothing is known
     for n in names:
-        if n not in tm.all_tasks:
-            close = difflib.get_close_matches(n, tm.all_tasks, n=3)
+        if n not in known:
+            close = difflib.get_close_matches(n, known, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else "check the name or add --task-search-path DIR"
             where = (", ".join(paths) or "no custom paths") + (" and lm-eval's built-in tasks" if builtin_tasks else "")
             raise ConfigError(f"objectives.name={n!r} is not a known lm-eval task (searched {where}); {hint}")

@@ -214,3 +214,11 @@ def test_evaluate_model_shape_and_table(tiny_model, task_dir):
     native = evaluate_model(model, tok, [MC_TASK, GEN_TASK], task_paths=[str(task_dir)], split="validation",
                             native=True)
     assert native == out
+
+
+def test_no_task_paths_and_no_builtins_is_a_clean_error():
+    from dfsmerge.errors import ConfigError
+    from dfsmerge.objectives.tasks import make_task_manager
+
+    with pytest.raises(ConfigError, match="'zoo_math_b' is not a known lm-eval task"):
+        make_task_manager(["zoo_math_b"], (), builtin_tasks=False)
