@@ -30,6 +30,8 @@ from pydantic import Field
 from dfsmerge.errors import ConfigError
 from dfsmerge.optim.base import Optimizer, OptimizerOptions, register_optimizer
 
+DIAGONAL_ABOVE = 100  # genes; above this the covariance is diagonal unless cma_options says otherwise
+
 
 class CMAOptions(OptimizerOptions):
     """Options of ``optimizer: cma``."""
@@ -114,6 +116,12 @@ class CMAES(Optimizer):
         }
         if sp.integer_mask.any():
             copts["integer_variables"] = np.flatnonzero(sp.integer_mask).tolist()
+        if sp.dim > DIAGONAL_ABOVE:
+            # Separable CMA-ES (Ros & Hansen 2008, "A simple modification in CMA-ES achieving linear time and space
+            # complexity"): a diagonal covariance costs O(n) per sample instead of O(n^2) plus eigendecompositions,
+            # and a full covariance needs O(n^2) evaluations to pay off, far beyond a merge search's budget.
+            # cma_options={"CMA_diagonal": False} restores the full matrix.
+            copts["CMA_diagonal"] = True
         copts.update(opts.cma_options)
         # A second stream for pycma's direct np.random calls (integer centering, rare repairs).
         self._aux = np.random.RandomState(sp.seed + 1).get_state()
