@@ -92,3 +92,17 @@ def test_cma_is_separable_above_100_genes_unless_asked():
             X = opt.ask()
             opt.tell(X, f(X))
     assert big.best.f < 0.8 * rand.best.f
+
+
+def test_cma_keeps_going_on_flat_fitness():
+    """A merge search often scores a whole population 0; that must not end the search."""
+    import numpy as np
+
+    from dfsmerge.optim import make_optimizer
+
+    lo, hi = -np.ones(6), np.ones(6)
+    opt = make_optimizer("cma", dim=6, bounds=(lo, hi), seed=0, popsize=6)
+    for _ in range(5):
+        X = opt.ask()
+        opt.tell(X, np.zeros((len(X), 1)))
+    assert not opt.stop(), opt.stop_reason
