@@ -114,9 +114,10 @@ class CMAES(Optimizer):
             "verb_log": 0,
             "verb_disp": 0,
             # A merge search often sees a flat population (every candidate scores 0 on a hard task); pycma's
-            # default stops after one such iteration. Keep going (pycma widens sigma on flat fitness); the loop's
-            # budget decides when to stop.
+            # defaults stop after one such iteration (tolflatfitness) or a few (tolfun). Keep going (pycma widens
+            # sigma on flat fitness); the loop's budget decides when to stop. cma_options can set either back.
             "tolflatfitness": 10**6,
+            "tolfun": 0.0,
         }
         if sp.integer_mask.any():
             copts["integer_variables"] = np.flatnonzero(sp.integer_mask).tolist()
