@@ -229,7 +229,7 @@ class ShardedWriter:
         if n > 1:
             self.write_json("model.safetensors.index.json",
                             {"metadata": {"total_size": self.total_size}, "weight_map": weight_map})
-        self._fsync_dir(self.tmp_dir)
+        fsync_dir(self.tmp_dir)
         if self.out_dir.exists():
             if not self.force:  # appeared while we were writing
                 self.abort()
@@ -240,18 +240,21 @@ class ShardedWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             self.tmp_dir.rename(self.out_dir)
-        self._fsync_dir(self.out_dir.parent)
+        fsync_dir(self.out_dir.parent)
 
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def copy_tokenizer(src_dir: str | Path, writer: ShardedWriter) -> list[str]:

@@ -1,11 +1,7 @@
 """``dfsmerge search`` and ``dfsmerge inspect``: argument parsing and calls into the library (no logic here).
 
-The lead's ``dfsmerge/cli.py`` wires them with::
-
-    from dfsmerge.search.cli import add_inspect_parser, add_search_parser
-    add_search_parser(sub); add_inspect_parser(sub)        # each sets handler=... via set_defaults
-
-and dispatches ``args.handler(args)``. Standalone: ``python -m dfsmerge.search.cli search CONFIG --out RUN``.
+``dfsmerge/cli.py`` adds both sub-commands (each sets ``handler=`` via ``set_defaults``) and dispatches
+``args.handler(args)``.
 """
 
 from __future__ import annotations
@@ -13,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 
 
 def add_search_parser(subparsers) -> argparse.ArgumentParser:
@@ -99,26 +94,3 @@ def inspect_command(args: argparse.Namespace) -> int:
         print(f"best fitness {best['fitness']:.6g} (eval id {best['id']}); objectives: {best.get('objectives')}")
     print(f"report: {out / 'report.md'}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (``python -m dfsmerge.search.cli``) until the lead wires the commands."""
-    from dfsmerge.errors import DfsmergeError
-
-    parser = argparse.ArgumentParser(prog="dfsmerge")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_search_parser(sub)
-    add_inspect_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except DfsmergeError as e:
-        print(f"dfsmerge: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dfsmerge: interrupted (resume with --resume)", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dfsmerge.errors import CheckpointError, ConfigError, OutputExistsError
+from dfsmerge.io.writer import fsync_dir
 
 STATE_FORMAT = 1
 _NONFINITE_FIELDS = ("objectives", "values", "fitness")
@@ -41,19 +42,6 @@ def jsonable(o: Any) -> Any:
     return o
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a fsynced temporary file renamed into place (never half-written)."""
     path = Path(path)
@@ -68,7 +56,7 @@ def atomic_write(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class RunDir:

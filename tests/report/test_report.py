@@ -44,7 +44,7 @@ def test_report_contents(mode, optimizer, n_obj, make_config, tmp_path):
 
 
 def test_report_of_a_running_search(make_config, tmp_path, capsys):
-    from dfsmerge.search.cli import main
+    from dfsmerge.cli import main
 
     run = tmp_path / "run"
     run_search(load_search_config(make_config("dfs", "random", popsize=4, max_evals=8)), run, progress=False)

@@ -97,7 +97,7 @@ limit: 8
 def test_mergekit_evolve_config_runs_unchanged(tiny_models, mc_task_dir, tmp_path, capsys):
     from mergekit.evo.config import EvolMergeConfiguration
 
-    from dfsmerge.search.cli import main
+    from dfsmerge.cli import main
 
     text = MERGEKIT_EVOLVE.format(task=MC_TASK, **{k: str(v) for k, v in tiny_models.items()})
     EvolMergeConfiguration.model_validate(yaml.safe_load(text))  # mergekit-evolve itself reads this file

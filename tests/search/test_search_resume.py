@@ -49,7 +49,7 @@ KILLER = textwrap.dedent('''
         wrap("append_eval", where != "after_append", where == "after_append")
     else:
         wrap("write_state", where == "before_state", where == "after_state")
-    from dfsmerge.search.cli import main
+    from dfsmerge.cli import main
     sys.exit(main(sys.argv[3:]))
 ''')
 
@@ -82,7 +82,7 @@ def test_sigkill_resume_equals_uninterrupted(make_config, tmp_path):
         assert p.returncode == -9, f"kill point {where}@{k} was not reached (rc={p.returncode}): {p.stderr[-2000:]}"
         text = (run / "evals.jsonl").read_text() if (run / "evals.jsonl").exists() else ""
         seen.append(text.count("\n"))
-    p = subprocess.run([sys.executable, "-m", "dfsmerge.search.cli", "search", str(cfg_path), "--out", str(run),
+    p = subprocess.run([sys.executable, "-m", "dfsmerge.cli", "search", str(cfg_path), "--out", str(run),
                         "--quiet", "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     got, want = read_evals(run), read_evals(ref)
@@ -124,7 +124,7 @@ def test_new_run_refuses_nonempty_out_and_resume_checks(make_config, tmp_path):
 
 
 def test_cli_refuses_existing_run_with_exit_2(make_config, tmp_path, capsys):
-    from dfsmerge.search.cli import main
+    from dfsmerge.cli import main
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(make_config("ps", "random", popsize=4, max_evals=4)))
