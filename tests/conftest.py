@@ -10,6 +10,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one torch thread avoids OpenMP barrier stalls (up to 100x on small
+    matmuls). Restores the previous count afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_family_models(tmp_path_factory):
     """``{family: {"base": path, "ft1": path, "ft2": path, "ft3": path}}``: a base and three perturbed fine-tunes

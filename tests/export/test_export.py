@@ -32,13 +32,7 @@ N_LAYERS = 3
 T = 70  # longer than the tiny Gemma-2 sliding window (64), so sliding and full layers differ
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.export import export_plan
@@ -17,12 +16,7 @@ from dfsmerge.testing import make_tiny_checkpoint
 MC, GEN = "dfsx_mc", "dfsx_gen"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_task(d: Path, name: str, body: str, docs: list[dict]) -> None:

@@ -43,12 +43,8 @@ def _save_round_trip_tokenizer(out_dir: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier stalls (100x on small matmuls)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_torch_thread(one_torch_thread):
+    """Every objectives test runs on one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

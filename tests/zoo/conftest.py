@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dfsmerge.zoo import build_zoo
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is faster, and on a shared machine two threads can stall in OpenMP barriers
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every zoo test runs on one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
