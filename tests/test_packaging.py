@@ -24,3 +24,12 @@ def test_importing_dfsmerge_is_light_and_kernels_mount():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "dfsmerge.kernels"
+
+
+def test_command_line_parser_builds_without_torch():
+    """`dfsmerge --help` and argument errors stay instant: sub-commands import their libraries when they run."""
+    code = ("import sys, dfsmerge.cli as c; c.build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'cma', 'pymoo') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

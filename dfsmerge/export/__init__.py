@@ -3,11 +3,25 @@
 ``export_plan`` writes a folded (plain architecture) or compact (``trust_remote_code``) checkpoint with
 ``mergekit.yaml`` and a model card; ``export_candidate`` does it for a candidate of a search run;
 ``dfsmerge.export.cli.add_export_parser`` adds ``dfsmerge export`` to the CLI.
+
+The names are resolved on first use (PEP 562), so the command line can import ``dfsmerge.export.cli`` to build its
+parser without importing torch.
 """
 
-from dfsmerge.export.candidate import RunCandidate, export_candidate, load_run_candidate
-from dfsmerge.export.exporter import FORMATS, PS_MARKER, ExportInfo, export_plan, export_ps, unique_layers
-from dfsmerge.export.fold import check_foldable, cumulative_scales, eps_bound
+from importlib import import_module
 
-__all__ = ["FORMATS", "PS_MARKER", "ExportInfo", "RunCandidate", "check_foldable", "cumulative_scales", "eps_bound",
-           "export_candidate", "export_plan", "export_ps", "load_run_candidate", "unique_layers"]
+_EXPORTS = {
+    "RunCandidate": "candidate", "export_candidate": "candidate", "load_run_candidate": "candidate",
+    "FORMATS": "exporter", "PS_MARKER": "exporter", "ExportInfo": "exporter", "export_plan": "exporter",
+    "export_ps": "exporter", "unique_layers": "exporter",
+    "check_foldable": "fold", "cumulative_scales": "fold", "eps_bound": "fold",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dfsmerge.export' has no attribute {name!r}")
+    value = getattr(import_module(f"dfsmerge.export.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
