@@ -206,10 +206,13 @@ def _has(reader: CheckpointReader, name: str, arch: Architecture) -> bool:
     return name in reader or (name == arch.head and arch.embed in reader and arch.tied(reader.config))
 
 
+def _stored_name(reader: CheckpointReader, name: str, arch: Architecture) -> str:
+    """The name ``name`` is stored under in ``reader``: a tied source's head is its embedding."""
+    return arch.embed if name not in reader and name == arch.head else name
+
+
 def _read(reader: CheckpointReader, name: str, arch: Architecture) -> torch.Tensor:
-    if name not in reader and name == arch.head:  # tied source: its head is its embedding
-        return reader.get_tensor(arch.embed)
-    return reader.get_tensor(name)
+    return reader.get_tensor(_stored_name(reader, name, arch))
 
 
 def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: int | None = 0) -> torch.Tensor:
@@ -233,11 +236,8 @@ def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: i
         detail = ", ".join(f"{m}: {list(t.shape)}" for (m, _), t in zip(job.inputs, tensors, strict=True))
         raise MergeError(f"tensor {job.out_name!r} has different shapes across models ({detail}); these models "
                          "cannot be merged tensor by tensor")
-    try:
-        out = merge_tensor(plan.config.merge_method, tensors, base_index=job.base_index, params=job.params,
-                           global_params=job.global_params, seed=seed, name=job.out_name)
-    except (MergeError, ConfigError):
-        raise
+    out = merge_tensor(plan.config.merge_method, tensors, base_index=job.base_index, params=job.params,
+                       global_params=job.global_params, seed=seed, name=job.out_name)
     out_dtype = torch_dtype(plan.config.out_dtype)
     if out.is_floating_point() and dtypes:
         # the result takes the promoted input dtype (as mergekit), or out_dtype when given
@@ -250,14 +250,9 @@ def output_manifest(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.d
     dtype, out_dtype = torch_dtype(plan.config.dtype), torch_dtype(plan.config.out_dtype)
     manifest = []
     for job in plan.jobs:
-        dtypes = []
-        for m, n in job.inputs:
-            reader = plan.readers[m]
-            name = n if n in reader else plan.arch.embed  # a tied source's head is its embedding
-            dtypes.append(reader.get_dtype(name))
+        dtypes = [plan.readers[m].get_dtype(_stored_name(plan.readers[m], n, plan.arch)) for m, n in job.inputs]
         model, name = job.inputs[0]
-        reader = plan.readers[model]
-        shape = reader.get_shape(name if name in reader else plan.arch.embed)
+        shape = plan.readers[model].get_shape(_stored_name(plan.readers[model], name, plan.arch))
         if all(d.is_floating_point for d in dtypes):
             dtypes = [dtype or d for d in dtypes]
             manifest.append((job.out_name, shape, out_dtype or functools.reduce(torch.promote_types, dtypes)))
@@ -266,20 +261,14 @@ def output_manifest(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.d
     return manifest
 
 
-def _job_bytes(plan: MergePlan, job: TensorJob) -> int:
-    """Rough working memory of one job: fp32 copies of every input and a few temporaries per input."""
-    model, name = job.inputs[0]
-    reader = plan.readers[model]
-    shape = reader.get_shape(name if name in reader else plan.arch.embed)
-    return math.prod(shape) * 4 * (len(job.inputs) + 1) * 3
-
-
 def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, workers: int | None = None,
-                memory_budget: int | str = "1GB") -> Iterator[tuple[TensorJob, torch.Tensor]]:
+                memory_budget: int | str = "1GB", manifest: list | None = None
+                ) -> Iterator[tuple[TensorJob, torch.Tensor]]:
     """Merged tensors in plan order, computed by a small thread pool (torch releases the GIL in its kernels).
 
     Reading, merging and writing overlap; at most ``workers + 1`` jobs are in flight and their estimated
-    working memory stays under ``memory_budget`` (a job larger than the budget runs alone).
+    working memory (fp32 copies of every input and a few temporaries each, from ``manifest``'s shapes; computed
+    when not given) stays under ``memory_budget`` (a job larger than the budget runs alone).
     """
     from dfsmerge.io import parse_size
 
@@ -290,12 +279,13 @@ def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, w
             yield job, execute_job(plan, job, device=device, seed=seed)
         return
     budget = parse_size(memory_budget)
+    shapes = [shape for _, shape, _ in (manifest or output_manifest(plan))]
     pending: deque[tuple[TensorJob, Future, int]] = deque()
     in_flight = 0
     with ThreadPoolExecutor(workers, thread_name_prefix="dfsmerge-merge") as pool:
         try:
-            for job in plan.jobs:
-                cost = _job_bytes(plan, job)
+            for job, shape in zip(plan.jobs, shapes, strict=True):
+                cost = math.prod(shape) * 4 * (len(job.inputs) + 1) * 3
                 while pending and (len(pending) > workers or in_flight + cost > budget):
                     done_job, fut, c = pending.popleft()
                     in_flight -= c
@@ -337,8 +327,10 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
     readers = open_models(config, allow_pickle=allow_pickle)
     plan = plan_merge(config, readers)
     donor = _tokenizer_donor(config)
-    results = iter_merged(plan, device=device, seed=seed, workers=workers, memory_budget=memory_budget)
-    with ShardedWriter(out_dir, max_shard_size=max_shard_size, force=force, manifest=output_manifest(plan)) as w:
+    manifest = output_manifest(plan)
+    results = iter_merged(plan, device=device, seed=seed, workers=workers, memory_budget=memory_budget,
+                          manifest=manifest)
+    with ShardedWriter(out_dir, max_shard_size=max_shard_size, force=force, manifest=manifest) as w:
         for job, tensor in tqdm(results, total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress):
             w.add_tensor(job.out_name, tensor)
         w.write_json("config.json", plan.out_config)
