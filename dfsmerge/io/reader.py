@@ -33,10 +33,8 @@ class CheckpointReader:
     ``*.safetensors`` file in the directory (so any shard layout works). Only the requested tensor is read.
     """
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False, name: str | None = None,
-                 keep_open: bool = False):
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, name: str | None = None):
         self.path = Path(path)
-        self.keep_open = keep_open
         self.name = name or str(path)
         if not self.path.is_dir():
             raise CheckpointError(f"model {self.name!r}: {self.path} is not a directory; give a checkpoint directory "
@@ -48,7 +46,6 @@ class CheckpointReader:
         self.config: dict[str, Any] = json.loads(cfg.read_text())
         self._weight_map: dict[str, Path] = {}
         self._pickle = False
-        self._handles: dict[Path, Any] = {}
         self._pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         self._index(allow_pickle)
 
@@ -111,9 +108,6 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map
 
-    def shard_of(self, name: str) -> Path:
-        return self._weight_map[name]
-
     def get_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (memory-mapped for safetensors; no other tensor is touched).
 
@@ -127,11 +121,6 @@ class CheckpointReader:
                                   "the model's architecture may differ from the others") from None
         if self._pickle:
             return self._load_pickle(f)[name]
-        if self.keep_open:
-            h = self._handles.get(f)
-            if h is None:
-                h = self._handles[f] = safe_open(str(f), framework="pt")
-            return h.get_tensor(name)
         # Opened per call: the shard's memory map is dropped at once, so reading a whole model one tensor at
         # a time keeps the resident set near one tensor (file pages included).
         with safe_open(str(f), framework="pt") as h:
@@ -157,10 +146,6 @@ class CheckpointReader:
     @property
     def tokenizer_path(self) -> Path:
         return self.path
-
-    def close(self) -> None:
-        self._handles.clear()
-        self._pickle_cache = None
 
 
 def resolve_model_path(ref: str | Path, *, revision: str | None = None) -> Path:
