@@ -50,7 +50,7 @@ def _time(fn, repeats: int) -> tuple[float, object]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", help="zoo directory (default: $DFSMERGE_ZOO or ~/.cache/dfsmerge/zoo/default-seed0)")
+    p.add_argument("--zoo", help="zoo directory (default: $DFSMERGE_ZOO or ~/.cache/dfsmerge/zoo/default-seed0-v2)")
     p.add_argument("--model", default="math", help="zoo model to score (default: math)")
     p.add_argument("--tasks", default="zoo_math_e,zoo_math_b,zoo_generic_e", help="comma-separated zoo tasks")
     p.add_argument("--split", default="validation")

@@ -1,9 +1,11 @@
 """The paper-style results table (Sakana AI, arXiv 2403.13187, Table 1) on the toy zoo.
 
 For each seed: builds the default zoo, scores every source, the unsearched merges (task arithmetic with unit
-weights, TIES and DARE-TIES at weight 1 / density 0.5, and two hand frankenmerges: a passthrough layer stack, and
-the language expert's embedding in front of the math expert's blocks and head), and the searched models (PS,
-DFS, PS+DFS staged and joint with CMA-ES, and random search at the same budget). Searched winners are exported
+weights, TIES and DARE-TIES at weight 1 / density 0.5, and three hand frankenmerges: a passthrough layer stack
+(half and half), the language expert's embedding in front of the math expert's blocks and head, and the language
+expert's embedding and first layer in front of the math expert's other layers), and the searched models (PS,
+DFS, PS+DFS staged and joint with CMA-ES, random search at the PS budget, and PS for the multi-task objective).
+Searched winners are exported
 as folded Hugging Face checkpoints (`dfsmerge export RUN --candidate best`) and every row is scored on the TEST
 split through `dfsmerge eval`, so the table is about models anyone can load. Searches score on the validation split.
 
@@ -31,6 +33,7 @@ SEARCHES = {  # row label -> config under configs/toy/
     "PS+DFS staged (CMA-ES)": "staged.yaml",
     "PS+DFS joint (CMA-ES)": "joint.yaml",
     "PS random search": "random.yaml",
+    "PS for the multi-task objective (CMA-ES)": "multitask.yaml",
 }
 
 
@@ -62,17 +65,20 @@ def merge_row(zoo: Path, work: Path, method: str, env: dict) -> Path:
     return out
 
 
-def stack_row(zoo: Path, work: Path, env: dict) -> Path:
-    """A mergekit-style passthrough frankenmerge: the language expert's first half, the math expert's second."""
+def stack_row(zoo: Path, work: Path, env: dict, split: int | None = None) -> Path:
+    """A mergekit-style passthrough frankenmerge: the language expert's layers [0, split), the math expert's
+    [split, n) (mergekit takes the embedding from the first slice's model, the final norm and head from the last's).
+    ``split`` defaults to half the layers."""
     import yaml
 
     n = json.loads((zoo / "models/math/config.json").read_text())["num_hidden_layers"]
+    split = n // 2 if split is None else split
     recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
-        {"sources": [{"model": str(zoo / "models/language"), "layer_range": [0, n // 2]}]},
-        {"sources": [{"model": str(zoo / "models/math"), "layer_range": [n // 2, n]}]}]}
-    (work / "stack.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    out = work / "stack"
-    dfsmerge("merge", str(work / "stack.yaml"), str(out), "--force", "--quiet", env=env)
+        {"sources": [{"model": str(zoo / "models/language"), "layer_range": [0, split]}]},
+        {"sources": [{"model": str(zoo / "models/math"), "layer_range": [split, n]}]}]}
+    (work / f"stack{split}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = work / f"stack{split}"
+    dfsmerge("merge", str(work / f"stack{split}.yaml"), str(out), "--force", "--quiet", env=env)
     return out
 
 
@@ -154,6 +160,8 @@ def main() -> None:
                 add(label, seed, score(str(merge_row(zoo, work, method, env)), zoo, env), 1, None)
             add("hand frankenmerge: layer stack (lang. 1st half, math 2nd)", seed,
                 score(str(stack_row(zoo, work, env)), zoo, env), 1, None)
+            add("hand frankenmerge: lang. embedding + layer 0, math layers 1-", seed,
+                score(str(stack_row(zoo, work, env, split=1)), zoo, env), 1, None)
             add("hand frankenmerge: lang. embedding + math blocks", seed,
                 score(str(frankenmerge_row(zoo, work, env)), zoo, env), 1, None)
         if "searches" in groups:

@@ -66,6 +66,8 @@ class PSGenome:
         allow_negative_weights: keep the sign of weight/t genes (else their absolute value).
         smooth: interpolate parameters across layers (mergekit gradients) instead of constant per group.
         dtype: the recipe's ``dtype``.
+        initial_weight: where every weight gene starts (None: mergekit-evolve's 1 / number of models; 1.0 starts
+            task arithmetic at unit weights).
     """
 
     models: Mapping[str, str]
@@ -79,6 +81,7 @@ class PSGenome:
     allow_negative_weights: bool = False
     smooth: bool = False
     dtype: str = "float32"
+    initial_weight: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", FrozenDict(self.models))
@@ -99,6 +102,13 @@ class PSGenome:
                               "or add it to extra_models")
         if m in _BASE_REQUIRED and self.base_model is None:
             raise ConfigError(f"genome.merge_method={m!r} needs base_model; set it to one of {sorted(known)}")
+        if self.initial_weight is not None:
+            lo = -1.0 if self.allow_negative_weights else 0.0
+            if "weight" not in METHOD_GENES[m]:
+                raise ConfigError(f"genome.initial_weight is set but merge_method={m!r} has no weight genes; remove it")
+            if not lo <= self.initial_weight <= 1.0:
+                raise ConfigError(f"genome.initial_weight={self.initial_weight} lies outside the weight genes' bounds "
+                                  f"[{lo}, 1.0]; choose a value inside them")
         if m == "slerp":
             if self.smooth or self.filters:
                 raise ConfigError("genome: smooth and filters are not supported with merge_method=slerp "
@@ -141,11 +151,11 @@ class PSGenome:
         return lo.reshape(-1), hi.reshape(-1)
 
     def initial(self) -> np.ndarray:
-        """mergekit-evolve's start: weight 1/n_models, density 1, t 0.5."""
+        """mergekit-evolve's start: weight 1/n_models (or ``initial_weight``), density 1, t 0.5."""
         x = np.ones(self.shape)
         for k, g in enumerate(self.genes):
             if g == "weight":
-                x[..., k] = 1.0 / len(self.models)
+                x[..., k] = 1.0 / len(self.models) if self.initial_weight is None else self.initial_weight
             elif g == "t":
                 x[..., k] = 0.5
         return x.reshape(-1)

@@ -172,3 +172,20 @@ def test_spaces_and_candidates_pickle():
     space2 = pickle.loads(pickle.dumps(space))
     assert space2 == space and space2.decode(space.initial()) == cand
     assert pickle.loads(pickle.dumps(cand)) == cand
+
+
+def test_initial_weight_starts_every_weight_gene_there(ckpts):
+    """initial_weight moves only the weight genes' start (densities stay at 1); a start outside the bounds or
+    for a method without weights is refused."""
+    g = PSGenome({"B": ckpts["B"], "C": ckpts["C"]}, "ties", 4, base_model="A", extra_models={"A": ckpts["A"]},
+                 layer_granularity=2, initial_weight=1.0)
+    x = g.initial().reshape(g.shape)
+    assert np.all(x[..., g.genes.index("weight")] == 1.0) and np.all(x[..., g.genes.index("density")] == 1.0)
+    per_input, _ = g.decode(g.initial()).tensor_params("model.layers.3.mlp.up_proj.weight", 3)
+    assert [p.get("weight") for p in per_input[:2]] == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="initial_weight=1.5"):
+        PSGenome({"B": ckpts["B"]}, "task_arithmetic", 4, base_model="A", extra_models={"A": ckpts["A"]},
+                 initial_weight=1.5)
+    PSGenome({"B": ckpts["B"]}, "linear", 4, allow_negative_weights=True, initial_weight=-0.5)
+    with pytest.raises(ConfigError, match="no weight genes"):
+        PSGenome({"B": ckpts["B"], "C": ckpts["C"]}, "slerp", 4, base_model="B", initial_weight=0.5)

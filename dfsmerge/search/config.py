@@ -105,6 +105,7 @@ class GenomeSection(BaseModel):
     normalize: bool | None = None
     allow_negative_weights: bool = False
     smooth: bool = False
+    initial_weight: float | None = None
     tokenizer_source: str | None = None
     dfs: DFSSection = DFSSection()
 

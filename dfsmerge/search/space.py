@@ -125,7 +125,7 @@ def build_space(config: SearchConfig, models: ResolvedModels | None = None):
         ps = PSGenome(models=models.ps, merge_method=g.merge_method, num_layers=counts.pop(),
                       base_model=models.base, extra_models=models.ps_extra, layer_granularity=g.layer_granularity,
                       filters=g.filters, normalize=g.normalize, allow_negative_weights=g.allow_negative_weights,
-                      smooth=g.smooth, dtype=config.dtype)
+                      smooth=g.smooth, dtype=config.dtype, initial_weight=g.initial_weight)
     dfs = None
     if g.mode in ("dfs", "staged", "joint"):
         d = g.dfs

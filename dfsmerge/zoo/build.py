@@ -10,7 +10,8 @@ Layout of a zoo directory::
 
 The setting is Sakana AI's evolutionary model merging (Akiba et al. 2024, arXiv 2403.13187) in miniature: a math
 expert and a "language" expert (reads and writes language B) fine-tuned from one base, and a combined task (math
-asked in B, answered in E) that no source solves. The recipe is round 3 of ``shared/notes/toy-zoo-findings.md``.
+asked in B, answered in E) that no source solves. The default recipe is round 5 of
+``shared/notes/toy-zoo-findings.md`` (see :func:`_robust_phases`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dfsmerge.errors import CheckpointError, ConfigError, OutputExistsError
 from dfsmerge.zoo import tasks as T
 from dfsmerge.zoo.train import ModelShape, Phase, exact_match, llama_config, train_phase
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "BUILD_COMPLETE.json"
 ZOO_JSON = "zoo.json"
 
@@ -57,21 +58,46 @@ def _phases(base: int, math_steps: int, lang1: int, lang2: int, warmup: int, *, 
     }
 
 
+def _robust_phases(shape: ModelShape, *, noise: float = 0.4, b_rows_lr_scale: float = 0.2
+                   ) -> dict[str, tuple[Phase, ...]]:
+    """The default recipe (measured in ``shared/notes/toy-zoo-findings.md``, round 5).
+
+    - Base: generic tasks in E, everything trained (as round 3).
+    - Math expert: the decoder layers only (embedding, final norm and head frozen), trained at weights perturbed by
+      Gaussian noise (``noise`` x each matrix's RMS): without it the math skill breaks as soon as a merge moves
+      its layers by a tenth of the other expert's change; with it merges keep it.
+    - Language expert, phase 1 (read B, answer in E): the B-digit embedding rows at ``b_rows_lr_scale`` of the LR
+      and decoder layer 0, so reading B lives mostly in layer 0, where the math expert also changed things (an
+      embedding swap no longer solves the combined task, and a merge has to weigh the two experts' layer 0).
+    - Language expert, phase 2 (answer in the language asked): layers 1..N-1, final norm and head, so it
+      conflicts with the math expert's later layers and pulls a merge toward B answers.
+    """
+    n = shape.num_layers
+    return {
+        "base": (Phase("base", "base", 1500, 3e-3, "all", 50),),
+        "math": (Phase("math", "math", 2000, 1e-3, "blocks", 50, weight_noise=noise),),
+        "language": (Phase("lang1", "lang1", 1200, 3e-3, "b_rows_l0", 50, embed_lr_scale=b_rows_lr_scale,
+                           weight_noise=noise),
+                     Phase("lang2", "lang2", 400, 1e-3, f"blocks:1-{n - 1}+head", 50, weight_noise=noise)),
+    }
+
+
+_SHAPE4 = ModelShape(num_layers=4, hidden=64, intermediate=128, heads=4)
+_FULL_SETS = {"test": 2000, "validation": 600, "train": 2000}
 SIZES: dict[str, ZooSize] = {
     "tiny": ZooSize(ModelShape(num_layers=2, hidden=32, intermediate=64, heads=2),
                     _phases(12, 12, 8, 8, 2, lang1_lr=3e-3, lang1_trainable="b_rows_l0"),
                     batch_size=16, generic_sizes={"test": 200, "validation": 100, "train": 100}, metric_samples=100),
-    # Round 3 of the notes plus one change: language phase 1 also trains decoder layer 0 (LR 3e-3 instead of
-    # 1e-2), so reading B is not all in the embedding. Seed 0: task arithmetic 1.4%, TIES 2.4%, DARE-TIES 0.1% on
-    # the combined task, per-layer TA weights by CMA-ES (200 evaluations) 65-78%; every source 0%.
-    "default": ZooSize(ModelShape(num_layers=4, hidden=64, intermediate=128, heads=4),
-                       _phases(1500, 2000, 1200, 400, 50, lang1_lr=3e-3, lang1_trainable="b_rows_l0"),
-                       batch_size=128, generic_sizes={"test": 2000, "validation": 600, "train": 2000}),
+    # Round 5 of the notes: noise-trained experts, reading B mostly in layer 0. Seed 0 (prototype): every source
+    # and every unsearched merge <= 9.3% on the combined task, per-layer TA weights by CMA-ES 43%.
+    "default": ZooSize(_SHAPE4, _robust_phases(_SHAPE4), batch_size=128, generic_sizes=_FULL_SETS),
+    # The session-1 default: round 3 plus language phase 1 training decoder layer 0 (LR 3e-3). Its language
+    # expert's embedding alone reads B: an embedding swap scores 87-93% on the combined task.
+    "l0": ZooSize(_SHAPE4, _phases(1500, 2000, 1200, 400, 50, lang1_lr=3e-3, lang1_trainable="b_rows_l0"),
+                  batch_size=128, generic_sizes=_FULL_SETS),
     # Round 3 of the notes exactly (phase 1 trains only the B-digit rows). Seed 0: TA 10.1%, TIES 35.1%,
     # CMA-ES per-layer TA 31-51%: search does not clearly beat TIES here.
-    "round3": ZooSize(ModelShape(num_layers=4, hidden=64, intermediate=128, heads=4),
-                      _phases(1500, 2000, 1200, 400, 50),
-                      batch_size=128, generic_sizes={"test": 2000, "validation": 600, "train": 2000}),
+    "round3": ZooSize(_SHAPE4, _phases(1500, 2000, 1200, 400, 50), batch_size=128, generic_sizes=_FULL_SETS),
 }
 ROLES = {"base": "base", "math": "expert:math", "language": "expert:language"}
 PARENT = {"base": None, "math": "base", "language": "base"}
@@ -132,11 +158,11 @@ class Zoo:
 
 def default_zoo_dir(size: str = "default", seed: int = 0) -> Path:
     """Where a zoo lives when none is named: ``$DFSMERGE_ZOO`` if set, else
-    ``~/.cache/dfsmerge/zoo/<size>-seed<seed>``."""
+    ``~/.cache/dfsmerge/zoo/<size>-seed<seed>-v<build format>`` (a new recipe never meets an old build)."""
     env = os.environ.get("DFSMERGE_ZOO")
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "dfsmerge" / "zoo" / f"{size}-seed{seed}"
+    return Path.home() / ".cache" / "dfsmerge" / "zoo" / f"{size}-seed{seed}-v{FORMAT_VERSION}"
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -263,10 +289,10 @@ def build_zoo(out_dir: str | Path, *, size: str = "default", seed: int = 0, prog
 
     Args:
         out_dir: the zoo directory (created).
-        size: ``tiny`` (seconds; for tests, accuracy irrelevant), ``default`` (minutes; round 3 of
-            ``shared/notes/toy-zoo-findings.md`` except that the language expert's phase 1 also trains decoder
-            layer 0, at LR 3e-3: unsearched merges fall to a few % on the combined task while a per-layer
-            search still finds a good merge) or ``round3`` (the notes' recipe exactly).
+        size: ``tiny`` (seconds; for tests, accuracy irrelevant), ``default`` (minutes; round 5 of
+            ``shared/notes/toy-zoo-findings.md``: noise-trained experts, reading B mostly in layer 0, so no
+            unsearched merge solves the combined task while a per-layer search finds a good merge), ``l0`` (the
+            session-1 default) or ``round3`` (the notes' round 3 exactly).
         seed: seeds the weights, the data stream and the math split.
         progress: show a tqdm progress bar over training steps.
         force: replace an existing non-empty ``out_dir`` that is not a finished zoo of this size and seed.
@@ -290,8 +316,9 @@ def build_zoo(out_dir: str | Path, *, size: str = "default", seed: int = 0, prog
             and marker.get("format_version") == FORMAT_VERSION:
         return load_zoo(out)
     if out.exists() and any(out.iterdir()) and not force:
-        what = (f"a zoo of size={marker.get('size')!r} seed={marker.get('seed')!r}" if marker
-                else "files that are not a finished zoo")
+        what = (f"a zoo of size={marker.get('size')!r} seed={marker.get('seed')!r}"
+                f" (build format {marker.get('format_version')}, this dfsmerge builds format {FORMAT_VERSION})"
+                if marker else "files that are not a finished zoo")
         raise OutputExistsError(f"zoo directory {str(out)!r} holds {what}, not size={size!r} seed={seed}; "
                                 f"pass force=True (--force) to replace it, or choose another directory")
     log = log or (lambda _msg: None)

@@ -1,14 +1,14 @@
 """Training and scoring of the toy zoo's models: plain PyTorch loops over ``transformers.LlamaForCausalLM``.
 
-The recipe is round 3 of ``shared/notes/toy-zoo-findings.md``: a base trained on generic tasks in E, a math
-expert fine-tuned from it with frozen embeddings, and a language expert in two phases (only the B-digit embedding
-rows, then blocks / final norm / head on B-in/B-out generic tasks with embeddings frozen) so that its changes
-overlap and conflict with the math expert's.
+Phases choose what they train (embedding rows, decoder layers, head), an LR for the embedding relative to the
+rest, and optional weight-noise training (flat minima that survive merging). The recipes are in
+``dfsmerge.zoo.build`` and their measured effects in ``shared/notes/toy-zoo-findings.md``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,8 +32,9 @@ class Phase:
     """One training phase: ``steps`` AdamW steps at peak ``lr`` (cosine, linear warmup) on ``mixture``.
 
     ``trainable``: ``all``, ``no_embed`` (everything but the input embedding), ``b_rows`` (only the B-digit
-    rows of the input embedding: the others receive a zero gradient and, with no weight decay, never move) or
-    ``b_rows_l0`` (the B-digit rows and decoder layer 0).
+    rows of the input embedding: the others receive a zero gradient and, with no weight decay, never move),
+    ``b_rows_l0`` (the B-digit rows and decoder layer 0), or parts joined by ``+``: ``b_rows``, ``blocks``
+    (every decoder layer), ``blocks:I-J`` (decoder layers I..J inclusive), ``head`` (final norm and LM head).
     """
 
     name: str
@@ -42,6 +43,8 @@ class Phase:
     lr: float
     trainable: str
     warmup: int = 50
+    embed_lr_scale: float = 1.0  # the input embedding's LR relative to ``lr``
+    weight_noise: float = 0.0  # train at weights + N(0, (weight_noise * rms of each matrix)^2): flat, robust minima
 
 
 def llama_config(shape: ModelShape):
@@ -84,18 +87,44 @@ def _answer_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.
     return logits, targets
 
 
+_ALIASES = {"all": "embed+blocks+head", "no_embed": "blocks+head", "b_rows_l0": "b_rows+blocks:0-0"}
+
+
+def _parse_trainable(trainable: str, num_layers: int) -> tuple[bool, bool, set[int], bool]:
+    """``trainable`` -> (whole embedding, B-digit rows, decoder layer indices, final norm and head)."""
+    embed = b_rows = head = False
+    layers: set[int] = set()
+    for part in _ALIASES.get(trainable, trainable).split("+"):
+        if part == "embed":
+            embed = True
+        elif part == "b_rows":
+            b_rows = True
+        elif part == "head":
+            head = True
+        elif part == "blocks":
+            layers |= set(range(num_layers))
+        elif part.startswith("blocks:") and re.fullmatch(r"\d+-\d+", part[7:]):
+            i, j = (int(v) for v in part[7:].split("-"))
+            if not 0 <= i <= j < num_layers:
+                raise ValueError(f"trainable={trainable!r}: layers {i}-{j} are outside 0-{num_layers - 1}")
+            layers |= set(range(i, j + 1))
+        else:
+            raise ValueError(f"trainable={trainable!r}; use all, no_embed, b_rows_l0 or parts joined by '+': "
+                             f"embed, b_rows, blocks, blocks:I-J, head")
+    return embed, b_rows and not embed, layers, head
+
+
 def _set_trainable(model, trainable: str) -> list[torch.nn.Parameter]:
-    emb = model.model.embed_tokens.weight
+    embed, b_rows, layers, head = _parse_trainable(trainable, len(model.model.layers))
     for p in model.parameters():
-        p.requires_grad_(trainable in ("all", "no_embed"))
-    if trainable == "no_embed":
-        emb.requires_grad_(False)
-    elif trainable in ("b_rows", "b_rows_l0"):
-        emb.requires_grad_(True)
-        for p in model.model.layers[0].parameters():
-            p.requires_grad_(trainable == "b_rows_l0")
-    elif trainable != "all":
-        raise ValueError(f"trainable={trainable!r}; use all, no_embed, b_rows or b_rows_l0")
+        p.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(embed or b_rows)
+    for i in layers:
+        for p in model.model.layers[i].parameters():
+            p.requires_grad_(True)
+    if head:
+        for p in (*model.model.norm.parameters(), *model.lm_head.parameters()):
+            p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -108,7 +137,11 @@ def train_phase(model, phase: Phase, *, seed: int, batch_size: int, math_train: 
     rng = np.random.default_rng([seed, *phase.name.encode()])
     stream = T.training_stream(phase.mixture, rng, math_train, heldout)
     params = _set_trainable(model, phase.trainable)
-    opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    only_b_rows = _parse_trainable(phase.trainable, len(model.model.layers))[1]
+    emb = model.model.embed_tokens.weight
+    groups = [{"params": [p for p in params if p is not emb], "scale": 1.0},
+              {"params": [p for p in params if p is emb], "scale": phase.embed_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
     b_rows = torch.zeros(model.config.vocab_size, 1)
     b_rows[list(T.B_TOKEN_IDS)] = 1.0
 
@@ -118,19 +151,30 @@ def train_phase(model, phase: Phase, *, seed: int, batch_size: int, math_train: 
         progress = (step - phase.warmup) / max(1, phase.steps - phase.warmup)
         return phase.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    noisy = [p for p in params if p.dim() == 2 and p is not emb]
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31))) if phase.weight_noise else None
     model.train()
     losses: list[float] = []
     for step in range(phase.steps):
         ids, mask = make_batch([next(stream) for _ in range(batch_size)])
+        clean = []
+        if phase.weight_noise:  # gradient at a random point near the weights, applied to the clean weights
+            with torch.no_grad():
+                for p in noisy:
+                    clean.append(p.detach().clone())
+                    p.add_(torch.randn(p.shape, generator=gen) * (phase.weight_noise * p.pow(2).mean().sqrt()))
         logits, targets = _answer_logits(model, ids, mask)
         loss = F.cross_entropy(logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if phase.trainable in ("b_rows", "b_rows_l0"):
+        with torch.no_grad():
+            for p, c in zip(noisy, clean, strict=False):
+                p.copy_(c)
+        if only_b_rows:
             model.model.embed_tokens.weight.grad.mul_(b_rows)  # (V, D) * (V, 1)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["scale"]
         opt.step()
         losses.append(loss.item())
         if on_step is not None:

@@ -148,3 +148,20 @@ def test_best_mergekit_passthrough_reproduces_the_path(tiny_models, tmp_path):
     write_best(tmp_path / "best_b", {"id": 0, "fitness": 0.0, "candidate": {"ps": None, "path": path_b}})
     text = (tmp_path / "best_b" / "mergekit.yaml").read_text()
     assert "cannot be written as a mergekit passthrough" in text and "merge_method" not in text
+
+
+def test_staged_stage1_is_the_ps_search(make_config, tmp_path):
+    """Staged mode's first stage is the PS search of the same genome, optimizer and seed, candidate for candidate
+    (so a staged run extends its PS run, as the paper's PS+DFS starts from its PS model)."""
+    objectives = [{"type": "synthetic", "name": "sphere"}]
+    ps = load_search_config(make_config("ps", "cma", objectives=objectives, popsize=4, max_evals=8))
+    staged = load_search_config(make_config("staged", "cma", objectives=objectives, popsize=4, max_evals=8))
+    run_search(ps, tmp_path / "ps", progress=False)
+    run_search(staged, tmp_path / "staged", progress=False)
+    a = read_evals(tmp_path / "ps")
+    b = [r for r in read_evals(tmp_path / "staged") if r["stage"] == 1]
+    assert len(a) == len(b) == 8
+    assert [r["candidate"]["ps"] for r in a] == [r["candidate"]["ps"] for r in b]
+    assert [r["fitness"] for r in a] == [r["fitness"] for r in b]
+    stage2 = [r for r in read_evals(tmp_path / "staged") if r["stage"] == 2]
+    assert len(stage2) == 8

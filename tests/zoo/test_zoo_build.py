@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dfsmerge.errors import CheckpointError, ConfigError, OutputExistsError
 from dfsmerge.zoo import COMBINED_TASK, build_zoo, default_zoo_dir, load_zoo, resolve_zoo_model
+from dfsmerge.zoo.build import FORMAT_VERSION
 from dfsmerge.zoo.tasks import B_DIGITS, B_TOKEN_IDS, Sample, read_jsonl
 from dfsmerge.zoo.train import exact_match, make_batch
 
@@ -192,7 +193,7 @@ def test_resolution_builds_a_missing_zoo_with_identical_checksums(tiny_zoo, tmp_
 def test_default_dir_without_env(monkeypatch, tmp_path):
     monkeypatch.delenv("DFSMERGE_ZOO", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert default_zoo_dir("tiny", 3) == tmp_path / ".cache" / "dfsmerge" / "zoo" / "tiny-seed3"
+    assert default_zoo_dir("tiny", 3) == tmp_path / ".cache" / "dfsmerge" / "zoo" / f"tiny-seed3-v{FORMAT_VERSION}"
 
 
 def test_moved_zoo_points_its_tasks_at_the_new_place(tiny_zoo, tmp_path):
@@ -205,7 +206,7 @@ def test_moved_zoo_points_its_tasks_at_the_new_place(tiny_zoo, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_default_zoo_has_the_round3_shape():
+def test_default_zoo_has_the_round5_shape():
     """The default zoo (minutes to build; reused from the default location) has the notes' result shape: no
     source solves the combined task, each expert masters its own skill."""
     zoo = build_zoo(default_zoo_dir("default", 0), size="default", seed=0)
@@ -217,8 +218,10 @@ def test_default_zoo_has_the_round3_shape():
     assert m["base"]["zoo_generic_e/test"] >= 98.0
 
 
-@pytest.mark.parametrize("trainable", ["b_rows", "b_rows_l0", "no_embed"])
-def test_phase_trains_only_what_it_names(trainable):
+@pytest.mark.parametrize("trainable", ["b_rows", "b_rows_l0", "no_embed", "blocks", "blocks:1-1+head",
+                                       "b_rows+blocks:0-0+head"])
+@pytest.mark.parametrize("noise", [0.0, 0.4])
+def test_phase_trains_only_what_it_names(trainable, noise):
     import numpy as np
     from transformers import LlamaForCausalLM
 
@@ -228,14 +231,50 @@ def test_phase_trains_only_what_it_names(trainable):
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(ModelShape(num_layers=2, hidden=16, intermediate=32, heads=2)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_phase(model, Phase("p", "lang1", 3, 1e-2, trainable, 1), seed=0, batch_size=8,
+    train_phase(model, Phase("p", "lang1", 3, 1e-2, trainable, 1, weight_noise=noise), seed=0, batch_size=8,
                 math_train=math_splits(0)["train"], heldout=set())
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     emb = "model.embed_tokens.weight"
-    layer0 = {k for k in before if k.startswith("model.layers.0.")}
-    expected = {"b_rows": {emb}, "b_rows_l0": {emb} | layer0,
-                "no_embed": set(before) - {emb}}[trainable]
-    assert moved == expected, sorted(moved ^ expected)
-    if trainable != "no_embed":
+    layer = {i: {k for k in before if k.startswith(f"model.layers.{i}.")} for i in (0, 1)}
+    head = {"model.norm.weight", "lm_head.weight"}
+    expected = {"b_rows": {emb}, "b_rows_l0": {emb} | layer[0], "no_embed": set(before) - {emb},
+                "blocks": layer[0] | layer[1], "blocks:1-1+head": layer[1] | head,
+                "b_rows+blocks:0-0+head": {emb} | layer[0] | head}[trainable]
+    assert moved == expected, sorted(moved ^ expected)  # weight noise never leaks into a frozen tensor
+    if emb in expected:
         rows = (model.state_dict()[emb] != before[emb]).any(dim=1).nonzero().flatten().tolist()
         assert rows == sorted(B_TOKEN_IDS) and np.all(np.diff(rows) == 1)
+
+
+def test_embedding_lr_scale_and_weight_noise_change_the_training():
+    """embed_lr_scale=0 freezes the B rows while layer 0 still trains; weight noise changes the weights reached
+    (a gradient taken at perturbed weights) but is deterministic for a seed."""
+    from transformers import LlamaForCausalLM
+
+    from dfsmerge.zoo.tasks import math_splits
+    from dfsmerge.zoo.train import ModelShape, Phase, llama_config, train_phase
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(llama_config(ModelShape(num_layers=2, hidden=16, intermediate=32, heads=2)))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_phase(model, Phase("p", "lang1", 4, 1e-2, "b_rows_l0", 1, **kw), seed=0, batch_size=8,
+                    math_train=math_splits(0)["train"], heldout=set())
+        return before, model.state_dict()
+
+    before, after = run(embed_lr_scale=0.0)
+    emb, q0 = "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(after[emb], before[emb]) and not torch.equal(after[q0], before[q0])
+    _, plain = run()
+    _, noisy = run(weight_noise=0.3)
+    _, noisy2 = run(weight_noise=0.3)
+    assert not torch.equal(plain[q0], noisy[q0])
+    assert all(torch.equal(noisy[k], noisy2[k]) for k in noisy)
+
+
+@pytest.mark.parametrize("bad", ["blocks:2-3", "blocks:1", "head+mlp", "blocks:1-0"])
+def test_bad_trainable_names_the_fix(bad):
+    from dfsmerge.zoo.train import _parse_trainable
+
+    with pytest.raises(ValueError, match="trainable="):
+        _parse_trainable(bad, 2)
