@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zb = zsub.add_parser("build", help="train the toy zoo into DIR (reuses a finished build)")
     zb.add_argument("dir", nargs="?", default=None, help="zoo directory (default: $DFSMERGE_ZOO or the cache)")
-    zb.add_argument("--size", default="default", help="tiny (seconds, for tests) or default (minutes)")
+    zb.add_argument("--size", default="default",
+                    help="tiny (seconds, for tests), default (minutes), or the earlier recipes l0 and round3")
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
     zb.add_argument("--force", action="store_true", help="replace a directory holding something else")
