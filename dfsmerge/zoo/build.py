@@ -10,8 +10,8 @@ Layout of a zoo directory::
 
 The setting is Sakana AI's evolutionary model merging (Akiba et al. 2024, arXiv 2403.13187) in miniature: a math
 expert and a "language" expert (reads and writes language B) fine-tuned from one base, and a combined task (math
-asked in B, answered in E) that no source solves. The default recipe is round 5 of
-``shared/notes/toy-zoo-findings.md`` (see :func:`_robust_phases`).
+asked in B, answered in E) that no source solves. The default recipe is :func:`_robust_phases`; ``NOTES.md`` beside
+this file has the measurements behind it.
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ def _phases(base: int, math_steps: int, lang1: int, lang2: int, warmup: int, *, 
 
 def _robust_phases(shape: ModelShape, *, noise: float = 0.4, b_rows_lr_scale: float = 0.2
                    ) -> dict[str, tuple[Phase, ...]]:
-    """The default recipe (measured in ``shared/notes/toy-zoo-findings.md``, round 5).
+    """The default recipe (``dfsmerge/zoo/NOTES.md`` has the measurements).
 
-    - Base: generic tasks in E, everything trained (as round 3).
+    - Base: generic tasks in E, everything trained.
     - Math expert: the decoder layers only (embedding, final norm and head frozen), trained at weights perturbed by
-      Gaussian noise (``noise`` x each matrix's RMS): without it the math skill breaks as soon as a merge moves
-      its layers by a tenth of the other expert's change; with it merges keep it.
+      Gaussian noise (``noise`` x each matrix's RMS): without it the math skill breaks as soon as a merge adds a
+      third of the other expert's change (math in E 100% -> 76%); with it merges keep far more of it.
     - Language expert, phase 1 (read B, answer in E): the B-digit embedding rows at ``b_rows_lr_scale`` of the LR
       and decoder layer 0, so reading B lives mostly in layer 0, where the math expert also changed things (an
       embedding swap no longer solves the combined task, and a merge has to weigh the two experts' layer 0).
@@ -88,10 +88,10 @@ SIZES: dict[str, ZooSize] = {
     "tiny": ZooSize(ModelShape(num_layers=2, hidden=32, intermediate=64, heads=2),
                     _phases(12, 12, 8, 8, 2, lang1_lr=3e-3, lang1_trainable="b_rows_l0"),
                     batch_size=16, generic_sizes={"test": 200, "validation": 100, "train": 100}, metric_samples=100),
-    # Round 5 of the notes: noise-trained experts, reading B mostly in layer 0. Seed 0 (prototype): every source
-    # and every unsearched merge <= 9.3% on the combined task, per-layer TA weights by CMA-ES 43%.
+    # Noise-trained experts, reading B mostly in layer 0. Seeds 0 / 1 (README table): every source <= 0.1% and
+    # every unsearched merge <= 7.8% on the combined task; PS CMA-ES 39.4 / 26.0%, PS+DFS joint 41.2 / 58.9%.
     "default": ZooSize(_SHAPE4, _robust_phases(_SHAPE4), batch_size=128, generic_sizes=_FULL_SETS),
-    # The session-1 default: round 3 plus language phase 1 training decoder layer 0 (LR 3e-3). Its language
+    # The previous default: round 3 plus language phase 1 training decoder layer 0 (LR 3e-3). Its language
     # expert's embedding alone reads B: an embedding swap scores 87-93% on the combined task.
     "l0": ZooSize(_SHAPE4, _phases(1500, 2000, 1200, 400, 50, lang1_lr=3e-3, lang1_trainable="b_rows_l0"),
                   batch_size=128, generic_sizes=_FULL_SETS),
@@ -289,10 +289,10 @@ def build_zoo(out_dir: str | Path, *, size: str = "default", seed: int = 0, prog
 
     Args:
         out_dir: the zoo directory (created).
-        size: ``tiny`` (seconds; for tests, accuracy irrelevant), ``default`` (minutes; round 5 of
-            ``shared/notes/toy-zoo-findings.md``: noise-trained experts, reading B mostly in layer 0, so no
-            unsearched merge solves the combined task while a per-layer search finds a good merge), ``l0`` (the
-            session-1 default) or ``round3`` (the notes' round 3 exactly).
+        size: ``tiny`` (seconds; for tests, accuracy irrelevant), ``default`` (minutes; noise-trained experts,
+            reading B mostly in layer 0, so no unsearched merge solves the combined task while a per-layer search
+            finds a good merge; ``NOTES.md`` beside this file), ``l0`` (the previous default) or ``round3``
+            (an earlier recipe, see ``NOTES.md``).
         seed: seeds the weights, the data stream and the math split.
         progress: show a tqdm progress bar over training steps.
         force: replace an existing non-empty ``out_dir`` that is not a finished zoo of this size and seed.

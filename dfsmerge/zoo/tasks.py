@@ -2,7 +2,7 @@
 
 Two surface languages share one number system: language E writes digits ``0``–``9``, language B writes them
 ``a``–``j`` (B digit k is ``chr(ord('a') + k)``). ``+`` and ``-`` are shared (an operator no model has seen
-would make the combined task impossible, see ``shared/notes/toy-zoo-findings.md``). Every symbol is one token.
+would make the combined task impossible). Every symbol is one token.
 
 A sample is a prompt and an answer; the model sees ``<s> prompt answer </s>`` and is scored on ``answer </s>``.
 

@@ -2,7 +2,7 @@
 
 Phases choose what they train (embedding rows, decoder layers, head), an LR for the embedding relative to the
 rest, and optional weight-noise training (flat minima that survive merging). The recipes are in
-``dfsmerge.zoo.build`` and their measured effects in ``shared/notes/toy-zoo-findings.md``.
+``dfsmerge.zoo.build`` and their measured effects in ``NOTES.md`` beside this file.
 """
 
 from __future__ import annotations
