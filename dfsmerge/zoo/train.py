@@ -33,8 +33,9 @@ class Phase:
 
     ``trainable``: ``all``, ``no_embed`` (everything but the input embedding), ``b_rows`` (only the B-digit
     rows of the input embedding: the others receive a zero gradient and, with no weight decay, never move),
-    ``b_rows_l0`` (the B-digit rows and decoder layer 0), or parts joined by ``+``: ``b_rows``, ``blocks``
-    (every decoder layer), ``blocks:I-J`` (decoder layers I..J inclusive), ``head`` (final norm and LM head).
+    ``b_rows_l0`` (the B-digit rows and decoder layer 0), or parts joined by ``+``: ``embed`` (the whole input
+    embedding), ``b_rows``, ``blocks`` (every decoder layer), ``blocks:I-J`` (decoder layers I..J inclusive),
+    ``head`` (final norm and LM head).
     """
 
     name: str
