@@ -115,7 +115,9 @@ def _parse_trainable(trainable: str, num_layers: int) -> tuple[bool, bool, set[i
     return embed, b_rows and not embed, layers, head
 
 
-def _set_trainable(model, trainable: str) -> list[torch.nn.Parameter]:
+def _set_trainable(model, trainable: str) -> tuple[list[torch.nn.Parameter], bool]:
+    """Freeze all but what ``trainable`` names; returns the trainable parameters and whether only the B-digit
+    rows of the embedding may move."""
     embed, b_rows, layers, head = _parse_trainable(trainable, len(model.model.layers))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -126,7 +128,7 @@ def _set_trainable(model, trainable: str) -> list[torch.nn.Parameter]:
     if head:
         for p in (*model.model.norm.parameters(), *model.lm_head.parameters()):
             p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+    return [p for p in model.parameters() if p.requires_grad], b_rows
 
 
 def train_phase(model, phase: Phase, *, seed: int, batch_size: int, math_train: np.ndarray,
@@ -137,8 +139,7 @@ def train_phase(model, phase: Phase, *, seed: int, batch_size: int, math_train: 
     """
     rng = np.random.default_rng([seed, *phase.name.encode()])
     stream = T.training_stream(phase.mixture, rng, math_train, heldout)
-    params = _set_trainable(model, phase.trainable)
-    only_b_rows = _parse_trainable(phase.trainable, len(model.model.layers))[1]
+    params, only_b_rows = _set_trainable(model, phase.trainable)
     emb = model.model.embed_tokens.weight
     groups = [{"params": [p for p in params if p is not emb], "scale": 1.0},
               {"params": [p for p in params if p is emb], "scale": phase.embed_lr_scale}]
@@ -168,9 +169,10 @@ def train_phase(model, phase: Phase, *, seed: int, batch_size: int, math_train: 
         loss = F.cross_entropy(logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
-            for p, c in zip(noisy, clean, strict=False):
-                p.copy_(c)
+        if clean:
+            with torch.no_grad():
+                for p, c in zip(noisy, clean, strict=True):
+                    p.copy_(c)
         if only_b_rows:
             model.model.embed_tokens.weight.grad.mul_(b_rows)  # (V, D) * (V, 1)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
