@@ -8,7 +8,7 @@ The names are resolved on first use (PEP 562), so the command line can import ``
 parser without importing torch.
 """
 
-from importlib import import_module
+from dfsmerge._lazy import lazy_getattr
 
 _EXPORTS = {
     "RunCandidate": "candidate", "export_candidate": "candidate", "load_run_candidate": "candidate",
@@ -17,11 +17,4 @@ _EXPORTS = {
     "check_foldable": "fold", "cumulative_scales": "fold", "eps_bound": "fold",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dfsmerge.export' has no attribute {name!r}")
-    value = getattr(import_module(f"dfsmerge.export.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

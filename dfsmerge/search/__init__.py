@@ -8,7 +8,7 @@ The names are resolved on first use (PEP 562), so the command line can import ``
 parser without importing torch, cma or pymoo.
 """
 
-from importlib import import_module
+from dfsmerge._lazy import lazy_getattr
 
 _EXPORTS = {
     "SearchConfig": "config", "load_search_config": "config", "translate_mergekit_evolve": "config",
@@ -16,11 +16,4 @@ _EXPORTS = {
     "SYNTHETIC_OBJECTIVES": "worker", "Worker": "worker", "register_synthetic": "worker",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dfsmerge.search' has no attribute {name!r}")
-    value = getattr(import_module(f"dfsmerge.search.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
