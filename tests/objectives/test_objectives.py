@@ -160,25 +160,18 @@ def test_bad_objectives_fail_before_search(tiny_model, task_dir, obj, match):
         Evaluator(_cfg(task_dir, obj), tok)
 
 
-def test_sampling_task_is_rejected_up_front(tiny_model, task_dir, tmp_path):
+@pytest.mark.parametrize("generation, match", [
+    ("do_sample: true", "do_sample"),  # sampling
+    ("do_sample: false\n  repetition_penalty: 1.3", "repetition_penalty"),  # an option that changes greedy output
+])
+def test_non_greedy_generation_task_is_rejected_up_front(generation, match, tiny_model, task_dir, tmp_path):
     _, tok = tiny_model
     src = (Path(task_dir) / f"{GEN_TASK}.yaml").read_text()
-    (tmp_path / "samp.yaml").write_text(src.replace(f"task: {GEN_TASK}", "task: dfst_sampled")
-                                        .replace("do_sample: false", "do_sample: true"))
-    cfg = EvalConfig(objectives=(ObjectiveConfig(name="dfst_sampled", metric="exact_match"),),
+    (tmp_path / "t.yaml").write_text(src.replace(f"task: {GEN_TASK}", "task: dfst_nongreedy")
+                                     .replace("do_sample: false", generation))
+    cfg = EvalConfig(objectives=(ObjectiveConfig(name="dfst_nongreedy", metric="exact_match"),),
                      task_paths=(str(tmp_path),))
-    with pytest.raises(ConfigError, match="do_sample"):
-        Evaluator(cfg, tok)
-
-
-def test_generation_option_that_changes_greedy_is_rejected(tiny_model, task_dir, tmp_path):
-    _, tok = tiny_model
-    src = (Path(task_dir) / f"{GEN_TASK}.yaml").read_text()
-    (tmp_path / "rep.yaml").write_text(src.replace(f"task: {GEN_TASK}", "task: dfst_rep")
-                                       .replace("do_sample: false", "do_sample: false\n  repetition_penalty: 1.3"))
-    cfg = EvalConfig(objectives=(ObjectiveConfig(name="dfst_rep", metric="exact_match"),),
-                     task_paths=(str(tmp_path),))
-    with pytest.raises(ConfigError, match="repetition_penalty"):
+    with pytest.raises(ConfigError, match=match):
         Evaluator(cfg, tok)
 
 
