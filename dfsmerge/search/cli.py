@@ -20,9 +20,11 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (new and empty unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=None, help="override seed")
-    p.add_argument("--max-evals", type=int, default=None, help="override budget.max_evals")
-    p.add_argument("--max-generations", type=int, default=None, help="override budget.max_generations")
-    p.add_argument("--time-limit", type=float, default=None, help="override budget.time_limit (seconds)")
+    p.add_argument("--max-evals", type=int, default=None,
+                   help="override budget.max_evals (and stage2.budget.max_evals)")
+    p.add_argument("--max-generations", type=int, default=None,
+                   help="override budget.max_generations (and stage2.budget.max_generations)")
+    p.add_argument("--time-limit", type=float, default=None, help="override budget.time_limit (and stage2's; seconds)")
     p.add_argument("--backend", choices=("local", "ray"), default=None, help="override backend")
     p.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
@@ -61,9 +63,11 @@ def search_command(args: argparse.Namespace) -> int:
     _setup_logging(args.quiet)
     config = load_search_config(args.config)
     task_paths = tuple(config.task_paths) + tuple(args.task_path or ())
-    overrides = {"seed": args.seed, "budget.max_evals": args.max_evals,
-                 "budget.max_generations": args.max_generations, "budget.time_limit": args.time_limit,
-                 "backend": args.backend, "ray_address": args.address, "num_workers": args.workers,
+    budget = {"max_evals": args.max_evals, "max_generations": args.max_generations, "time_limit": args.time_limit}
+    stage2_budget = config.stage2 is not None and config.stage2.budget is not None
+    overrides = {**{f"budget.{k}": v for k, v in budget.items()},
+                 **({f"stage2.budget.{k}": v for k, v in budget.items()} if stage2_budget else {}),
+                 "seed": args.seed, "backend": args.backend, "ray_address": args.address, "num_workers": args.workers,
                  "device": args.device, "zoo_dir": args.zoo_dir,
                  "task_paths": list(task_paths) if args.task_path else None}
     result = run_search(config, args.out, resume=args.resume, progress=not args.quiet, address=args.address,

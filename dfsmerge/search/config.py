@@ -235,6 +235,16 @@ class BudgetSection(BaseModel):
         return self
 
 
+class Stage2Section(BaseModel):
+    """Staged mode: the DFS stage's own optimizer and budget (each defaults to the top-level one). The paper's two
+    stages search different spaces, so a DFS stage often wants the settings a DFS search would use."""
+
+    model_config = _FROZEN
+
+    optimizer: OptimizerSection | None = None
+    budget: BudgetSection | None = None
+
+
 class LoggingSection(BaseModel):
     """Optional experiment trackers, used only when installed and enabled."""
 
@@ -281,6 +291,8 @@ class SearchConfig(BaseModel):
     allow_benchmark_test_split: bool = False
     builtin_tasks: bool = True
     logging: LoggingSection = LoggingSection()
+    stage2: Stage2Section | None = None
+    """Staged mode only: optimizer and budget of stage 2 (the DFS stage)."""
 
     @field_validator("objectives", mode="before")
     @classmethod
@@ -305,16 +317,45 @@ class SearchConfig(BaseModel):
             raise ValueError(f"lists {dup} more than once; list each objective once")
         return v
 
+    @model_validator(mode="after")
+    def _stage2(self):
+        if self.stage2 is None:
+            return self
+        if self.genome.mode != "staged":
+            raise ValueError(f"stage2 is set but genome.mode={self.genome.mode!r} has one stage; use mode: staged "
+                             "or remove stage2")
+        o2 = self.stage2.optimizer
+        if o2 is not None and self._multi(o2) != self._multi(self.optimizer):
+            raise ValueError(f"stage2.optimizer ({o2.name!r}) and optimizer ({self.optimizer.name!r}) disagree on "
+                             "multi_objective; both stages must score candidates the same way (set "
+                             "multi_objective the same in both)")
+        return self
+
+    def optimizer_for(self, stage: int) -> OptimizerSection:
+        """The optimizer section of ``stage`` (1 or 2; stage 2 exists in staged mode)."""
+        if stage == 2 and self.stage2 is not None and self.stage2.optimizer is not None:
+            return self.stage2.optimizer
+        return self.optimizer
+
+    def budget_for(self, stage: int) -> BudgetSection:
+        """The budget section of ``stage`` (1 or 2; stage 2 exists in staged mode)."""
+        if stage == 2 and self.stage2 is not None and self.stage2.budget is not None:
+            return self.stage2.budget
+        return self.budget
+
+    def _multi(self, o: OptimizerSection) -> bool:
+        from dfsmerge.optim import OPTIMIZERS
+
+        multi = o.multi_objective
+        if multi is None:
+            multi = o.name == "nsga2" and OPTIMIZERS["nsga2"].multi_objective
+        return bool(multi) and len(self.objectives) > 1
+
     # ---------------------------------------------------------------- derived
     @property
     def n_obj(self) -> int:
         """Objectives the optimizer sees (1 = weighted sum)."""
-        from dfsmerge.optim import OPTIMIZERS
-
-        multi = self.optimizer.multi_objective
-        if multi is None:
-            multi = self.optimizer.name == "nsga2" and OPTIMIZERS["nsga2"].multi_objective
-        return len(self.objectives) if multi and len(self.objectives) > 1 else 1
+        return len(self.objectives) if self._multi(self.optimizer) else 1
 
     @property
     def needs_model(self) -> bool:

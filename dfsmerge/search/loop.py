@@ -214,7 +214,7 @@ class Search:
         from dfsmerge.optim import make_optimizer
         from dfsmerge.search.space import binary_mask
 
-        o = self.config.optimizer
+        o = self.config.optimizer_for(stage)
         lo, hi = space.bounds
         return make_optimizer(o.name, dim=space.dim, bounds=(lo, hi), x0=space.initial(),
                               seed=self.config.seed + stage - 1, popsize=o.popsize, n_obj=self.config.n_obj,
@@ -293,14 +293,15 @@ class Search:
         # and a stage-2 search can end below it.
         return self.finish(0)
 
-    def _budget_reason(self, opt, elapsed: float) -> str | None:
-        b = self.config.budget
+    def _budget_reason(self, opt, elapsed: float, stage: int) -> str | None:
+        b = self.config.budget_for(stage)
+        where = "stage2.budget." if b is not self.config.budget else ""
         if b.max_evals is not None and opt.n_evals >= b.max_evals:
-            return f"max_evals={b.max_evals} reached ({opt.n_evals} evaluations)"
+            return f"{where}max_evals={b.max_evals} reached ({opt.n_evals} evaluations)"
         if b.max_generations is not None and opt.generation >= b.max_generations:
-            return f"max_generations={b.max_generations} reached"
+            return f"{where}max_generations={b.max_generations} reached"
         if b.time_limit is not None and elapsed >= b.time_limit:
-            return f"time_limit={b.time_limit}s reached"
+            return f"{where}time_limit={b.time_limit}s reached"
         if opt.stop():
             return f"optimizer stopped: {opt.stop_reason}"
         return None
@@ -313,7 +314,7 @@ class Search:
         while True:
             elapsed = elapsed0 + time.perf_counter() - t_session
             if not opt.pending:
-                reason = self._budget_reason(opt, elapsed)
+                reason = self._budget_reason(opt, elapsed, stage)
                 if reason:
                     self._checkpoint(opt, stage=stage, offset=offset, gen_offset=gen_offset, fixed=fixed,
                                      phase="told", elapsed=elapsed)

@@ -117,3 +117,33 @@ def test_mergekit_evolve_config_runs_unchanged(tiny_models, mc_task_dir, tmp_pat
         assert 0 <= acc <= 1 and r["values"][f"{MC_TASK}/acc,none"] == -acc  # higher_is_better -> minimise -acc
         assert r["fitness"] == -acc
     assert (tmp_path / "run" / "best" / "recipe.yaml").is_file()
+
+
+def test_stage2_section_checked(make_config):
+    d = make_config("ps", "cma", stage2={"budget": {"max_evals": 4}})
+    with pytest.raises(ConfigError, match=r"stage2 is set but genome.mode='ps' has one stage; use mode: staged"):
+        load_search_config(d)
+    d = make_config("staged", "nsga2", objectives=[{"type": "synthetic", "name": "sphere"},
+                                                    {"type": "cost", "name": "hops"}],
+                    stage2={"optimizer": {"name": "cma"}})
+    with pytest.raises(ConfigError, match=r"stage2.optimizer \('cma'\) and optimizer \('nsga2'\) disagree"):
+        load_search_config(d)
+    d = make_config("staged", "cma", stage2={"optimizer": {"name": "cma", "popsize": 1}})
+    with pytest.raises(ConfigError, match="popsize"):
+        load_search_config(d)
+    cfg = load_search_config(make_config("staged", "cma", popsize=4, max_evals=8,
+                                         stage2={"optimizer": {"name": "random", "popsize": 5}}))
+    assert cfg.optimizer_for(1).name == "cma" and cfg.optimizer_for(2).name == "random"
+    assert cfg.budget_for(2).max_evals == 8  # no stage2.budget: the top-level one
+
+
+def test_cli_budget_overrides_reach_stage2(make_config, tmp_path):
+    from dfsmerge.cli import main
+
+    d = make_config("staged", "cma", popsize=3, max_evals=9, objectives=[{"type": "synthetic", "name": "sphere"}],
+                    stage2={"budget": {"max_evals": 30}})
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    assert main(["search", str(cfg_path), "--out", str(tmp_path / "r"), "--quiet", "--max-evals", "6"]) == 0
+    stages = [r["stage"] for r in read_evals(tmp_path / "r")]
+    assert stages == [1] * 6 + [2] * 6

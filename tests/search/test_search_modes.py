@@ -165,3 +165,23 @@ def test_staged_stage1_is_the_ps_search(make_config, tmp_path):
     assert [r["fitness"] for r in a] == [r["fitness"] for r in b]
     stage2 = [r for r in read_evals(tmp_path / "staged") if r["stage"] == 2]
     assert len(stage2) == 8
+
+
+def test_staged_stage2_has_its_own_optimizer_and_budget(make_config, tmp_path):
+    """``stage2:`` gives the DFS stage its own optimizer and budget; stage 1 is unchanged (still the PS search)."""
+    objectives = [{"type": "synthetic", "name": "sphere"}]
+    plain = load_search_config(make_config("staged", "cma", objectives=objectives, popsize=4, max_evals=8))
+    own = load_search_config(make_config("staged", "cma", objectives=objectives, popsize=4, max_evals=8,
+                                         stage2={"optimizer": {"name": "cma", "popsize": 6, "sigma0": 0.5},
+                                                 "budget": {"max_evals": 12}}))
+    run_search(plain, tmp_path / "plain", progress=False)
+    res = run_search(own, tmp_path / "own", progress=False)
+    a, b = read_evals(tmp_path / "plain"), read_evals(tmp_path / "own")
+    assert [r["candidate"] for r in a if r["stage"] == 1] == [r["candidate"] for r in b if r["stage"] == 1]
+    gens: dict[int, int] = {}
+    for r in b:
+        if r["stage"] == 2:
+            gens[r["generation"]] = gens.get(r["generation"], 0) + 1
+    assert list(gens.values()) == [6, 6]  # popsize 6, 12 evaluations
+    assert res.stop_reason == "stage2.budget.max_evals=12 reached (12 evaluations)"
+    assert [r["genome"] for r in a if r["stage"] == 2] != [r["genome"] for r in b if r["stage"] == 2][:8]

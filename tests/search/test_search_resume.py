@@ -66,7 +66,8 @@ def test_sigkill_resume_equals_uninterrupted(make_config, tmp_path):
     # model-free objectives keep each of the 8 processes short; the model-scoring path is the same code (Worker)
     cfg_dict = make_config("staged", "cma", popsize=4, max_evals=12,
                            objectives=[{"type": "synthetic", "name": "sphere"},
-                                       {"type": "synthetic", "name": "path_length", "weight": 0.1}])
+                                       {"type": "synthetic", "name": "path_length", "weight": 0.1}],
+                           stage2={"optimizer": {"name": "cma", "popsize": 3, "sigma0": 0.4}})
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_dict))
     ref = tmp_path / "ref"
