@@ -293,9 +293,14 @@ class Search:
         # and a stage-2 search can end below it.
         return self.finish(0)
 
-    def _budget_reason(self, opt, elapsed: float, stage: int) -> str | None:
+    def _budget(self, stage: int):
+        """The budget section that rules ``stage`` and its config path prefix (for messages)."""
         b = self.config.budget_for(stage)
-        where = "stage2.budget." if b is not self.config.budget else ""
+        return b, ("budget." if b is self.config.budget else "stage2.budget.")
+
+    def _budget_reason(self, opt, elapsed: float, stage: int) -> str | None:
+        b, path = self._budget(stage)
+        where = "" if path == "budget." else path
         if b.max_evals is not None and opt.n_evals >= b.max_evals:
             return f"{where}max_evals={b.max_evals} reached ({opt.n_evals} evaluations)"
         if b.max_generations is not None and opt.generation >= b.max_generations:
@@ -419,10 +424,11 @@ class Search:
     def _count_failure(self, rec: dict[str, Any]) -> None:
         if rec.get("error") and not rec.get("infeasible") and not rec.get("cached"):
             self.consecutive_failures += 1
-            limit = self.config.budget.max_consecutive_failures
+            b, path = self._budget(int(rec.get("stage", 1)))
+            limit = b.max_consecutive_failures
             if self.consecutive_failures >= limit:
                 raise SearchFailedError(
-                    f"{self.consecutive_failures} consecutive candidates failed (budget.max_consecutive_failures="
+                    f"{self.consecutive_failures} consecutive candidates failed ({path}max_consecutive_failures="
                     f"{limit}); last error (id {rec['id']}): {rec['error']}. Fix the cause and continue with --resume")
         elif not rec.get("error"):
             self.consecutive_failures = 0

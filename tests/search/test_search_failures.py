@@ -27,9 +27,15 @@ def flaky():
     def _broken(u, cand, obj):
         raise ValueError("always broken")
 
+    @register_synthetic("broken_paths")
+    def _broken_paths(u, cand, obj):
+        if getattr(cand, "path", None) is not None:
+            raise ValueError("paths broken")
+        return float(u.sum())
+
     yield
-    SYNTHETIC_OBJECTIVES.pop("flaky")
-    SYNTHETIC_OBJECTIVES.pop("broken")
+    for name in ("flaky", "broken", "broken_paths"):
+        SYNTHETIC_OBJECTIVES.pop(name)
 
 
 def test_failed_candidates_get_worst_fitness_and_search_continues(flaky, make_config, tmp_path):
@@ -60,6 +66,20 @@ def test_consecutive_failures_stop_the_run(flaky, make_config, tmp_path):
         run_search(cfg, tmp_path / "run", progress=False)
     evals = read_evals(tmp_path / "run")
     assert len(evals) == 6 and all(r["error"] == "ValueError: always broken" for r in evals)
+
+
+def test_stage2_budget_rules_stage2_failures(flaky, make_config, tmp_path):
+    """In staged mode the failure limit of stage 2 is stage2.budget's, named so in the error."""
+    cfg = load_search_config(make_config("staged", "random", popsize=4, max_evals=8,
+                                         objectives=[{"type": "synthetic", "name": "broken_paths"}],
+                                         budget={"max_evals": 8, "max_consecutive_failures": 20},
+                                         stage2={"budget": {"max_evals": 40, "max_consecutive_failures": 5}}))
+    with pytest.raises(SearchFailedError, match=r"5 consecutive candidates failed \(stage2.budget.max_consecutive"):
+        run_search(cfg, tmp_path / "run", progress=False)
+    evals = read_evals(tmp_path / "run")
+    assert [r["stage"] for r in evals] == [1] * 8 + [2] * 5
+    assert all(r["error"] is None for r in evals[:8])
+    assert all(r["error"] == "ValueError: paths broken" for r in evals[8:])
 
 
 def test_infeasible_path_is_worst_not_a_crash(make_config, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -178,10 +179,7 @@ def test_staged_stage2_has_its_own_optimizer_and_budget(make_config, tmp_path):
     res = run_search(own, tmp_path / "own", progress=False)
     a, b = read_evals(tmp_path / "plain"), read_evals(tmp_path / "own")
     assert [r["candidate"] for r in a if r["stage"] == 1] == [r["candidate"] for r in b if r["stage"] == 1]
-    gens: dict[int, int] = {}
-    for r in b:
-        if r["stage"] == 2:
-            gens[r["generation"]] = gens.get(r["generation"], 0) + 1
+    gens = Counter(r["generation"] for r in b if r["stage"] == 2)
     assert list(gens.values()) == [6, 6]  # popsize 6, 12 evaluations
     assert res.stop_reason == "stage2.budget.max_evals=12 reached (12 evaluations)"
     assert [r["genome"] for r in a if r["stage"] == 2] != [r["genome"] for r in b if r["stage"] == 2][:8]
