@@ -135,15 +135,15 @@ class DfsCompactForCausalLM(DfsCompactPreTrainedModel, GenerationMixin):
             getattr(self.config, "use_sliding_window", True) else "full_attention"
         return [kind] * self.config.num_hops
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)  # one slot per hop
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # one slot per hop
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(h.shape[1], device=h.device) + past).unsqueeze(0)  # (1, T)
         types = self._hop_types()
         if isinstance(attention_mask, dict):
@@ -151,7 +151,7 @@ class DfsCompactForCausalLM(DfsCompactPreTrainedModel, GenerationMixin):
         else:
             # the family config: its attention backend decides the mask format (same sliding window as the hops)
             args = dict(config=self.model.config, inputs_embeds=h, attention_mask=attention_mask,
-                        past_key_values=past_key_values, position_ids=position_ids)
+                        cache=cache, position_ids=position_ids)
             masks = {"full_attention": create_causal_mask(**args)}
             if "sliding_attention" in types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
@@ -161,7 +161,7 @@ class DfsCompactForCausalLM(DfsCompactPreTrainedModel, GenerationMixin):
                 h = h * scale  # (B, T, D) * () -> (B, T, D)
             h = self.model.layers[u](
                 h, attention_mask=masks[types[k]], position_ids=position_ids,
-                past_key_values=None if past_key_values is None else _HopCache(past_key_values, k),
+                cache=None if cache is None else _HopCache(cache, k),
                 use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         h = self.model.norm(h)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -172,4 +172,4 @@ class DfsCompactForCausalLM(DfsCompactPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)

@@ -193,7 +193,7 @@ class NativeTask:
         long_rows = [(b, i) for b, i in rows if len(self.requests[i][2]) > 1]
         lp_rest = None
         if long_rows:
-            cache = o.past_key_values
+            cache = o.cache
             index = torch.tensor([b for b, _ in long_rows], device=dev)
             if cache is None or not _select_cache(cache, index):
                 self.prefix_fallbacks += 1
@@ -210,7 +210,7 @@ class NativeTask:
             ctx_len = mask.sum(-1)[index]  # (R,)
             cpos = ctx_len[:, None] + torch.arange(L, device=dev)[None, :]  # (R, L)
             full_mask = torch.cat([mask[index], cmask], dim=1)  # (R, T + L)
-            o2 = lm._forward(cin, attention_mask=full_mask, position_ids=cpos, past_key_values=cache, use_cache=True)
+            o2 = lm._forward(cin, attention_mask=full_mask, position_ids=cpos, cache=cache, use_cache=True)
             lp_rest = F.log_softmax(o2.logits, dim=-1)  # (R, L, V), in the logits' dtype as the adapter
         row_of = {i: r for r, (_, i) in enumerate(long_rows)}
         for b, i in rows:

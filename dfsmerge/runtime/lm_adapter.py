@@ -7,12 +7,12 @@ token rules, the same left truncation to ``max_length``, the same request orderi
 ``Collator``, longest first, one-token-continuation logits reuse), the same right padding for scoring and left
 padding for generation, and the same ``until`` / ``max_gen_toks`` handling. Generation is a greedy loop over the
 model's ``forward`` with a KV cache (positions from the attention mask, as ``transformers``' ``generate``), so the
-model needs only ``forward(input_ids, attention_mask=, position_ids=, past_key_values=, use_cache=)`` returning an
-object with ``.logits`` (and ``.past_key_values`` when ``use_cache``).
+model needs only ``forward(input_ids, attention_mask=, position_ids=, cache=, use_cache=)`` returning an
+object with ``.logits`` (and ``.cache`` when ``use_cache``).
 
 Model interface expected:
-    ``model(input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False)``
-    -> output with ``.logits`` of shape (B, T, V) and, when ``use_cache``, ``.past_key_values``;
+    ``model(input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False)``
+    -> output with ``.logits`` of shape (B, T, V) and, when ``use_cache``, ``.cache``;
     ``model.config`` (for ``max_position_embeddings``), ``model.device``.
 """
 
@@ -348,8 +348,8 @@ class DfsLM(TemplateLM):
         cache = None
         inp, inp_pos = ids, pos
         for _ in range(max_new_tokens):
-            o = self._forward(inp, attention_mask=mask, position_ids=inp_pos, past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
+            o = self._forward(inp, attention_mask=mask, position_ids=inp_pos, cache=cache, use_cache=True)
+            cache = o.cache
             nxt = o.logits[:, -1, :].argmax(dim=-1)  # (B,)
             nxt_list = nxt.tolist()
             for b in range(B):

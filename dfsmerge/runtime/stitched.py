@@ -47,11 +47,11 @@ class StitchedOutput:
     """The fields of ``CausalLMOutputWithPast`` that callers use."""
 
     logits: torch.Tensor
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
     def __getitem__(self, i: int):
-        return (self.logits, self.past_key_values)[i]
+        return (self.logits, self.cache)[i]
 
 
 class _HopCache:
@@ -172,15 +172,15 @@ class StitchedModel(nn.Module):
             if h.attention_type == "sliding_attention" and h.sliding_window is not None:
                 masks[key] = create_sliding_window_causal_mask(
                     config=self._mask_config(h.sliding_window), inputs_embeds=inputs_embeds,
-                    attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids)
+                    attention_mask=attention_mask, cache=cache, position_ids=position_ids)
             else:
                 masks[key] = create_causal_mask(config=self._base_config, inputs_embeds=inputs_embeds,
-                                                attention_mask=attention_mask, past_key_values=cache,
+                                                attention_mask=attention_mask, cache=cache,
                                                 position_ids=position_ids)
         return masks
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
                 inputs_embeds: torch.Tensor | None = None, logits_to_keep: int = 0,
                 output_hidden_states: bool = False, **kwargs) -> StitchedOutput:
         """Run the path, as ``*ForCausalLM.forward``.
@@ -189,12 +189,12 @@ class StitchedModel(nn.Module):
             input_ids: (B, T) token ids (or ``inputs_embeds`` (B, T, D)).
             attention_mask: (B, past + T) with 1 for real tokens, 0 for padding (left or right).
             position_ids: (B, T); default ``past + arange(T)`` as transformers (pass them for left padding).
-            past_key_values: a cache returned by a previous call (one slot per hop).
+            cache: a cache returned by a previous call (one slot per hop).
             use_cache: create/extend the cache and return it.
             logits_to_keep: keep only the last N positions' logits (0: all).
 
         Returns:
-            :class:`StitchedOutput` with ``logits`` (B, T, V) in the model dtype and ``past_key_values``.
+            :class:`StitchedOutput` with ``logits`` (B, T, V) in the model dtype and ``cache``.
 
         Raises:
             ConfigError: a cache from a different path (more slots than hops).
@@ -204,15 +204,15 @@ class StitchedModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        if past_key_values is not None and len(getattr(past_key_values, "layers", ())) > len(self.hops):
-            raise ConfigError(f"past_key_values holds {len(past_key_values.layers)} slots but the path has "
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        if cache is not None and len(getattr(cache, "layers", ())) > len(self.hops):
+            raise ConfigError(f"cache holds {len(cache.layers)} slots but the path has "
                               f"{len(self.hops)} hops; a cache belongs to the path that filled it")
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(h.shape[1], device=h.device) + past).unsqueeze(0)  # (1, T)
-        masks = self._masks(h, attention_mask, past_key_values, position_ids)
+        masks = self._masks(h, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(h, position_ids)  # (cos, sin): (B, T, head_dim) each
         states = (h,) if output_hidden_states else None
         for i, hop in enumerate(self.hops):
@@ -220,7 +220,7 @@ class StitchedModel(nn.Module):
                 h = h * hop.scale  # (B, T, D) * () -> (B, T, D)
             h = hop.layer(h, attention_mask=masks[(hop.attention_type, hop.sliding_window)],
                           position_ids=position_ids,
-                          past_key_values=None if past_key_values is None else _HopCache(past_key_values, i),
+                          cache=None if cache is None else _HopCache(cache, i),
                           use_cache=use_cache, position_embeddings=position_embeddings)
             if states is not None:
                 states += (h,)
@@ -231,7 +231,7 @@ class StitchedModel(nn.Module):
         if self.final_logit_softcapping is not None:
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
-        return StitchedOutput(logits=logits, past_key_values=past_key_values if use_cache else None,
+        return StitchedOutput(logits=logits, cache=cache if use_cache else None,
                               hidden_states=states)
 
     # ---------------------------------------------------------------- generation
@@ -268,7 +268,7 @@ class StitchedModel(nn.Module):
         cache = None
         out = self(seq, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
                    logits_to_keep=1)
-        cache = out.past_key_values
+        cache = out.cache
         for n in range(max_new_tokens):
             logits = out.logits[:, -1, :].float()  # (B, V)
             nxt = self._pick(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
@@ -282,8 +282,8 @@ class StitchedModel(nn.Module):
             if use_cache:
                 position_ids = position_ids[:, -1:] + 1  # (B, 1)
                 out = self(nxt[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+                           cache=cache, use_cache=True, logits_to_keep=1)
+                cache = out.cache
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 out = self(seq, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)

@@ -196,7 +196,7 @@ def test_compact_matches_runtime(family, seed, sources, pools, tmp_path):
     _check_against_runtime(model, pools[family].stitch(plan))
     with torch.no_grad():  # its own KV-cache slot per hop
         o = model(torch.tensor([[5, 6, 7]]), use_cache=True)
-    assert len(o.past_key_values.layers) == len(plan.steps)
+    assert len(o.cache.layers) == len(plan.steps)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen3"])

@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
-from dfsmerge.kernels import METHOD_NAMES, fused_merge, triton_supports
-from dfsmerge.kernels.gta import gta_reference
 
 from dfsmerge.errors import MergeError
+from dfsmerge.kernels import METHOD_NAMES, fused_merge, triton_supports
+from dfsmerge.kernels.gta import gta_reference
 
 
 def _inputs(shape=(33, 65), n=3, dtype=torch.float32):

@@ -138,8 +138,8 @@ def test_greedy_with_cache_equals_full_recompute(family, tiny_family_ckpts, fami
     assert cached.shape == (2, 14)
     assert torch.equal(cached, full), f"cached {cached.tolist()} vs recompute {full.tolist()}"
     # every hop owns a slot: the repeated layer A[1] keeps two caches
-    assert len(out.past_key_values.layers) == len(plan)
-    k3, k4 = out.past_key_values.layers[2].keys, out.past_key_values.layers[3].keys
+    assert len(out.cache.layers) == len(plan)
+    k3, k4 = out.cache.layers[2].keys, out.cache.layers[3].keys
     assert not torch.equal(k3, k4)
 
 
@@ -155,7 +155,7 @@ def test_cache_logits_match_recompute_each_step(llama_pair):
         for _ in range(4):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
-            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = model(nxt, cache=out.cache, use_cache=True)
             full = model(seq).logits[:, -1]
             assert torch.allclose(out.logits[:, -1], full, atol=1e-5), _report(out.logits[:, -1], full)
 
@@ -203,9 +203,9 @@ def test_cache_from_other_path_is_rejected(llama_pair):
     long = pool.stitch(PathPlan.identity("A", 4))
     short = pool.stitch(PathPlan((Step(LayerRef("A", 0)),), models={"A": "A"}, base="A"))
     ids = torch.randint(5, 40, (1, 3))
-    cache = long(ids, use_cache=True).past_key_values
+    cache = long(ids, use_cache=True).cache
     with pytest.raises(ConfigError, match="hops"):
-        short(ids[:, :1], past_key_values=cache, use_cache=True)
+        short(ids[:, :1], cache=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
