@@ -36,6 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     m.add_argument("--workers", type=int, default=None, help="tensors merged at once (default 2 on CPU, 1 on CUDA)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    mo = sub.add_parser("moe", help="assemble a mixture of experts from dense models (mergekit-moe's YAML)")
+    mo.add_argument("config", help="mergekit-moe YAML")
+    mo.add_argument("out", help="output directory")
+    mo.add_argument("--seed", type=int, default=0, help="seed of random gates and expert noise (default 0)")
+    mo.add_argument("--allow-all-same", action="store_true", help="allow every expert to be the same model")
+    mo.add_argument("--force", action="store_true", help="replace an existing output directory")
+    mo.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    mo.add_argument("--quiet", action="store_true", help="no progress bar")
+    x = sub.add_parser("extract-lora", help="a fine-tune's difference from its base as a PEFT LoRA adapter")
+    x.add_argument("finetuned", help="fine-tuned model (directory or hub id)")
+    x.add_argument("base", help="its base model")
+    x.add_argument("out", help="adapter directory to write")
+    x.add_argument("--rank", type=int, required=True, help="largest LoRA rank")
+    x.add_argument("--exclude", "-e", action="append", default=[], metavar="REGEX",
+                   help="skip modules whose name matches (repeatable)")
+    x.add_argument("--include", "-i", action="append", default=[], metavar="REGEX",
+                   help="decompose only modules whose name matches (repeatable)")
+    x.add_argument("--save-module", action="append", default=[], metavar="NAME",
+                   help="save this module at full rank (repeatable)")
+    x.add_argument("--embed-lora", action="store_true", help="decompose embeddings instead of saving them whole")
+    x.add_argument("--no-distribute-scale", action="store_true", help="singular values all into lora_A")
+    x.add_argument("--sv-epsilon", type=float, default=0.0, help="drop singular values not above this")
+    x.add_argument("--skip-undecomposable", action="store_true", help="skip norms instead of saving them whole")
+    x.add_argument("--lora-bias", action="store_true", help="set PEFT's lora_bias so bias deltas are applied")
+    x.add_argument("--device", default="cpu", help="device of the SVDs (default cpu)")
+    x.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (weights_only=True)")
+    x.add_argument("--force", action="store_true", help="replace an existing output directory")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
     e = sub.add_parser("eval", help="score a checkpoint, hub id, zoo:<name> or plan file on lm-eval tasks")
     e.add_argument("model", metavar="MODEL_OR_PLAN")
     e.add_argument("--tasks", required=True, help="comma-separated task names")
@@ -50,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     e.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (weights_only=True)")
     e.add_argument("--json", action="store_true", help='print {"results": {task: {metric: value}}}')
+
+    c = sub.add_parser("convert", help="dequantise a GGUF file into a Hugging Face checkpoint directory")
+    c.add_argument("gguf", metavar="MODEL.gguf")
+    c.add_argument("out", help="output directory")
+    c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the saved weights (default float32)")
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
 
     from dfsmerge.export.cli import add_export_parser
     from dfsmerge.search.cli import add_inspect_parser, add_search_parser
@@ -109,6 +144,43 @@ def _zoo(args: argparse.Namespace) -> int:
     zoo = build_zoo(out, size=args.size, seed=args.seed, progress=not args.quiet, force=args.force,
                     threads=args.threads, log=None if args.quiet else print)
     print(f"zoo ready at {zoo.root}")
+    return 0
+
+
+@_command("moe")
+def _moe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dfsmerge.moe import build_moe, load_moe_config
+
+    config = load_moe_config(args.config)
+    out = build_moe(config, args.out, seed=args.seed, allow_all_same=args.allow_all_same, force=args.force,
+                    max_shard_size=args.max_shard_size, progress=not args.quiet,
+                    recipe_text=Path(args.config).read_text())
+    print(f"mixture of experts written to {out}")
+    return 0
+
+
+@_command("extract-lora")
+def _extract_lora(args: argparse.Namespace) -> int:
+    from dfsmerge.lora import extract_lora
+
+    out = extract_lora(args.finetuned, args.base, args.out, rank=args.rank, exclude=args.exclude,
+                       include=args.include, modules_to_save=args.save_module, embed_lora=args.embed_lora,
+                       distribute_scale=not args.no_distribute_scale, sv_epsilon=args.sv_epsilon,
+                       skip_undecomposable=args.skip_undecomposable, lora_bias=args.lora_bias, device=args.device,
+                       allow_pickle=args.allow_pickle, force=args.force, progress=not args.quiet)
+    print(f"LoRA adapter written to {out}")
+    return 0
+
+
+@_command("convert")
+def _convert(args: argparse.Namespace) -> int:
+    from dfsmerge.config import torch_dtype
+    from dfsmerge.io.gguf import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out, dtype=torch_dtype(args.dtype), force=args.force)
+    print(f"converted checkpoint written to {out}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Genomes: the parameter-space (PS) part, the data-flow-space (DFS) part and :class:`GenomeSpace` joining them.
 
 PS genome (as mergekit-evolve's ``ModelGenome``, extended): genes per (layer group, model, filter set, parameter),
-``weight`` plus ``density`` for sparsifying methods, or one ``t`` per (layer group, filter set) for slerp. It
+as the merge method's registry entry declares them (``MergeMethod.genes``): ``weight`` plus ``density`` for
+sparsifying methods, or global genes (one per layer group and filter set: slerp's ``t``, sce's ``select_topk``). It
 decodes to a :class:`PSRecipe`, which is also a valid mergekit YAML (``slices`` per layer group, or ``models`` with
 per-layer gradients when ``smooth``). DFS genome: :class:`dfsmerge.dfs.genome.DFSGenome` (Sakana AI, arXiv
 2403.13187, sec. 3.2). Combined genome vector: ``x = [PS genes | I | W genes | embedding genes]``.
@@ -13,6 +14,7 @@ as the paper).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -30,22 +32,40 @@ MODES: tuple[str, ...] = ("ps", "dfs", "staged", "joint")
 MERGED = "merged"
 """Pool name of the PS-merged model when it is model A of the DFS pool (joint/staged modes)."""
 
-# Genes per merge method (mergekit-evolve's METHOD_PARAM_MAPS, extended to the other sparsifying methods).
-METHOD_GENES: dict[str, tuple[str, ...]] = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "dare_ties": ("weight", "density"),
-    "dare_linear": ("weight", "density"),
-    "breadcrumbs": ("weight", "density"),
-    "breadcrumbs_ties": ("weight", "density"),
-    "della": ("weight", "density"),
-    "della_linear": ("weight", "density"),
-    "slerp": ("t",),
-}
-_BASE_REQUIRED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-                  "della_linear", "slerp"}
 _ROUND = 9
+
+
+@functools.cache
+def _method_genes() -> dict[str, tuple[str, ...]]:
+    from dfsmerge.merge import get_method, registered_methods
+
+    return {n: tuple(g.name for g in get_method(n).genes) for n in registered_methods() if get_method(n).genes}
+
+
+def __getattr__(name: str) -> Any:
+    # METHOD_GENES is read from the merge registry on first use (importing it needs torch)
+    if name == "METHOD_GENES":
+        return _method_genes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _merge_method(name: str) -> Any:
+    from dfsmerge.merge import get_method
+
+    return get_method(name)
+
+
+def genome_method_error(name: str, field: str = "genome.merge_method") -> str | None:
+    """Why ``name`` cannot be a PS genome's merge method (unknown, or no searchable parameters), or None."""
+    genes = _method_genes()
+    if name in genes:
+        return None
+    from dfsmerge.merge import registered_methods
+
+    if name in registered_methods():
+        return (f"{field}={name!r} has no searchable parameters (genes), so it has no genome; use one of "
+                f"{', '.join(genes)}")
+    return f"{field}={name!r} has no genome; use one of {', '.join(genes)}"
 
 
 # ====================================================================== PS
@@ -55,10 +75,10 @@ class PSGenome:
 
     Args:
         models: model name -> path/hub id of the models whose parameters get genes.
-        merge_method: a key of :data:`METHOD_GENES`.
+        merge_method: a merge method that declares genes (a key of ``METHOD_GENES``, from the merge registry).
         num_layers: decoder layers of the (common) architecture.
-        base_model: name of the base model (a key of ``models`` or of ``extra_models``); required by
-            task-arithmetic-style methods and slerp (whose ``t`` moves away from it).
+        base_model: name of the base model (a key of ``models`` or of ``extra_models``); required by the methods
+            whose registry entry says so (task-arithmetic-style methods, slerp, sce, nearswap, ramplus_tl).
         extra_models: name -> path of models used without genes (a base model outside ``models``).
         layer_granularity: layers per group (0: one group for the whole model); must divide ``num_layers``.
         filters: tensor-name substrings (``self_attn``, ``mlp``) with their own genes, plus one set for the rest.
@@ -88,8 +108,10 @@ class PSGenome:
         object.__setattr__(self, "extra_models", FrozenDict(self.extra_models))
         object.__setattr__(self, "filters", tuple(self.filters))
         m = self.merge_method
-        if m not in METHOD_GENES:
-            raise ConfigError(f"genome.merge_method={m!r} has no genome; use one of {', '.join(METHOD_GENES)}")
+        problem = genome_method_error(m)
+        if problem:
+            raise ConfigError(problem)
+        method = _merge_method(m)
         if not self.models:
             raise ConfigError("genome.models is empty; list the models to merge")
         if self.layer_granularity < 0 or (self.layer_granularity > 0 and self.num_layers % self.layer_granularity):
@@ -100,21 +122,22 @@ class PSGenome:
         if self.base_model is not None and self.base_model not in known:
             raise ConfigError(f"genome.base_model={self.base_model!r} is not a model; use one of {sorted(known)} "
                               "or add it to extra_models")
-        if m in _BASE_REQUIRED and self.base_model is None:
+        if method.base == "required" and self.base_model is None:
             raise ConfigError(f"genome.merge_method={m!r} needs base_model; set it to one of {sorted(known)}")
         if self.initial_weight is not None:
             lo = -1.0 if self.allow_negative_weights else 0.0
-            if "weight" not in METHOD_GENES[m]:
+            if "weight" not in self.genes:
                 raise ConfigError(f"genome.initial_weight is set but merge_method={m!r} has no weight genes; remove it")
             if not lo <= self.initial_weight <= 1.0:
                 raise ConfigError(f"genome.initial_weight={self.initial_weight} lies outside the weight genes' bounds "
                                   f"[{lo}, 1.0]; choose a value inside them")
-        if m == "slerp":
-            if self.smooth or self.filters:
-                raise ConfigError("genome: smooth and filters are not supported with merge_method=slerp "
-                                  "(as mergekit-evolve); use linear or task_arithmetic for them")
-            if len(self.inputs) != 2:
-                raise ConfigError(f"genome: slerp merges exactly 2 models; got {list(self.inputs)}")
+        if method.global_genes and (self.smooth or self.filters):
+            raise ConfigError(f"genome: smooth and filters are not supported with merge_method={m} (its genes are "
+                              "global, as slerp's in mergekit-evolve); use linear or task_arithmetic for them")
+        base_in = self.base_model is not None and method.base != "none"
+        problem = method.count_problem(len(self.inputs), has_base=base_in)
+        if problem:
+            raise ConfigError(f"genome: {m} {problem} but got {list(self.inputs)}; change genome.models")
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -128,9 +151,9 @@ class PSGenome:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """(layer groups, models, filter sets, parameters); slerp has one 'model' axis entry (t per group)."""
-        n_models = 1 if self.merge_method == "slerp" else len(self.models)
-        return self.n_groups, n_models, len(self.filters) + 1, len(METHOD_GENES[self.merge_method])
+        """(layer groups, models, filter sets, parameters); global genes (slerp's t) have one 'model' axis entry."""
+        n_models = 1 if _merge_method(self.merge_method).global_genes else len(self.models)
+        return self.n_groups, n_models, len(self.filters) + 1, len(self.genes)
 
     @property
     def dim(self) -> int:
@@ -138,30 +161,39 @@ class PSGenome:
 
     @property
     def genes(self) -> tuple[str, ...]:
-        return METHOD_GENES[self.merge_method]
+        return tuple(g.name for g in self._gene_specs())
+
+    def _gene_specs(self) -> tuple[Any, ...]:
+        return _merge_method(self.merge_method).genes
+
+    def _gene_bounds(self, gene: Any) -> tuple[float, float]:
+        low = -gene.high if gene.signed and self.allow_negative_weights else gene.low
+        return low, gene.high
 
     @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each gene's bounds, from the registry's :class:`~dfsmerge.merge.Gene` (signed genes reach ``-high``
+        with ``allow_negative_weights``)."""
         lo = np.zeros(self.shape)
         hi = np.ones(self.shape)
-        if self.allow_negative_weights:
-            for k, g in enumerate(self.genes):
-                if g in ("weight", "t"):
-                    lo[..., k] = -1.0
+        for k, gene in enumerate(self._gene_specs()):
+            lo[..., k], hi[..., k] = self._gene_bounds(gene)
         return lo.reshape(-1), hi.reshape(-1)
 
     def initial(self) -> np.ndarray:
-        """mergekit-evolve's start: weight 1/n_models (or ``initial_weight``), density 1, t 0.5."""
+        """mergekit-evolve's start: weight 1/n_models (or ``initial_weight``), density 1, t 0.5; other genes at
+        the registry's ``Gene.initial``."""
         x = np.ones(self.shape)
-        for k, g in enumerate(self.genes):
-            if g == "weight":
-                x[..., k] = 1.0 / len(self.models) if self.initial_weight is None else self.initial_weight
-            elif g == "t":
-                x[..., k] = 0.5
+        for k, gene in enumerate(self._gene_specs()):
+            if gene.name == "weight" and self.initial_weight is not None:
+                x[..., k] = self.initial_weight
+            else:
+                x[..., k] = 1.0 / len(self.models) if gene.initial is None else gene.initial
         return x.reshape(-1)
 
     def decode(self, x: Sequence[float] | np.ndarray) -> PSRecipe:
-        """Genome vector -> :class:`PSRecipe` (density clamped to [0, 1]; weights/t made non-negative unless allowed).
+        """Genome vector -> :class:`PSRecipe`: each gene made non-negative unless signed and allowed, then clipped to
+        its bounds (weights are not clipped: as mergekit-evolve, only their sign is).
 
         Raises:
             ConfigError: wrong vector length.
@@ -170,13 +202,11 @@ class PSGenome:
         if x.shape[0] != self.dim:
             raise ConfigError(f"PS genome vector has length {x.shape[0]}; this genome needs dim={self.dim}")
         v = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0).reshape(self.shape).copy()
-        for k, g in enumerate(self.genes):
-            if g == "density":
-                v[..., k] = np.clip(np.abs(v[..., k]), 0.0, 1.0)
-            elif g == "t":
-                v[..., k] = np.clip(v[..., k] if self.allow_negative_weights else np.abs(v[..., k]), -1.0, 1.0)
-            elif not self.allow_negative_weights:
+        for k, gene in enumerate(self._gene_specs()):
+            if not (gene.signed and self.allow_negative_weights):
                 v[..., k] = np.abs(v[..., k])
+            if gene.clip:
+                v[..., k] = np.clip(v[..., k], *self._gene_bounds(gene))
         return PSRecipe(self, tuple(round(float(a), _ROUND) + 0.0 for a in v.reshape(-1)))
 
     def encode(self, recipe: PSRecipe) -> np.ndarray:
@@ -230,16 +260,16 @@ class PSRecipe:
         paths = {**g.extra_models, **g.models}
         base = {"base_model": paths[g.base_model]} if g.base_model is not None else {}
         params: dict[str, Any] = {}
-        if self.genome.merge_method != "slerp" and _declares(g.merge_method, "normalize"):
+        if _declares(g.merge_method, "normalize"):
             params["normalize"] = self.normalize
         out: dict[str, Any] = {"merge_method": g.merge_method, **base}
         step = g.layer_granularity or g.num_layers
-        if g.merge_method == "slerp":
+        if _merge_method(g.merge_method).global_genes:
             slices = []
             for grp in range(g.n_groups):
                 slices.append({"sources": [{"model": paths[m], "layer_range": [grp * step, (grp + 1) * step]}
                                            for m in g.inputs],
-                               "parameters": {"t": self._setting(arr, grp, 0, 0)}})
+                               "parameters": {p: self._setting(arr, grp, 0, k) for k, p in enumerate(g.genes)}})
             out["slices"] = slices
         elif g.smooth:
             models = []
@@ -293,10 +323,10 @@ class PSRecipe:
             t = (layer - group * step) / (step - 1) if step > 1 else 1.0
         fset = next((i for i, f in enumerate(g.filters) if f in tensor_name), len(g.filters))
         glob: dict[str, Any] = {}
-        if g.merge_method != "slerp" and _declares(g.merge_method, "normalize"):
+        if _declares(g.merge_method, "normalize"):
             glob["normalize"] = self.normalize
-        if g.merge_method == "slerp":
-            glob["t"] = float(arr[group, 0, fset, 0])
+        if _merge_method(g.merge_method).global_genes:  # no smooth, no filters: one value per layer group
+            glob.update({p: float(arr[group, 0, fset, k]) for k, p in enumerate(g.genes)})
             return [{} for _ in g.inputs], glob
         per_input: list[dict[str, Any]] = []
         for i in range(len(g.models)):
@@ -431,6 +461,18 @@ class GenomeSpace:
     def initial(self) -> np.ndarray:
         ps, dfs = self._parts
         return np.concatenate([p.initial() for p in (ps, dfs) if p is not None])
+
+    def initial_stds(self, sigma0: float) -> np.ndarray:
+        """Per-gene start step sizes: ``sigma0 * range`` for PS genes, the DFS genome's own
+        (:meth:`DFSGenome.initial_stds`) for its genes."""
+        ps, dfs = self._parts
+        parts = []
+        if ps is not None:
+            lo, hi = ps.bounds
+            parts.append(sigma0 * (hi - lo))
+        if dfs is not None:
+            parts.append(dfs.initial_stds(sigma0))
+        return np.concatenate(parts)
 
     def decode(self, x: Sequence[float] | np.ndarray) -> Candidate:
         """Genome vector -> :class:`Candidate` (an infeasible path is returned as :class:`Infeasible`).

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dfsmerge.arch import Architecture, get_architecture
+from dfsmerge.arch import Architecture, attention_types, get_architecture, hf_config, layout_reader
 from dfsmerge.dfs.plan import LayerRef, PathPlan
 from dfsmerge.errors import ArchitectureError, CheckpointError, ConfigError
 
@@ -39,11 +39,11 @@ class PoolModel:
 
     @property
     def num_layers(self) -> int:
-        return len(self.model.model.layers)
+        return len(self.layers)
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        return self.architecture.module(self.model, "layers")
 
 
 def load_model(source: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -69,7 +69,8 @@ def load_model(source: str | Path, *, device: str | torch.device = "cpu", dtype:
 
     reader = open_checkpoint(source, name=name)
     arch = get_architecture(reader.config, source=name or str(source))
-    config = _hf_config(reader.config)
+    config = hf_config(reader.config, source=name or str(source))
+    reader = layout_reader(reader, source=name or str(source))  # fused MoE experts, GPT-NeoX's head: model names
     # Parameters on meta (no allocation); buffers (rotary inv_freq, Gemma's embed scale) are computed for real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
@@ -98,23 +99,9 @@ def load_model(source: str | Path, *, device: str | torch.device = "cpu", dtype:
     return model, tok
 
 
-def _hf_config(config: Mapping[str, Any]):
-    from transformers import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    try:
-        cls = CONFIG_MAPPING[model_type]
-    except KeyError:
-        raise ArchitectureError(f"model_type={model_type!r} is unknown to transformers") from None
-    return cls.from_dict(dict(config))
-
-
 def attention_type(config: Any, index: int) -> str:
-    """``full_attention`` or ``sliding_attention`` for decoder layer ``index`` of a config."""
-    types = getattr(config, "layer_types", None)
-    if types:
-        return types[index]
-    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    """The attention type of decoder layer ``index`` of a transformers config, as its model computes it."""
+    return attention_types(config)[index]
 
 
 class LayerPool:
@@ -156,7 +143,7 @@ class LayerPool:
     # ---------------------------------------------------------------- building
     def _add(self, name: str, source: str, model: nn.Module, tokenizer_path: Path | None) -> None:
         cfg = model.config
-        arch = get_architecture(cfg.model_type, source=name)
+        arch = get_architecture(cfg.to_dict(), source=name)
         pm = PoolModel(name, source, model, cfg, arch, tokenizer_path)
         if self._models:
             self._check_compatible(self._models[self.base] if self.base in self._models
@@ -284,14 +271,22 @@ class LayerPool:
         """The input embedding module of ``name`` (default model A); Gemma's includes its sqrt(hidden) scale."""
         return self[name or self.base].model.get_input_embeddings()
 
+    def position_embedding(self, name: str | None = None) -> nn.Module | None:
+        """Learned absolute position embedding of ``name`` (GPT-2's ``wpe``), or None."""
+        pm = self[name or self.base]
+        return pm.architecture.module(pm.model, "position")
+
     def final_norm(self, name: str | None = None) -> nn.Module:
-        return self[name or self.base].model.model.norm
+        pm = self[name or self.base]
+        return pm.architecture.module(pm.model, "final_norm")
 
     def head(self, name: str | None = None) -> nn.Module:
         return self[name or self.base].model.get_output_embeddings()
 
-    def rotary(self, name: str | None = None) -> nn.Module:
-        return self[name or self.base].model.model.rotary_emb
+    def rotary(self, name: str | None = None) -> nn.Module | None:
+        """The rotary embedding of ``name`` (None for families without one, e.g. GPT-2)."""
+        pm = self[name or self.base]
+        return pm.architecture.module(pm.model, "rotary")
 
     @property
     def tokenizer(self):

@@ -3,7 +3,9 @@
 A recipe becomes a list of :class:`TensorJob` (one per output tensor, parameters fully resolved with mergekit's
 precedence: slice source / model > slice > global, filters and gradients evaluated). Running the jobs reads each
 input tensor lazily, merges it with the merge library and streams the result into an atomic sharded writer, so
-peak memory stays near a few tensors.
+peak memory stays near a few tensors. A tensor larger than the memory budget allows is merged in row chunks read
+through safetensors slices, where its method declares how (``MergeMethod.chunking``; statistics gathered in
+streaming passes first), bit-identical to the whole-tensor merge: it then costs its output plus one chunk.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 
 import torch
 
-from dfsmerge.arch import Architecture, get_architecture
+from dfsmerge.arch import Architecture, get_architecture, layout_reader, path_layer_config
 from dfsmerge.config import (
+    ConditionalParameter,
     InputSlice,
     MergeConfig,
     OutputSlice,
@@ -82,6 +85,8 @@ def plan_merge(config: MergeConfig, readers: Mapping[str, CheckpointReader]) -> 
         ArchitectureError: models of different families or unsupported family.
     """
     method = _method(config.merge_method)
+    # families whose tensors transformers converts on load merge in its model layout, as mergekit 0.1.5 does
+    readers = {m: layout_reader(r, source=m) for m, r in readers.items()}
     base_ref = config.base_model
     donor = base_ref or config.referenced_models()[0]
     arch = get_architecture(readers[donor].config, source=donor)
@@ -106,7 +111,7 @@ def plan_merge(config: MergeConfig, readers: Mapping[str, CheckpointReader]) -> 
 
     jobs: list[TensorJob] = []
     out_cfg = copy.deepcopy(readers[donor].config)
-    layer_types: list[Any] = []
+    layer_refs: list[tuple[str, int]] = []
 
     def add(out_name: str, in_names: list[str], sl: OutputSlice, sources: list[InputSlice], t: float,
             optional: bool, out_layer: int | None = None) -> None:
@@ -156,9 +161,7 @@ def plan_merge(config: MergeConfig, readers: Mapping[str, CheckpointReader]) -> 
                 in_names = [tmpl.format(s.layer_range[0] + off) for s in sl.sources]
                 add(tmpl.format(out_layer), in_names, sl, sl.sources, t, optional)
             src0 = sl.sources[0]
-            lt = readers[src0.model].config.get("layer_types")
-            if lt:
-                layer_types.append(lt[src0.layer_range[0] + off])
+            layer_refs.append((src0.model, src0.layer_range[0] + off))
             out_layer += 1
     for name in arch.post_weights:
         if name == arch.head and tied_out:
@@ -166,8 +169,9 @@ def plan_merge(config: MergeConfig, readers: Mapping[str, CheckpointReader]) -> 
         add(name, [name] * len(last.sources), last, last.sources, 0.0, optional=False)
 
     out_cfg[arch.num_layers_key] = out_layer
-    if "layer_types" in out_cfg and layer_types:
-        out_cfg["layer_types"] = layer_types
+    # each output layer keeps its source layer's attention type (and other per-layer config) as transformers
+    # computed it, so vanilla transformers rebuilds the same masks for a stack
+    out_cfg.update(path_layer_config({m: r.config for m, r in readers.items()}, layer_refs))
     dt = config.out_dtype or config.dtype
     if dt:
         out_cfg["dtype"] = canonical_dtype(dt)
@@ -192,6 +196,9 @@ def _check_parameter_names(config: MergeConfig, method) -> None:
     for where, scope in scopes:
         for name in scope or {}:
             if name in declared:
+                spec = method.param(name)
+                for value in _setting_scalars(scope[name]):  # gradient anchors and filter values
+                    spec.coerce(value, method=config.merge_method, where=f" (in {where})")
                 continue
             if name in known:
                 warnings.warn(f"{where}.{name} is not a parameter of merge_method={config.merge_method!r}; "
@@ -200,6 +207,20 @@ def _check_parameter_names(config: MergeConfig, method) -> None:
             raise ConfigError(
                 f"{where}.{name}: unknown parameter for merge_method={config.merge_method!r}; its parameters are "
                 f"{', '.join(sorted(declared)) or '(none)'}")
+
+
+def _setting_scalars(setting: Any) -> Iterator[Any]:
+    """Every scalar of a parameter setting: gradient anchors and filter values (the values merges interpolate
+    between, so all of them in range means every interpolated value is)."""
+    if isinstance(setting, list):
+        for entry in setting:
+            yield from _setting_scalars(entry)
+    elif isinstance(setting, ConditionalParameter):
+        yield from _setting_scalars(setting.value)
+    elif isinstance(setting, Mapping) and "value" in setting:
+        yield from _setting_scalars(setting["value"])
+    else:
+        yield setting
 
 
 def _has(reader: CheckpointReader, name: str, arch: Architecture) -> bool:
@@ -215,21 +236,42 @@ def _read(reader: CheckpointReader, name: str, arch: Architecture) -> torch.Tens
     return reader.get_tensor(_stored_name(reader, name, arch))
 
 
-def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: int | None = 0) -> torch.Tensor:
-    """Merge one output tensor (inputs read lazily, cast to the recipe's ``dtype`` when given)."""
+def _aligned(t: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.dtype | None]:
+    """A merge input cast to the recipe's ``dtype`` (when given), and the dtype it counts as for the output."""
+    if not t.is_floating_point():
+        return t, None
+    if dtype is not None:
+        t = t.to(dtype)
+    counted = t.dtype
+    if t.dtype in (torch.bfloat16, torch.float16):
+        # the library computes in float32 anyway; converting here frees each 16-bit copy at once
+        t = t.float()
+    return t, counted
+
+
+def _out_dtype(plan: MergePlan, dtypes: list[torch.dtype]) -> torch.dtype:
+    # the result takes the promoted input dtype (as mergekit), or out_dtype when given
+    return torch_dtype(plan.config.out_dtype) or functools.reduce(torch.promote_types, dtypes)
+
+
+def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: int | None = 0,
+                chunk_bytes: int | None = None) -> torch.Tensor:
+    """Merge one output tensor (inputs read lazily, cast to the recipe's ``dtype`` when given).
+
+    With ``chunk_bytes``, a tensor whose estimated working memory exceeds it is merged in row chunks of about
+    that working memory when its method allows (:func:`job_chunking`); the result is bit-identical.
+    """
     from dfsmerge.merge import merge_tensor
 
+    chunked = job_chunking(plan, job, chunk_bytes=chunk_bytes)
+    if chunked is not None:
+        return _execute_chunked(plan, job, *chunked, device=device)
     dtype = torch_dtype(plan.config.dtype)
     tensors, dtypes = [], []
     for m, n in job.inputs:
-        t = _read(plan.readers[m], n, plan.arch).to(device)
-        if t.is_floating_point():
-            if dtype is not None:
-                t = t.to(dtype)
-            dtypes.append(t.dtype)
-            if t.dtype in (torch.bfloat16, torch.float16):
-                # the library computes in float32 anyway; converting here frees each 16-bit copy at once
-                t = t.float()
+        t, counted = _aligned(_read(plan.readers[m], n, plan.arch).to(device), dtype)
+        if counted is not None:
+            dtypes.append(counted)
         tensors.append(t)
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
@@ -238,10 +280,84 @@ def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: i
                          "cannot be merged tensor by tensor")
     out = merge_tensor(plan.config.merge_method, tensors, base_index=job.base_index, params=job.params,
                        global_params=job.global_params, seed=seed, name=job.out_name)
-    out_dtype = torch_dtype(plan.config.out_dtype)
     if out.is_floating_point() and dtypes:
-        # the result takes the promoted input dtype (as mergekit), or out_dtype when given
-        out = out.to(out_dtype or functools.reduce(torch.promote_types, dtypes))
+        out = out.to(_out_dtype(plan, dtypes))
+    return out
+
+
+def _working_bytes(numel: int, n_inputs: int) -> int:
+    # float32 copies of every input and the output, a few temporaries each
+    return numel * 4 * (n_inputs + 1) * 3
+
+
+def job_chunking(plan: MergePlan, job: TensorJob, *, chunk_bytes: int | None):
+    """How ``job`` is merged in row chunks: ``(ChunkedMerge, rows per chunk)``, or None to merge it whole.
+
+    A job is chunked when ``chunk_bytes`` is given, its tensors are floating and at least 2-D, its whole-tensor
+    working memory exceeds ``chunk_bytes`` and its method declares a chunking for the resolved parameters (the
+    registry's ``MergeMethod.chunking``). Only headers are read.
+    """
+    if chunk_bytes is None:
+        return None
+    from dfsmerge.merge import resolve_params
+
+    method = _method(plan.config.merge_method)
+    if method.chunking is None:
+        return None
+    stored = [(plan.readers[m], _stored_name(plan.readers[m], n, plan.arch)) for m, n in job.inputs]
+    shapes = {r.get_shape(n) for r, n in stored}
+    if len(shapes) != 1 or not all(r.get_dtype(n).is_floating_point for r, n in stored):
+        return None  # the whole-tensor path reports mismatches and passes buffers through
+    shape = shapes.pop()
+    if len(shape) < 2 or shape[0] < 2:
+        return None
+    numel = math.prod(shape)
+    per_row = _working_bytes(numel // shape[0], len(job.inputs))
+    if per_row * shape[0] <= chunk_bytes:
+        return None
+    base_index, per_model, glob = resolve_params(method, len(job.inputs), base_index=job.base_index,
+                                                 params=job.params, global_params=job.global_params,
+                                                 name=job.out_name)
+    chunker = method.chunking(method, base_index, per_model, glob, numel)
+    if chunker is None:
+        return None
+    rows = max(chunker.min_rows, chunk_bytes // per_row)
+    return (chunker, rows) if rows < shape[0] else None
+
+
+def _execute_chunked(plan: MergePlan, job: TensorJob, chunker, rows: int, *, device: str) -> torch.Tensor:
+    """Streaming passes for the statistics, then the merge chunk by chunk into the output tensor."""
+    dtype = torch_dtype(plan.config.dtype)
+    stored = [(plan.readers[m], _stored_name(plan.readers[m], n, plan.arch)) for m, n in job.inputs]
+    n_rows = stored[0][0].get_shape(stored[0][1])[0]
+    dtypes: list[torch.dtype] = []
+
+    def chunks() -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        for a in range(0, n_rows, rows):
+            b = min(a + rows, n_rows)
+            ts = []
+            for reader, name in stored:
+                t, counted = _aligned(reader.get_rows(name, a, b).to(device), dtype)
+                ts.append(t)
+                if a == 0:
+                    dtypes.append(counted)
+            work = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+            yield a, b, [t.to(work) for t in ts]  # (rows, *S[1:]) each, as merge_tensor aligns them
+
+    try:
+        for p in range(chunker.passes):
+            for _, _, ts in chunks():
+                chunker.gather(p, ts)
+            chunker.end_pass(p)
+        out = None
+        for a, b, ts in chunks():
+            merged = chunker.apply(ts)  # (b - a, *S[1:])
+            if out is None:
+                shape = (n_rows, *merged.shape[1:])
+                out = torch.empty(shape, dtype=_out_dtype(plan, dtypes), device=merged.device)
+            out[a:b] = merged
+    except MergeError as err:
+        raise MergeError(f"{err} (tensor {job.out_name!r})") from None
     return out
 
 
@@ -262,39 +378,51 @@ def output_manifest(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.d
 
 
 def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, workers: int | None = None,
-                memory_budget: int | str = "1GB", manifest: list | None = None
+                memory_budget: int | str = "512MB", manifest: list | None = None, chunk: bool = True
                 ) -> Iterator[tuple[TensorJob, torch.Tensor]]:
     """Merged tensors in plan order, computed by a small thread pool (torch releases the GIL in its kernels).
 
     Reading, merging and writing overlap; at most ``workers + 1`` jobs are in flight and their estimated
     working memory (fp32 copies of every input and a few temporaries each, from ``manifest``'s shapes; computed
-    when not given) stays under ``memory_budget`` (a job larger than the budget runs alone).
+    when not given) stays under ``memory_budget`` (a job larger than the budget runs alone). With ``chunk``, a
+    tensor whose working memory exceeds a quarter of the budget is merged in row chunks of that size where its
+    method allows (bit-identical; see :func:`job_chunking`), so it costs its output plus one chunk.
     """
     from dfsmerge.io import parse_size
 
     if workers is None:
         workers = 1 if device.startswith("cuda") else 2
+    budget = parse_size(memory_budget)
+    chunk_bytes = max(1, budget // 4) if chunk else None
     if workers <= 1:
         for job in plan.jobs:
-            yield job, execute_job(plan, job, device=device, seed=seed)
+            yield job, execute_job(plan, job, device=device, seed=seed, chunk_bytes=chunk_bytes)
         return
-    budget = parse_size(memory_budget)
-    shapes = [shape for _, shape, _ in (manifest or output_manifest(plan))]
+    entries = manifest or output_manifest(plan)
     pending: deque[tuple[TensorJob, Future, int]] = deque()
     in_flight = 0
     with ThreadPoolExecutor(workers, thread_name_prefix="dfsmerge-merge") as pool:
         try:
-            for job, shape in zip(plan.jobs, shapes, strict=True):
-                cost = math.prod(shape) * 4 * (len(job.inputs) + 1) * 3
+            for job, (_, shape, out_dtype) in zip(plan.jobs, entries, strict=True):
+                cost = _working_bytes(math.prod(shape), len(job.inputs))
+                if cost > (chunk_bytes or cost) and job_chunking(plan, job, chunk_bytes=chunk_bytes) is not None:
+                    cost = math.prod(shape) * out_dtype.itemsize + chunk_bytes
                 while pending and (len(pending) > workers or in_flight + cost > budget):
                     done_job, fut, c = pending.popleft()
                     in_flight -= c
-                    yield done_job, fut.result()
-                pending.append((job, pool.submit(execute_job, plan, job, device=device, seed=seed), cost))
+                    result = fut.result()
+                    del fut  # drop the finished tensor before the next job starts
+                    yield done_job, result
+                    del result
+                pending.append((job, pool.submit(execute_job, plan, job, device=device, seed=seed,
+                                                 chunk_bytes=chunk_bytes), cost))
                 in_flight += cost
             while pending:
                 done_job, fut, _ = pending.popleft()
-                yield done_job, fut.result()
+                result = fut.result()
+                del fut
+                yield done_job, result
+                del result
         finally:
             for _, fut, _ in pending:
                 fut.cancel()
@@ -302,7 +430,7 @@ def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, w
 
 def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", seed: int | None = 0,
               allow_pickle: bool = False, force: bool = False, max_shard_size: int | str = "5GB",
-              progress: bool = True, workers: int | None = None, memory_budget: int | str = "1GB") -> Path:
+              progress: bool = True, workers: int | None = None, memory_budget: int | str = "512MB") -> Path:
     """Run a recipe and write the merged checkpoint atomically to ``out_dir``.
 
     Args:
@@ -333,6 +461,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
     with ShardedWriter(out_dir, max_shard_size=max_shard_size, force=force, manifest=manifest) as w:
         for job, tensor in tqdm(results, total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress):
             w.add_tensor(job.out_name, tensor)
+            del tensor  # written: free it before the next tensor is merged
         w.write_json("config.json", plan.out_config)
         copy_tokenizer(readers[donor].path, w)
         gen = readers[donor].path / "generation_config.json"

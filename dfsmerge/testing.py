@@ -11,9 +11,38 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma", "gemma3_text", "phi3", "olmo2", "olmo3",
+            "granite", "cohere", "cohere2", "starcoder2", "smollm3", "glm4", "exaone4", "helium", "ministral",
+            "seed_oss", "mixtral", "qwen2_moe", "qwen3_moe", "phi", "gpt_neox", "gpt2")
+"""Families with tiny random checkpoints; every one is a key of :data:`dfsmerge.arch.families.FAMILIES`."""
 
 _VOCAB = ["<pad>", "<s>", "</s>", "<unk>", " "] + list("abcdefghijklmnopqrstuvwxyz0123456789+-=.,?!:")
+
+# Per-family settings on top of the common ones: small sliding windows and mixed layer types so short test
+# sequences cross the window; non-trivial multipliers so the family's extra operations are exercised.
+_WINDOWED = dict(sliding_window=8)
+_EXTRA: dict[str, dict] = {
+    "gemma2": dict(sliding_window=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(sliding_window=8, sliding_window_pattern=2, final_logit_softcapping=30.0),
+    "mistral": dict(sliding_window=None),
+    "olmo3": dict(_WINDOWED, layer_types=None),
+    "cohere": dict(logit_scale=0.5, use_qk_norm=True),
+    "cohere2": dict(_WINDOWED, sliding_window_pattern=2, logit_scale=0.5),
+    "granite": dict(embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.2),
+    "smollm3": dict(no_rope_layer_interval=2),
+    "exaone4": dict(_WINDOWED, sliding_window_pattern=2),
+    "ministral": dict(_WINDOWED),
+    "starcoder2": dict(use_bias=True),
+    "phi": dict(partial_rotary_factor=0.5),
+    "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True),
+    "mixtral": dict(num_local_experts=3, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "qwen3_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=48),  # mergekit: no dense layers
+}
+_HEAD_DIM = ("qwen3", "gemma", "gemma2", "gemma3_text", "ministral", "olmo3", "exaone4", "helium", "seed_oss",
+             "glm4", "smollm3", "cohere2", "qwen3_moe")
+_QUERY_SCALAR = ("gemma2", "gemma3_text")
 
 
 def tiny_config(family: str, *, num_layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
@@ -27,13 +56,14 @@ def tiny_config(family: str, *, num_layers: int = 4, hidden: int = 64, heads: in
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6,
     )
-    if family in ("qwen3", "gemma2"):
+    if family in _HEAD_DIM:
         common["head_dim"] = hidden // heads
-    if family == "gemma2":
-        common.update(query_pre_attn_scalar=hidden // heads, sliding_window=64,
-                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
-    if family == "mistral":
-        common["sliding_window"] = None
+    if family in _QUERY_SCALAR:
+        common["query_pre_attn_scalar"] = hidden // heads
+    if family == "gpt2":
+        common = dict(vocab_size=vocab, n_embd=hidden, n_layer=num_layers, n_head=heads, n_inner=intermediate,
+                      n_positions=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common.update(_EXTRA.get(family, {}))
     return AutoConfig.for_model(family, **common)
 
 
@@ -72,15 +102,19 @@ def make_tiny_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0, num
                 scale = float(p.float().std()) if p.numel() > 1 else 1.0
                 p.add_(torch.randn(p.shape, generator=gen) * delta_std * (scale or 1.0))
     else:
+        from dfsmerge.arch.families import FAMILIES as FACTS
+
+        offset = FACTS[family].norm_offset
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=num_layers, hidden=hidden, tie=tie),
                                                  dtype=torch.float32)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if p.ndim == 1:  # norms: around their identity value, not exactly it
-                    base = 0.0 if family == "gemma2" else 1.0
-                    p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-                elif "embed_tokens" in name:
+                if p.ndim == 1 and name.endswith("bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+                elif p.ndim == 1:  # norms: around their identity value (w = 0 for Gemma's 1 + w), not exactly it
+                    p.copy_(1.0 - offset + 0.1 * torch.randn(p.shape, generator=gen))
+                elif p is model.get_input_embeddings().weight:
                     p.copy_(torch.randn(p.shape, generator=gen) * embed_std)
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)

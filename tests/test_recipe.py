@@ -82,6 +82,8 @@ def _models_recipe(method: str, m: dict[str, Path], **extra) -> dict:
         recipe["base_model"] = str(m["base"])
     if method == "slerp":
         recipe["parameters"] = {"t": [{"filter": "self_attn", "value": [0.1, 0.8]}, {"value": 0.35}]}
+    if method == "nearswap":
+        recipe["parameters"] = {"t": [{"filter": "mlp", "value": [0.01, 0.2]}, {"value": 0.05}]}
     if method == "passthrough":
         recipe["models"] = [{"model": str(m["ft1"]), "parameters": {"scale": 0.5}}]
     recipe.update(extra)

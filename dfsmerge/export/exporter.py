@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from dfsmerge.arch import Architecture, get_architecture
+from dfsmerge.arch import Architecture, get_architecture, hf_config, layout_reader
 from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import fold
@@ -230,7 +230,7 @@ def _write(plan: PathPlan, paths: Mapping[str, str], out_dir: Path, *, format: s
     if missing:
         raise ConfigError(f"plan uses models {missing} that its models mapping does not define; add them under "
                           "models: {NAME: path}")
-    readers = {m: open_checkpoint(paths[m], allow_pickle=allow_pickle, name=m) for m in used}
+    readers = {m: layout_reader(open_checkpoint(paths[m], allow_pickle=allow_pickle, name=m), source=m) for m in used}
     configs = {m: r.config for m, r in readers.items()}
     base_cfg = configs[plan.base]
     arch = get_architecture(base_cfg, source=plan.base)
@@ -244,6 +244,8 @@ def _write(plan: PathPlan, paths: Mapping[str, str], out_dir: Path, *, format: s
                       dtype=dtype_name(out_dtype), embed_factor=e, divisors=tuple(div), ps_recipe=ps_recipe,
                       ps_name=ps_name, scores=dict(scores), eps=float(base_cfg.get("rms_norm_eps", 1e-6)),
                       ps_only=ps_only)
+    if format == "folded":
+        fold.check_divisors(arch, div, e)
     bound = fold.eps_bound(div, info.eps)
     if format == "folded" and bound > 1e-3:
         warnings.warn(f"fold divisors up to {max(div):.4g} (down to {min(div):.4g}) make the folded export "
@@ -288,6 +290,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _layer_items(reader, arch: Architecture, config: Mapping[str, Any], index: int):
     """(suffix after the layer prefix, tensor) of every tensor of layer ``index``."""
+    arch = get_architecture(config)  # the layer's own model: its layer count and per-layer layout
     prefix = arch.layer_prefix.format(index)
     residual = set(arch.residual_output_names(index, config))
     for name in arch.layer_tensor_names(index, config):
@@ -300,13 +303,31 @@ def _head_tensor(readers, plan: PathPlan, configs, arch: Architecture) -> torch.
     return r.get_tensor(arch.embed if arch.tied(configs[plan.base]) else arch.head)
 
 
+def _write_post(w: ShardedWriter, plan: PathPlan, readers, configs, arch: Architecture, dtype: torch.dtype,
+                *, head: bool) -> None:
+    """The base model's tensors after the layers: final norm (weight, bias) and, when ``head``, the head."""
+    for name in arch.post_weights:
+        if name == arch.head:
+            if head:
+                w.add_tensor(name, _cast(_head_tensor(readers, plan, configs, arch), dtype))
+        elif name.startswith(arch.head.rsplit(".", 1)[0] + ".") and not head:
+            continue  # a head bias goes with its head
+        else:
+            w.add_tensor(name, _cast(readers[plan.base].get_tensor(name), dtype))
+
+
+def _per_layer(configs, refs) -> dict[str, list[Any]]:
+    return fold.path_layer_config(configs, list(refs))
+
+
 def _write_folded(w: ShardedWriter, plan: PathPlan, readers, configs, arch: Architecture, dtype: torch.dtype,
                   e: float, div: list[float], tied: bool) -> dict[str, Any]:
     base_cfg = configs[plan.base]
-    embed = readers[plan.embed_model].get_tensor(arch.embed)
-    if e != 1.0:  # the embedding absorbs s_1 (fold.fold_factors)
-        embed = embed.to(torch.float64) * e
-    w.add_tensor(arch.embed, _cast(embed, dtype))
+    for name in arch.pre_tensor_names(base_cfg):  # the embedding (and GPT-2's positions: both add into h_0)
+        embed = readers[plan.embed_model].get_tensor(name)
+        if e != 1.0:  # the embedding absorbs s_1 (fold.fold_factors)
+            embed = embed.to(torch.float64) * e
+        w.add_tensor(name, _cast(embed, dtype))
     for k, step in enumerate(plan.steps):
         ref, c = step.layer, div[k]
         prefix = arch.layer_prefix.format(k)
@@ -314,13 +335,11 @@ def _write_folded(w: ShardedWriter, plan: PathPlan, readers, configs, arch: Arch
             if is_residual and c != 1.0:
                 t = fold.fold_tensor(arch, t, c)
             w.add_tensor(prefix + suffix, _cast(t, dtype))  # layer ref.index of ref.model -> layer k
-    w.add_tensor(arch.final_norm, _cast(readers[plan.base].get_tensor(arch.final_norm), dtype))
-    if not tied:
-        w.add_tensor(arch.head, _cast(_head_tensor(readers, plan, configs, arch), dtype))
+    _write_post(w, plan, readers, configs, arch, dtype, head=not tied)
     config = dict(base_cfg)
     config[arch.num_layers_key] = len(plan.steps)
-    if _uses_layer_types(configs, plan):
-        config["layer_types"] = [fold.attention_type(configs[s.layer.model], s.layer.index) for s in plan.steps]
+    # each step keeps its own layer's attention type (and rotary base, NoPE flag), as transformers computed them
+    config.update(_per_layer(configs, plan.layers))
     config["tie_word_embeddings"] = tied
     _set_dtype(config, dtype)
     return config
@@ -337,16 +356,17 @@ def _write_compact(w: ShardedWriter, plan: PathPlan, readers, configs, arch: Arc
 
     stored = unique_layers(plan)
     slot = {ref: u for u, ref in enumerate(stored)}
-    w.add_tensor(arch.embed, _cast(readers[plan.embed_model].get_tensor(arch.embed), dtype))
+    for name in arch.pre_tensor_names(configs[plan.base]):
+        w.add_tensor(name, _cast(readers[plan.embed_model].get_tensor(name), dtype))
     for u, ref in enumerate(stored):
         prefix = arch.layer_prefix.format(u)
         for suffix, _, t in _layer_items(readers[ref.model], arch, configs[ref.model], ref.index):
             w.add_tensor(prefix + suffix, _cast(t, dtype))
-    w.add_tensor(arch.final_norm, _cast(readers[plan.base].get_tensor(arch.final_norm), dtype))
-    w.add_tensor(arch.head, _cast(_head_tensor(readers, plan, configs, arch), dtype))
+    _write_post(w, plan, readers, configs, arch, dtype, head=True)
     w.copy_file(compact_modeling.__file__, MODELING_FILE)
     config = dict(configs[plan.base])
     family = config["model_type"]
+    base_cfg = hf_config(configs[plan.base], source=plan.base)
     config.update({
         "model_type": COMPACT_MODEL_TYPE,
         "dfs_model_type": family,
@@ -360,16 +380,17 @@ def _write_compact(w: ShardedWriter, plan: PathPlan, readers, configs, arch: Arc
         "input_scales": [float(s.scale) for s in plan.steps],
         "stored_layer_sources": [str(ref) for ref in stored],
         "tie_word_embeddings": False,
+        # where the family keeps its parts, and what its *ForCausalLM does to the logits
+        "dfs_base_prefix": arch.modules["layers"].rsplit(".", 1)[0],
+        "dfs_layers_attr": arch.modules["layers"].rsplit(".", 1)[1],
+        "dfs_head": arch.modules["head"],
+        "dfs_head_bias": any(n != arch.head and n.startswith(arch.modules["head"] + ".") for n in arch.post_weights),
+        "dfs_logit_ops": [list(op) for op in arch.logit_ops(base_cfg)],
     })
-    if _uses_layer_types(configs, plan):
-        config["layer_types"] = [fold.attention_type(configs[s.layer.model], s.layer.index) for s in plan.steps]
-        config["stored_layer_types"] = [fold.attention_type(configs[r.model], r.index) for r in stored]
+    config.update(_per_layer(configs, plan.layers))
+    config["stored_layer_config"] = _per_layer(configs, stored)
     _set_dtype(config, dtype)
     return config
-
-
-def _uses_layer_types(configs, plan: PathPlan) -> bool:
-    return any("layer_types" in configs[m] for m in configs) or configs[plan.base].get("model_type") == "gemma2"
 
 
 def _set_dtype(config: dict[str, Any], dtype: torch.dtype) -> None:

@@ -39,7 +39,7 @@ def limitations(info: ExportInfo, configs: Mapping[str, Mapping[str, Any]], arch
     if plan.base != last:
         out.append(f"the final norm and head come from model {plan.base!r} but mergekit takes them from the last "
                    f"slice's model {last!r}")
-    if arch.residual_kind == "norm" and any(d != 1.0 for d in info.divisors):
+    if arch.residual_kind == "norm" and arch.norm_offset != 0.0 and any(d != 1.0 for d in info.divisors):
         out.append(f"{arch.model_type}'s residual branches end in norms with gain 1 + w; folding a divisor D needs "
                    "w' = (1 + w)/D - 1, but mergekit's `scale` multiplies the stored w, so the scales are left out "
                    "of this YAML")
@@ -52,16 +52,17 @@ def limitations(info: ExportInfo, configs: Mapping[str, Mapping[str, Any]], arch
 
 
 def _slices(info: ExportInfo, paths: Mapping[str, str], arch: Architecture) -> list[dict[str, Any]]:
-    filters = sorted({t.split(".")[-2] for t in arch.residual_outputs})  # o_proj, down_proj
+    filters = list(arch.residual_filters)  # self_attn.o_proj, mlp.down_proj
     out = []
-    embed_filter = arch.embed.split(".")[-2]  # embed_tokens
+    embed_filters = [n.rsplit(".", 1)[0] for n in arch.pre_weights]  # model.embed_tokens (GPT-2: wte and wpe)
     for k, (step, d) in enumerate(zip(info.plan.steps, info.divisors, strict=True)):
         ref = step.layer
         src: dict[str, Any] = {"model": paths[ref.model], "layer_range": [ref.index, ref.index + 1]}
         scale: list[dict[str, Any]] = []
         if k == 0 and info.embed_factor != 1.0:  # mergekit plans the embedding with the first slice's parameters
-            scale.append({"filter": embed_filter, "value": info.embed_factor})
-        if d != 1.0 and arch.residual_kind == "linear":
+            scale += [{"filter": f, "value": info.embed_factor} for f in embed_filters]
+        # a linear branch end, or a post-norm whose gain is its stored w (GLM-4), folds as mergekit's `scale`
+        if d != 1.0 and (arch.residual_kind == "linear" or (arch.residual_kind == "norm" and arch.norm_offset == 0)):
             scale += [{"filter": f, "value": 1.0 / d} for f in filters]
         if scale:
             src["parameters"] = {"scale": scale + [{"value": 1.0}]}

@@ -126,6 +126,17 @@ class CheckpointReader:
         with safe_open(str(f), framework="pt") as h:
             return h.get_tensor(name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (dim 0) of one tensor, read through a safetensors slice (only those bytes).
+
+        Raises:
+            CheckpointError: the tensor is not in the checkpoint.
+        """
+        if self._pickle or name not in self._weight_map:
+            return self.get_tensor(name)[start:stop]
+        with safe_open(str(self._weight_map[name]), framework="pt") as h:  # map dropped at once, as get_tensor
+            return h.get_slice(name)[start:stop]
+
     def get_shape(self, name: str) -> tuple[int, ...]:
         if self._pickle:
             return tuple(self.get_tensor(name).shape)
@@ -149,12 +160,27 @@ class CheckpointReader:
 
 
 def resolve_model_path(ref: str | Path, *, revision: str | None = None) -> Path:
-    """A local directory for ``ref``: the directory itself, or a hub snapshot (cache first, then download).
+    """A local directory for ``ref``: the directory itself, a ``.gguf`` file's cached conversion, a ``real:<name>``
+    fixture (:mod:`dfsmerge.realmodels`), or a hub snapshot (cache first, then download).
 
     Raises:
-        CheckpointError: ``ref`` is neither a directory nor a reachable hub id.
+        CheckpointError: ``ref`` is neither a directory, a GGUF file nor a reachable hub id.
+        ArchitectureError: a GGUF file of an unsupported architecture.
     """
+    if str(ref).startswith("real:"):
+        from dfsmerge.realmodels import real_model_dir
+
+        return real_model_dir(str(ref)[len("real:"):])
     p = Path(str(ref)).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from dfsmerge.io.gguf import cached_gguf_checkpoint
+
+        return cached_gguf_checkpoint(p)
+    if (p / "adapter_config.json").is_file() or "+" in str(ref):  # a PEFT LoRA adapter (DIR or BASE+DIR)
+        from dfsmerge.io.adapter import adapter_source, cached_adapter_checkpoint
+
+        if (src := adapter_source(ref)) is not None:
+            return cached_adapter_checkpoint(*src)
     if p.exists():
         return p
     ref = str(ref)

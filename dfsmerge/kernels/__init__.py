@@ -4,9 +4,12 @@
 eager reference elsewhere. Triton is imported lazily (only when a Triton path runs), so the package works
 without it and ``TRITON_INTERPRET`` may be set any time before the first Triton merge.
 
+Which methods have a fused kernel is the merge registry's word (``MergeMethod.kernel``, a key of
+:data:`KERNELS`); the kernels take the parameters the registry resolved (``dfsmerge.merge.resolve_params``).
+
 Files: ``gta.py`` (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
 della_linear), ``linear.py``, ``slerp.py``, ``reductions.py`` (thresholds and ranks as torch reductions),
-``_common.py`` (method table, parameter resolution, input checks).
+``_common.py`` (parameter resolution through the registry, input checks).
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from typing import Any
 import torch
 
 from dfsmerge.errors import MergeError
+from dfsmerge.merge import get_method, registered_methods
 
-__all__ = ["BACKENDS", "METHOD_NAMES", "fused_merge", "triton_available", "triton_supports"]
+__all__ = ["BACKENDS", "KERNELS", "METHOD_NAMES", "fused_merge", "triton_available", "triton_supports"]
 
 BACKENDS = ("auto", "triton", "reference")
-METHOD_NAMES = (
-    "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-    "della_linear", "linear", "slerp",
-)
+KERNELS = ("gta", "linear", "slerp")
+"""The fused kernels, by the name a :class:`~dfsmerge.merge.MergeMethod` declares in ``kernel``."""
+METHOD_NAMES: tuple[str, ...] = tuple(n for n in registered_methods() if get_method(n).kernel is not None)
+"""Registered methods with a fused kernel."""
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -66,8 +70,8 @@ def fused_merge(
     """Merge one tensor with a fused kernel (mergekit 0.1.5 semantics, fp32 compute).
 
     Args:
-        method_name: ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``,
-            ``breadcrumbs_ties``, ``della``, ``della_linear``, ``linear`` or ``slerp``.
+        method_name: a name in :data:`METHOD_NAMES` (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+            breadcrumbs_ties, della, della_linear, linear, slerp).
         tensors: the inputs, base included, all of one shape.
         base_index: position of the base in ``tensors`` (required except for ``linear``).
         params: per-input parameters (``weight``, ``density``, ``gamma``, ``epsilon``): a mapping of name to a
@@ -87,7 +91,8 @@ def fused_merge(
         The merged tensor (``out`` when given).
 
     Raises:
-        MergeError: unknown method, backend or parameter; bad base index; inputs the forced backend cannot take.
+        MergeError: unknown method, backend or parameter; a value outside its range; bad base index; inputs the
+            forced backend cannot take.
     """
     from ._common import resolve_params
 
@@ -107,21 +112,23 @@ def fused_merge(
         raise MergeError(f"{method_name}: out has shape {tuple(out.shape)}, expected {tuple(shape)}")
     rp = resolve_params(method_name, len(tensors), base_index, params, global_params)
     use_triton = backend == "triton" or (backend == "auto" and triton_supports(tensors, out))
+    kernel = get_method(method_name).kernel
     if use_triton:
-        return _run_triton(method_name, tensors, base_index, rp, seed, out)
-    result = _run_reference(method_name, tensors, base_index, rp, seed, out.dtype if out is not None else None)
+        return _run_triton(kernel, method_name, tensors, base_index, rp, seed, out)
+    result = _run_reference(kernel, method_name, tensors, base_index, rp, seed,
+                            out.dtype if out is not None else None)
     if out is None:
         return result
     out.copy_(result)
     return out
 
 
-def _run_triton(method, tensors, base_index, rp, seed, out):
-    if method == "linear":
+def _run_triton(kernel, method, tensors, base_index, rp, seed, out):
+    if kernel == "linear":
         from .linear import linear_triton
 
         return linear_triton(tensors, weights=rp.weights, normalize=rp.normalize, out=out)
-    if method == "slerp":
+    if kernel == "slerp":
         from .slerp import slerp_triton
 
         return slerp_triton(rp.t, tensors[base_index], tensors[1 - base_index], out=out)
@@ -134,12 +141,12 @@ def _run_triton(method, tensors, base_index, rp, seed, out):
     )
 
 
-def _run_reference(method, tensors, base_index, rp, seed, out_dtype):
-    if method == "linear":
+def _run_reference(kernel, method, tensors, base_index, rp, seed, out_dtype):
+    if kernel == "linear":
         from .linear import linear_reference
 
         return linear_reference(tensors, weights=rp.weights, normalize=rp.normalize, out_dtype=out_dtype)
-    if method == "slerp":
+    if kernel == "slerp":
         from .slerp import slerp_reference
 
         return slerp_reference(rp.t, tensors[base_index], tensors[1 - base_index], out_dtype=out_dtype)

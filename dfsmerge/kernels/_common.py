@@ -50,14 +50,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Every per-source parameter the kernels read, and every shared one the methods accept.
-PER_INPUT_PARAMS = ("weight", "density", "gamma", "epsilon")
-SHARED_PARAMS = ("normalize", "rescale", "lambda", "int8_mask", "t")
-
-
 @dataclass(frozen=True, slots=True)
 class GTAMethod:
-    """One member of the generalized task arithmetic family (mergekit's ``GeneralizedTaskArithmeticMerge``).
+    """One member of the generalized task arithmetic family (mergekit's ``GeneralizedTaskArithmeticMerge``), as
+    the kernels read it: a plain-string view of :data:`dfsmerge.merge.GTA_VARIANTS`.
 
     Attributes:
         name: registry name, as in a mergekit YAML ``merge_method``.
@@ -75,25 +71,27 @@ class GTAMethod:
     default_rescale: bool
 
 
-GTA_METHODS: dict[str, GTAMethod] = {
-    m.name: m
-    for m in (
-        GTAMethod("task_arithmetic", None, None, False, False),
-        GTAMethod("ties", "magnitude", "sum", True, False),
-        GTAMethod("dare_ties", "random", "sum", False, True),
-        GTAMethod("dare_linear", "random", None, False, True),
-        GTAMethod("breadcrumbs", "magnitude_outliers", None, False, False),
-        GTAMethod("breadcrumbs_ties", "magnitude_outliers", "sum", False, False),
-        GTAMethod("della", "della_magprune", "sum", True, True),
-        GTAMethod("della_linear", "della_magprune", None, False, True),
-    )
-}
-METHOD_NAMES: tuple[str, ...] = (*GTA_METHODS, "linear", "slerp")
+def _gta_methods() -> dict[str, GTAMethod]:
+    from dfsmerge.merge import GTA_VARIANTS
+
+    return {
+        v.name: GTAMethod(
+            v.name,
+            None if v.sparsification is None else v.sparsification.value,
+            None if v.consensus is None else v.consensus.value,
+            v.default_normalize,
+            v.default_rescale,
+        )
+        for v in GTA_VARIANTS.values()
+    }
+
+
+GTA_METHODS: dict[str, GTAMethod] = _gta_methods()
 
 
 @dataclass(frozen=True, slots=True)
 class ResolvedParams:
-    """Parameters of one merge call, resolved to plain Python values.
+    """Parameters of one merge call, resolved to plain Python values by the merge registry.
 
     Attributes:
         weights: per merged input (GTA: the non-base sources in input order; linear: every input).
@@ -118,56 +116,53 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _per_input(
-    name: str, params: Any, n_inputs: int, default: float | None, method: str, base_index: int | None = None
-) -> list[float | None]:
-    """Values of one per-input parameter for every input (index-aligned with ``tensors``); a sequence with one
-    value per non-base input (mergekit's NON_BASE scope) is accepted when ``base_index`` is given."""
+def _per_input_mappings(
+    method: str, params: Any, n_inputs: int, base_index: int | None, global_names: set[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The kernels' accepted parameter shapes as the registry's: one mapping per input, plus the global
+    parameters that were given among them. ``params`` is a mapping ``name -> scalar | sequence`` (a sequence
+    aligned with the inputs, or with the non-base inputs when ``base_index`` is given) or a sequence of mappings
+    aligned with the inputs."""
     if params is None:
         params = {}
+    moved: dict[str, Any] = {}
     if isinstance(params, Mapping):
-        value = params.get(name, default)
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            if base_index is not None and len(value) == n_inputs - 1:
-                value = [*value[:base_index], None, *value[base_index:]]
-            if len(value) != n_inputs:
-                raise MergeError(
-                    f"{method}: params[{name!r}] has {len(value)} values but there are {n_inputs} input tensors; "
-                    f"give one value per input tensor (the base's value is ignored) or a single scalar"
-                )
-            return [None if v is None else float(v) for v in value]
-        return [None if value is None else float(value)] * n_inputs
-    if isinstance(params, Sequence):
+        out: list[dict[str, Any]] = [{} for _ in range(n_inputs)]
+        for name, value in params.items():
+            if name in global_names:
+                moved[name] = value
+                continue
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                if base_index is not None and len(value) == n_inputs - 1:
+                    value = [*value[:base_index], None, *value[base_index:]]
+                if len(value) != n_inputs:
+                    raise MergeError(
+                        f"{method}: params[{name!r}] has {len(value)} values but there are {n_inputs} input tensors; "
+                        f"give one value per input tensor (the base's value is ignored) or a single scalar"
+                    )
+                values = list(value)
+            else:
+                values = [value] * n_inputs
+            for entry, v in zip(out, values, strict=True):
+                if v is not None:
+                    entry[name] = v
+        return out, moved
+    if isinstance(params, Sequence) and not isinstance(params, str):
         if len(params) != n_inputs:
             raise MergeError(
                 f"{method}: params has {len(params)} entries but there are {n_inputs} input tensors; "
                 f"give one mapping per input tensor"
             )
-        out: list[float | None] = []
+        out = []
         for entry in params:
-            value = (entry or {}).get(name, default)
-            out.append(None if value is None else float(value))
-        return out
+            entry = dict(entry or {})
+            moved.update({k: entry.pop(k) for k in list(entry) if k in global_names})
+            out.append(entry)
+        return out, moved
     raise MergeError(
         f"{method}: params={params!r} is neither a mapping nor a sequence of mappings; "
         f"use {{'weight': [...], 'density': [...]}} or [{{'weight': 1.0}}, ...]"
     )
-
-
-def _check_names(method: str, params: Any, global_params: Mapping[str, Any] | None) -> None:
-    names: set[str] = set()
-    if isinstance(params, Mapping):
-        names |= set(params)
-    elif isinstance(params, Sequence):
-        for entry in params:
-            names |= set(entry or {})
-    unknown = names - set(PER_INPUT_PARAMS) - {"t"}
-    unknown |= set(global_params or {}) - set(SHARED_PARAMS) - set(PER_INPUT_PARAMS)
-    if unknown:
-        raise MergeError(
-            f"{method}: unknown parameter(s) {sorted(unknown)}; "
-            f"per-input parameters are {list(PER_INPUT_PARAMS)}, shared ones {list(SHARED_PARAMS)}"
-        )
 
 
 def resolve_params(
@@ -177,10 +172,11 @@ def resolve_params(
     params: Any,
     global_params: Mapping[str, Any] | None,
 ) -> ResolvedParams:
-    """Resolve per-input and shared parameters the way mergekit binds them.
+    """Resolve per-input and shared parameters with the merge registry (:func:`dfsmerge.merge.resolve_params`:
+    the same names, defaults, ranges and input contract as the merge library) into the kernels' plain values.
 
     Args:
-        method: registry name (one of ``METHOD_NAMES``).
+        method: a registered method whose ``kernel`` is declared (``METHOD_NAMES``).
         n_inputs: number of input tensors, base included.
         base_index: index of the base among the inputs (required except for ``linear``).
         params: per-input parameters: a mapping ``name -> scalar | sequence aligned with the inputs`` or a
@@ -192,60 +188,54 @@ def resolve_params(
         The resolved values.
 
     Raises:
-        MergeError: unknown method or parameter, missing weight, wrong number of values, bad base index.
+        MergeError: unknown method or parameter, missing or out-of-range value, wrong number of values or
+            inputs, bad base index.
     """
-    if method not in METHOD_NAMES:
-        raise MergeError(f"merge_method={method!r} has no fused kernel; use one of {list(METHOD_NAMES)}")
-    _check_names(method, params, global_params)
-    g = dict(global_params or {})
-    if params is None or (isinstance(params, Mapping) and not params):
-        params = {k: v for k, v in g.items() if k in PER_INPUT_PARAMS}
-    elif isinstance(params, Mapping):
-        params = {**{k: v for k, v in g.items() if k in PER_INPUT_PARAMS}, **params}
+    from dfsmerge.merge import get_method
+    from dfsmerge.merge import resolve_params as registry_resolve
 
-    if method != "linear" and (base_index is None or not 0 <= base_index < n_inputs):
+    from . import METHOD_NAMES
+
+    m = get_method(method)
+    if m.kernel is None:
+        raise MergeError(f"merge_method={method!r} has no fused kernel; use one of {list(METHOD_NAMES)}")
+    if m.base != "none" and (base_index is None or not 0 <= base_index < n_inputs):
         raise MergeError(
             f"{method}: base_index={base_index!r} is not an index into the {n_inputs} input tensors; "
             f"pass the position of the base model's tensor"
         )
-    if method == "slerp":
-        t = g.get("t", params.get("t") if isinstance(params, Mapping) else None)
-        if t is None:
-            raise MergeError("slerp: parameter 't' is missing; set global_params={'t': 0.5} (0 = base, 1 = other)")
-        if n_inputs != 2:
-            raise MergeError(f"slerp: got {n_inputs} input tensors; slerp merges exactly a base and one other")
-        return ResolvedParams((), (), (), (), False, False, 1.0, float(t))
-
-    weights = _per_input("weight", params, n_inputs, None, method, None if method == "linear" else base_index)
-    if method == "linear":
-        if any(w is None for w in weights):
-            raise MergeError("linear: parameter 'weight' is missing for some input; give one weight per input")
-        normalize = bool(g.get("normalize", True))
-        if normalize and sum(weights) == 0:
+    per_input, moved = _per_input_mappings(method, params, n_inputs, base_index, {p.name for p in m.global_params()})
+    # One parameter set may serve every kernel method (as before the registry resolved them): names that only
+    # other kernel methods declare are dropped; names no kernel method declares stay, and the registry rejects them.
+    declared = {p.name for p in m.params}
+    others = {p.name for n in METHOD_NAMES for p in get_method(n).params} - declared
+    per_input = [{k: v for k, v in entry.items() if k not in others} for entry in per_input]
+    shared = {k: v for k, v in {**moved, **(global_params or {})}.items() if k not in others}
+    base_index, per, g = registry_resolve(m, n_inputs, base_index=base_index, params=per_input,
+                                          global_params=shared, name="")
+    if m.kernel == "slerp":
+        return ResolvedParams((), (), (), (), False, False, 1.0, float(g["t"]))
+    if m.kernel == "linear":
+        weights = per["weight"]
+        if g["normalize"] and sum(weights) == 0:
             raise MergeError(
-                f"linear: weights {weights} sum to 0 with normalize=true (division by zero); "
+                f"linear: weights {list(weights)} sum to 0 with normalize=true (division by zero); "
                 f"change the weights or set normalize: false"
             )
-        return ResolvedParams(tuple(weights), (), (), (), normalize, False, 1.0, None)
-
-    spec = GTA_METHODS[method]
+        return ResolvedParams(tuple(weights), (), (), (), g["normalize"], False, 1.0, None)
     keep = [i for i in range(n_inputs) if i != base_index]
-    densities = _per_input("density", params, n_inputs, 1.0, method, base_index)
-    gammas = _per_input("gamma", params, n_inputs, 0.01, method, base_index)
-    epsilons = _per_input("epsilon", params, n_inputs, 0.15, method, base_index)
-    missing = [i for i in keep if weights[i] is None]
-    if missing:
-        raise MergeError(
-            f"{method}: parameter 'weight' is missing for input(s) {missing}; give every non-base input a weight"
-        )
+
+    def values(name: str, default: float) -> tuple[float, ...]:  # gamma / epsilon only where declared
+        return tuple(per[name][i] for i in keep) if name in per else (default,) * len(keep)
+
     return ResolvedParams(
-        weights=tuple(weights[i] for i in keep),
-        densities=tuple(densities[i] for i in keep),
-        gammas=tuple(gammas[i] for i in keep),
-        epsilons=tuple(epsilons[i] for i in keep),
-        normalize=bool(g.get("normalize", spec.default_normalize)),
-        rescale=bool(g.get("rescale", spec.default_rescale)),
-        lam=float(g.get("lambda", 1.0)),
+        weights=values("weight", 1.0),
+        densities=values("density", 1.0),
+        gammas=values("gamma", 0.01),
+        epsilons=values("epsilon", 0.15),
+        normalize=g["normalize"],
+        rescale=g["rescale"],
+        lam=g["lambda"],
         t=None,
     )
 

@@ -10,14 +10,26 @@ from typing import Any
 
 import torch
 
+from dfsmerge.merge.arcee_fusion import arcee_fusion
+from dfsmerge.merge.chunked import ChunkedMerge, MagnitudeChunks, elementwise, rowwise
 from dfsmerge.merge.gta import Consensus, generalized_task_arithmetic
+from dfsmerge.merge.karcher import karcher_mean
 from dfsmerge.merge.linear import linear, passthrough
 from dfsmerge.merge.model_stock import model_stock
-from dfsmerge.merge.registry import REQUIRED, MergeMethod, ParamSpec, register
+from dfsmerge.merge.multislerp import multislerp
+from dfsmerge.merge.nearswap import nearswap
+from dfsmerge.merge.ram import ram
+from dfsmerge.merge.registry import REQUIRED, Gene, MergeMethod, ParamSpec, register
+from dfsmerge.merge.sce import sce
 from dfsmerge.merge.slerp import nuslerp, slerp
 from dfsmerge.merge.sparsify import Sparsification
 
 PerModel = Mapping[str, tuple[Any, ...]]
+
+# Genes (what a PS genome searches), as mergekit-evolve: weights start at 1 / number of models, densities at 1,
+# slerp's t at 0.5.
+WEIGHT_GENE = Gene("weight", 0.0, 1.0, None, signed=True, clip=False)
+DENSITY_GENE = Gene("density", 0.0, 1.0, 1.0)
 
 
 def _non_base(n: int, base_index: int | None) -> list[int]:
@@ -46,6 +58,11 @@ def _nuslerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel
         return nuslerp(t, tensors[i], tensors[j], **options)
     base = tensors[base_index]
     return base + nuslerp(t, tensors[i] - base, tensors[j] - base, **options)
+
+
+def _model_stock_chunking(method, base_index, per_model: PerModel, params, numel: int) -> ChunkedMerge | None:
+    # per-tensor cosines need the whole tensor; filter_wise ones are per row
+    return rowwise(method, base_index, per_model, params, numel) if params["filter_wise"] else None
 
 
 def _model_stock(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
@@ -92,6 +109,9 @@ register(
         random=False,
         fn=_linear,
         reference="Wortsman et al. 2022, Model soups, arXiv 2203.05482",
+        genes=(WEIGHT_GENE,),
+        kernel="linear",
+        chunking=elementwise,
     )
 )
 register(
@@ -104,6 +124,8 @@ register(
         min_inputs=2,
         max_inputs=2,
         reference="Shoemake 1985, Animating rotation with quaternion curves",
+        genes=(Gene("t", 0.0, 1.0, 0.5, signed=True),),
+        kernel="slerp",
     )
 )
 register(
@@ -120,6 +142,7 @@ register(
         min_non_base=2,
         max_non_base=2,
         reference="mergekit nuslerp (spherical interpolation of two models or their task vectors)",
+        genes=(WEIGHT_GENE,),
     )
 )
 register(
@@ -130,6 +153,7 @@ register(
         random=False,
         fn=_model_stock,
         min_inputs=3,
+        chunking=_model_stock_chunking,
         reference="Jang et al. 2024, Model Stock, arXiv 2403.19522",
     )
 )
@@ -141,9 +165,23 @@ register(
         random=False,
         fn=_passthrough,
         max_inputs=1,
+        chunking=elementwise,
         reference="mergekit passthrough",
     )
 )
+
+
+def _gta_chunking(method, base_index, per_model: PerModel, params, numel: int, *,
+                 sparsification: Sparsification | None, consensus: Consensus | None) -> ChunkedMerge | None:
+    densities = [d for d in per_model["density"] if d is not None]
+    if sparsification is None or all(d >= 1 for d in densities):
+        return elementwise(method, base_index, per_model, params, numel)  # no pruning: elementwise
+    if sparsification is Sparsification.magnitude and not params["rescale"]:
+        merge = partial(_gta, base_index=base_index, per_model=per_model, params=params, generator=None,
+                        sparsification=None, consensus=consensus)
+        return MagnitudeChunks(method, base_index, per_model, params, n_entries=numel, merge_fn=merge)
+    # random draws (DARE, DELLA), breadcrumbs' rank window and the L1 rescale need the whole tensor
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +225,15 @@ for _name, _sparsification, _consensus, _normalize, _rescale, _reference in _GTA
         ParamSpec("rescale", _rescale, False, bool, doc="restore each pruned task vector's L1 norm"),
         ParamSpec("lambda", 1.0, False, float, doc="scale of the merged task vector"),
         ParamSpec("weight", REQUIRED, True, float, non_base=True, doc="weight of each task vector"),
-        ParamSpec("density", 1.0, True, float, non_base=True, doc="fraction of each task vector kept"),
+        ParamSpec("density", 1.0, True, float, non_base=True, doc="fraction of each task vector kept", ge=0, le=1),
     ]
     if _sparsification is Sparsification.magnitude_outliers:
-        _params.append(ParamSpec("gamma", 0.01, True, float, non_base=True, doc="fraction of outliers removed"))
+        _params.append(
+            ParamSpec("gamma", 0.01, True, float, non_base=True, doc="fraction of outliers removed", ge=0, le=1)
+        )
     if _sparsification is Sparsification.della_magprune:
         _params.append(
-            ParamSpec("epsilon", 0.15, True, float, non_base=True, doc="half-width of the keep probabilities")
+            ParamSpec("epsilon", 0.15, True, float, non_base=True, doc="half-width of the keep probabilities", ge=0)
         )
     register(
         MergeMethod(
@@ -203,5 +243,145 @@ for _name, _sparsification, _consensus, _normalize, _rescale, _reference in _GTA
             random=_sparsification in (Sparsification.random, Sparsification.della_magprune),
             fn=partial(_gta, sparsification=_sparsification, consensus=_consensus),
             reference=_reference,
+            # mergekit-evolve searches weights (task arithmetic) and densities (sparsifying methods)
+            genes=(WEIGHT_GENE,) if _sparsification is None else (WEIGHT_GENE, DENSITY_GENE),
+            kernel="gta",
+            chunking=partial(_gta_chunking, sparsification=_sparsification, consensus=_consensus),
         )
     )
+
+
+def _sce(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+    others = [tensors[i] for i in _non_base(len(tensors), base_index)]
+    return sce(tensors[base_index], others, select_topk=params["select_topk"], int8_mask=params["int8_mask"])
+
+
+def _multislerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+    idx = _non_base(len(tensors), base_index)
+    return multislerp(
+        [tensors[i] for i in idx],
+        [per_model["weight"][i] for i in idx],
+        base=None if base_index is None else tensors[base_index],
+        normalize_weights=params["normalize_weights"],
+        eps=params["eps"],
+    )
+
+
+def _karcher(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+    alphas = [1.0 / len(tensors)] * len(tensors)  # mergekit's karcher: equal weights, the base as any input
+    return karcher_mean(tensors, alphas, max_iter=params["max_iter"], tol=params["tol"])
+
+
+def _nearswap(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+    return nearswap(params["t"], tensors[base_index], tensors[1 - base_index])
+
+
+def _arcee_fusion(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+    return arcee_fusion(tensors[base_index], tensors[1 - base_index])
+
+
+def _ram(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator, plus: bool):
+    others = [tensors[i] for i in _non_base(len(tensors), base_index)]
+    extra = {"r": params["r"], "alpha": params["alpha"]} if plus else {}
+    return ram(tensors[base_index], others, epsilon=params["epsilon"], plus=plus, **extra)
+
+
+register(
+    MergeMethod(
+        name="sce",
+        params=(
+            ParamSpec("int8_mask", False, False, bool, doc="compute the sign mask in int8 (memory only)"),
+            ParamSpec("select_topk", 1.0, False, float, doc="fraction of highest-variance entries kept", ge=0, le=1),
+        ),
+        base="required",
+        random=False,
+        fn=_sce,
+        reference="Wan et al. 2024, FuseChat, arXiv 2408.07990",
+        genes=(Gene("select_topk", 0.0, 1.0, 1.0),),
+    )
+)
+register(
+    MergeMethod(
+        name="multislerp",
+        params=(
+            ParamSpec("weight", REQUIRED, True, float, non_base=True, doc="weight of each model"),
+            ParamSpec("normalize_weights", True, False, bool, doc="divide the weights by their sum"),
+            ParamSpec("eps", 1e-8, False, float, doc="norm offset for numerical stability", gt=0),
+        ),
+        base="optional",
+        random=False,
+        fn=_multislerp,
+        min_non_base=1,
+        reference="Goddard, https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        genes=(WEIGHT_GENE,),
+    )
+)
+register(
+    MergeMethod(
+        name="karcher",
+        params=(
+            ParamSpec("max_iter", 10, False, int, doc="fixed-point iterations", ge=0),
+            ParamSpec("tol", 1e-5, False, float, doc="convergence and zero-norm tolerance", gt=0),
+        ),
+        base="none",
+        random=False,
+        fn=_karcher,
+        reference="Karcher mean on the hypersphere, arXiv 2603.04972",
+    )
+)
+register(
+    MergeMethod(
+        name="nearswap",
+        params=(ParamSpec("t", REQUIRED, False, float, doc="similarity threshold: |base - other| below it swaps",
+                          ge=0),),
+        base="required",
+        random=False,
+        fn=_nearswap,
+        min_inputs=2,
+        max_inputs=2,
+        reference="alchemonaut, https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        chunking=elementwise,
+        # fine-tunes differ from their base by about 1e-4 to 1e-2 per entry: t searches that scale
+        genes=(Gene("t", 0.0, 0.01, 0.001),),
+    )
+)
+register(
+    MergeMethod(
+        name="arcee_fusion",
+        params=(),
+        base="required",
+        random=False,
+        fn=_arcee_fusion,
+        min_inputs=2,
+        max_inputs=2,
+        reference="Arcee Fusion, https://arcee.ai",
+    )
+)
+_RAM_EPSILON = ParamSpec("epsilon", 1e-5, False, float, doc="task-vector magnitude that counts as a contribution",
+                         ge=0)
+register(
+    MergeMethod(
+        name="ram",
+        params=(_RAM_EPSILON,),
+        base="required",
+        random=False,
+        fn=partial(_ram, plus=False),
+        reference="Reinforced Agent Merging, arXiv 2601.13572",
+        chunking=elementwise,
+    )
+)
+register(
+    MergeMethod(
+        name="ramplus_tl",
+        params=(
+            ParamSpec("r", 0.1, False, float, doc="strength of the unique-entry rescale", ge=0),
+            ParamSpec("alpha", 0.2, False, float, doc="cap of the overlap ratio", ge=0),
+            _RAM_EPSILON,
+        ),
+        base="required",
+        random=False,
+        fn=partial(_ram, plus=True),
+        reference="Reinforced Agent Merging Plus (tensor-local), arXiv 2601.13572",
+        genes=(Gene("r", 0.0, 1.0, 0.1), Gene("alpha", 0.0, 1.0, 0.2)),
+    )
+)

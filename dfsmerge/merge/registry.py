@@ -21,6 +21,7 @@ from dfsmerge.errors import MergeError
 
 __all__ = [
     "REQUIRED",
+    "Gene",
     "MergeMethod",
     "ParamSpec",
     "get_method",
@@ -28,6 +29,7 @@ __all__ = [
     "merge_tensor",
     "register",
     "registered_methods",
+    "resolve_params",
     "tensor_seed",
 ]
 
@@ -46,6 +48,14 @@ REQUIRED: Any = _Required()
 """Default of a parameter that has none: the user must give it."""
 
 
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 @dataclass(frozen=True, slots=True)
 class ParamSpec:
     """A declared merge parameter.
@@ -54,9 +64,10 @@ class ParamSpec:
         name: the mergekit name (``weight``, ``density``, ``t``, ``lambda``, ...).
         default: value used when not given, or :data:`REQUIRED`. A default of None means None is allowed.
         per_model: one value per input model (``weight``) rather than one per tensor (``normalize``).
-        kind: ``float`` or ``bool``; values are coerced to it.
+        kind: ``float``, ``int`` or ``bool``; values are coerced to it.
         non_base: a per-model parameter that the base model does not take (GTA's ``weight``/``density``).
         doc: one line for ``dfsmerge`` help texts and errors.
+        ge, gt, le, lt: bounds of the valid range (None: unbounded on that side); a value outside is an error.
     """
 
     name: str
@@ -65,10 +76,100 @@ class ParamSpec:
     kind: type
     non_base: bool = False
     doc: str = ""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def range_text(self) -> str:
+        """The valid range in words (``in [0, 1]``, ``>= 0``, ``> 0``), or ``""`` when unbounded."""
+        lo, lo_open = (self.gt, True) if self.gt is not None else (self.ge, False)
+        hi, hi_open = (self.lt, True) if self.lt is not None else (self.le, False)
+        if lo is not None and hi is not None:
+            return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+        if lo is not None:
+            return f"{'>' if lo_open else '>='} {_num(lo)}"
+        if hi is not None:
+            return f"{'<' if hi_open else '<='} {_num(hi)}"
+        return ""
+
+    def in_range(self, value: float) -> bool:
+        """True when ``value`` lies in the declared range."""
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
+
+    def coerce(self, value: Any, *, method: str, where: str = "") -> Any:
+        """``value`` converted to :attr:`kind` and checked against the range.
+
+        Args:
+            value: a YAML / Python scalar.
+            method: method name, for the message.
+            where: where the value came from (`` for model #1 of tensor 'x'``), for the message.
+
+        Raises:
+            MergeError: not convertible, not finite or out of range; the message names the value and the fix.
+        """
+        if value is None and self.default is None:
+            return None
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int | float) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise MergeError(f"{method}: {self.name}={value!r}{where} is not a boolean; use true or false")
+        if self.kind not in (float, int):
+            return value
+        if isinstance(value, bool):
+            raise MergeError(f"{method}: {self.name}={value!r}{where} is a boolean; give a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise MergeError(f"{method}: {self.name}={value!r}{where} is not a number; give a number") from None
+        if not math.isfinite(number):
+            raise MergeError(f"{method}: {self.name}={value!r}{where} is not finite; give a finite number")
+        if self.kind is int:
+            if not number.is_integer():
+                raise MergeError(f"{method}: {self.name}={value!r}{where} is not an integer; give a whole number")
+            number = int(number)
+        if not self.in_range(number):
+            rng = self.range_text()
+            raise MergeError(
+                f"{method}: {self.name}={value!r}{where} is outside the valid range ({rng.removeprefix('in ')}); "
+                f"use a value {rng}" + (f" ({self.doc})" if self.doc else "")
+            )
+        return number
+
+
+@dataclass(frozen=True, slots=True)
+class Gene:
+    """A parameter a PS genome searches (DESIGN.md section 3): its bounds and start in the genome vector.
+
+    Attributes:
+        name: a declared parameter of the method. Per-model parameters get one gene per (layer group, model,
+            filter set); global ones one per (layer group, filter set).
+        low, high: the gene's bounds.
+        initial: start value; None means ``1 / number of models`` (mergekit-evolve's weights).
+        signed: with ``allow_negative_weights`` the lower bound becomes ``-high`` and the sign is kept (else
+            decoding takes the absolute value).
+        clip: decoding clips the value into the bounds (weights are only made non-negative, as mergekit-evolve).
+    """
+
+    name: str
+    low: float
+    high: float
+    initial: float | None
+    signed: bool = False
+    clip: bool = True
 
 
 # The kernel signature: fn(tensors, *, base_index, per_model, params, generator) -> Tensor, where
@@ -90,6 +191,13 @@ class MergeMethod:
         min_inputs, max_inputs: bounds on the number of inputs, base included (None = unbounded).
         min_non_base, max_non_base: bounds on the inputs other than the base.
         reference: paper or URL.
+        genes: what a PS genome searches (:class:`Gene`); empty: the method is not a genome method.
+        kernel: name of the fused kernel that implements the method (a key of ``dfsmerge.kernels.KERNELS``),
+            or None. The kernel takes the parameters :func:`resolve_params` resolved.
+        chunking: how a large tensor is merged in row chunks, bit-identical to the whole-tensor merge: a factory
+            ``(method, base_index, per_model, params, numel) -> ChunkedMerge | None`` (see
+            :mod:`dfsmerge.merge.chunked`; None from it: these parameters need the whole tensor), or None: the
+            method always merges whole tensors.
     """
 
     name: str
@@ -102,6 +210,42 @@ class MergeMethod:
     min_non_base: int = 0
     max_non_base: int | None = None
     reference: str = ""
+    genes: tuple[Gene, ...] = ()
+    kernel: str | None = None
+    chunking: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        declared = {p.name: p for p in self.params}
+        for gene in self.genes:
+            if gene.name not in declared:
+                raise ValueError(f"merge method {self.name}: gene {gene.name!r} is not a declared parameter")
+        if len({declared[g.name].per_model for g in self.genes}) > 1:
+            raise ValueError(f"merge method {self.name}: genes mix per-model and global parameters")
+
+    @property
+    def global_genes(self) -> bool:
+        """True when the method's genes are global parameters (one per layer group and filter set, no model axis)."""
+        return bool(self.genes) and not self.param(self.genes[0].name).per_model
+
+    def count_problem(self, n: int, *, has_base: bool) -> str | None:
+        """What is wrong with merging ``n`` inputs (base included when ``has_base``), e.g. ``"slerp needs exactly
+        2 model(s) (base included)"``, or None when the count is valid."""
+        for what, count, lo, hi in (
+            ("model(s)" + (" (base included)" if has_base else ""), n, self.min_inputs, self.max_inputs),
+            ("model(s) besides the base", n - has_base, self.min_non_base, self.max_non_base),
+        ):
+            if count >= lo and (hi is None or count <= hi):
+                continue
+            if hi is None:
+                need = f"at least {lo}"
+            elif lo == hi:
+                need = f"exactly {lo}"
+            elif lo <= 1:
+                need = f"at most {hi}"
+            else:
+                need = f"{lo} to {hi}"
+            return f"{self.name} needs {need} {what}"
+        return None
 
     def per_model_params(self) -> tuple[ParamSpec, ...]:
         """Parameters given once per input model."""
@@ -166,34 +310,6 @@ def make_generator(seed: int, name: str, device: torch.device | str = "cpu") -> 
     return torch.Generator(device=device).manual_seed(tensor_seed(seed, name))
 
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce(method: str, spec: ParamSpec, value: Any, where: str) -> Any:
-    if value is None and spec.default is None:
-        return None
-    if spec.kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int | float) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise MergeError(f"{method}: {spec.name}={value!r}{where} is not a boolean; use true or false")
-    if spec.kind is float:
-        if isinstance(value, bool):
-            raise MergeError(f"{method}: {spec.name}={value!r}{where} is a boolean; give a number")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise MergeError(f"{method}: {spec.name}={value!r}{where} is not a number; give a number") from None
-        if not math.isfinite(number):
-            raise MergeError(f"{method}: {spec.name}={value!r}{where} is not finite; give a finite number")
-        return number
-    return value
-
-
 def _resolve(
     m: MergeMethod,
     n: int,
@@ -226,7 +342,7 @@ def _resolve(
     # As mergekit's resolver, a value of None means "not set here" (unless None is the default).
     for spec in m.global_params():
         if global_params.get(spec.name) is not None:
-            resolved_global[spec.name] = _coerce(m.name, spec, global_params[spec.name], f" for {label}")
+            resolved_global[spec.name] = spec.coerce(global_params[spec.name], method=m.name, where=f" for {label}")
         elif spec.required:
             raise MergeError(
                 f"{m.name}: missing required parameter {spec.name!r} for {label}; set parameters: "
@@ -243,9 +359,9 @@ def _resolve(
                 continue
             where = f" for model #{i} of {label}"
             if params[i].get(spec.name) is not None:
-                values.append(_coerce(m.name, spec, params[i][spec.name], where))
+                values.append(spec.coerce(params[i][spec.name], method=m.name, where=where))
             elif global_params.get(spec.name) is not None:
-                values.append(_coerce(m.name, spec, global_params[spec.name], where))
+                values.append(spec.coerce(global_params[spec.name], method=m.name, where=where))
             elif spec.required:
                 raise MergeError(
                     f"{m.name}: missing required parameter {spec.name!r}{where}; give it in that model's "
@@ -258,23 +374,60 @@ def _resolve(
 
 
 def _check_counts(m: MergeMethod, n: int, base_index: int | None, label: str) -> None:
-    non_base = n - (base_index is not None)
-    for what, count, lo, hi in (
-        ("model(s)" + (" (base included)" if base_index is not None else ""), n, m.min_inputs, m.max_inputs),
-        ("model(s) besides the base", non_base, m.min_non_base, m.max_non_base),
-    ):
-        if count >= lo and (hi is None or count <= hi):
-            continue
-        if hi is None:
-            need = f"at least {lo}"
-        elif lo == hi:
-            need = f"exactly {lo}"
-        elif lo <= 1:
-            need = f"at most {hi}"
-        else:
-            need = f"{lo} to {hi}"
+    problem = m.count_problem(n, has_base=base_index is not None)
+    if problem:
+        need = problem.removeprefix(f"{m.name} ")
         hint = " (stack models with slices of one model each)" if m.max_inputs == 1 else ""
-        raise MergeError(f"{m.name} needs {need} {what} but got {count} for {label}; give {need}{hint}")
+        raise MergeError(f"{problem} but got {n} input(s) for {label}; give {need.removeprefix('needs ')}{hint}")
+
+
+def resolve_params(
+    method: str | MergeMethod,
+    n: int,
+    *,
+    base_index: int | None,
+    params: Sequence[Mapping[str, Any] | None],
+    global_params: Mapping[str, Any] | None,
+    name: str = "",
+) -> tuple[int | None, dict[str, tuple[Any, ...]], dict[str, Any]]:
+    """Check the input contract and resolve every parameter of one merge (the one resolver of the package: the
+    merge library and the fused kernels both call it).
+
+    Args:
+        method: registry name or method.
+        n: number of inputs, base included.
+        base_index: index of the base among the inputs, or None (ignored by methods with ``base="none"``).
+        params: one mapping (or None) per input with its per-model parameters.
+        global_params: global parameters; a per-model parameter given here applies to every model without it.
+        name: tensor name, for messages.
+
+    Returns:
+        ``(base_index, per_model, global)``: the effective base index (None for ``base="none"``), per-model
+        values as tuples aligned with the inputs (None for the base of a ``non_base`` parameter) and global
+        values, each coerced to its kind, range-checked and defaulted.
+
+    Raises:
+        MergeError: unknown or misplaced parameter, missing required one, bad or out-of-range value, wrong
+            number of inputs, missing or out-of-range base.
+    """
+    m = get_method(method) if isinstance(method, str) else method
+    label = f"tensor {name!r}" if name else "this tensor"
+    if m.base == "none":
+        base_index = None
+    elif base_index is not None and not 0 <= base_index < n:
+        raise MergeError(f"{m.name}: base_index={base_index} is out of range for {n} inputs of {label}")
+    if m.base == "required" and base_index is None:
+        raise MergeError(
+            f"{m.name} requires a base model but none was given for {label}; set base_model: to one of the models"
+        )
+    _check_counts(m, n, base_index, label)
+    if len(params) != n:
+        raise MergeError(
+            f"{m.name}: got {len(params)} per-model parameter sets for {n} inputs of {label}; give one per input"
+        )
+    params = [p or {} for p in params]  # None for a model without parameters
+    per_model, glob = _resolve(m, n, base_index, params, global_params or {}, label)
+    return base_index, per_model, glob
 
 
 def merge_tensor(
@@ -321,21 +474,8 @@ def merge_tensor(
     for i, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
             raise MergeError(f"{m.name}: input #{i} for {label} is {type(tensor).__name__}, not a torch.Tensor")
-    if m.base == "none":
-        base_index = None
-    elif base_index is not None and not 0 <= base_index < n:
-        raise MergeError(f"{m.name}: base_index={base_index} is out of range for {n} inputs of {label}")
-    if m.base == "required" and base_index is None:
-        raise MergeError(
-            f"{m.name} requires a base model but none was given for {label}; set base_model: to one of the models"
-        )
-    _check_counts(m, n, base_index, label)
-    if len(params) != n:
-        raise MergeError(
-            f"{m.name}: got {len(params)} per-model parameter sets for {n} inputs of {label}; give one per input"
-        )
-    params = [p or {} for p in params]  # None for a model without parameters
-    per_model, glob = _resolve(m, n, base_index, params, global_params or {}, label)
+    base_index, per_model, glob = resolve_params(m, n, base_index=base_index, params=params,
+                                                 global_params=global_params, name=name)
 
     shapes = [tuple(t.shape) for t in tensors]
     if any(s != shapes[0] for s in shapes):

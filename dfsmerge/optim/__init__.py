@@ -1,10 +1,12 @@
 """Optimizers behind one ask/tell protocol with explicit, resumable state (see ``base``).
 
-Registry names: ``cma`` (CMA-ES, pycma), ``nsga2`` (NSGA-II, pymoo), ``random`` (uniform random search).
-The search loop uses only this package; it never imports ``cma`` or ``pymoo``.
+Registry names: ``cma`` (CMA-ES, pycma), ``nsga2`` (NSGA-II, pymoo), ``random`` (uniform random search),
+``llm`` (an LLM proposes each generation's mean: EvoLLM, over an OpenAI-compatible endpoint or a local model).
+The search loop uses only this package; it never imports ``cma``, ``pymoo`` or ``openai``.
 """
 
 from dfsmerge.optim import cmaes as _cmaes  # noqa: F401  (registers "cma")
+from dfsmerge.optim import llm as _llm  # noqa: F401  (registers "llm")
 from dfsmerge.optim import nsga2 as _nsga2  # noqa: F401  (registers "nsga2")
 from dfsmerge.optim import random_search as _random_search  # noqa: F401  (registers "random")
 from dfsmerge.optim.base import (

@@ -28,6 +28,7 @@ import base64
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,6 +47,14 @@ class OptimizerOptions(BaseModel):
 
     penalty: float = DEFAULT_PENALTY
     """Fitness given to failed candidates (NaN or infinite objective); must be finite and positive."""
+
+    def preflight(self) -> None:
+        """Check outside resources the optimizer needs (an LLM endpoint, an API key) before a run starts; for the
+        search to call before it creates the run directory. Default: nothing to check.
+
+        Raises:
+            ConfigError: one line naming the option, the value and the fix.
+        """
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -185,6 +194,10 @@ class Optimizer(abc.ABC):
     def _stop(self) -> str | None:
         """Return a reason to stop, or None."""
         return None
+
+    def bind_run_dir(self, run_dir: str | Path) -> None:
+        """Hook for the search loop: the run directory, once it exists and before ``load_state_dict``, for
+        optimizers that keep their own durable log there (``llm`` writes ``llm.jsonl``). Default: nothing."""
 
     @classmethod
     def _validate_options(cls, options: OptimizerOptions) -> None:

@@ -38,6 +38,10 @@ class CMAOptions(OptimizerOptions):
 
     sigma0: float = Field(0.25, gt=0)
     """Initial step size as a fraction of each gene's range: sigma_j = sigma0 * (hi_j - lo_j)."""
+    stds: tuple[float, ...] | None = None
+    """Initial step size of each gene in its own units (replaces sigma0 * range); a search with no sigma0 of its
+    own takes these from the genome (``GenomeSpace.initial_stds``), which keeps a deep model's first generation
+    near its start."""
     cma_options: dict[str, Any] = Field(default_factory=dict)
     """Extra pycma options (``cma.CMAOptions()`` lists them), e.g. ``{"tolfun": 1e-8}``. Options the adapter
     owns (bounds, popsize, seed, randn, CMA_stds, integer_variables, verbosity) cannot be set here."""
@@ -104,12 +108,15 @@ class CMAES(Optimizer):
     def _setup(self) -> None:
         sp, opts = self.space, self.options
         x0 = sp.x0 if sp.x0 is not None else 0.5 * (sp.lo + sp.hi)
+        if opts.stds is not None and (len(opts.stds) != sp.dim or not all(s > 0 for s in opts.stds)):
+            raise ConfigError(f"optimizer 'cma' option stds has {len(opts.stds)} values; give {sp.dim} (one per "
+                              "gene), each > 0, or leave it out to use sigma0")
         copts = {
             "bounds": [sp.lo.tolist(), sp.hi.tolist()],
             "popsize": sp.popsize,
             "seed": float("nan"),  # pycma must not reseed the global RNG; we own the streams
             "randn": _Randn(sp.seed),
-            "CMA_stds": (sp.hi - sp.lo).tolist(),
+            "CMA_stds": (sp.hi - sp.lo).tolist() if opts.stds is None else list(opts.stds),
             "verbose": -9,
             "verb_log": 0,
             "verb_disp": 0,
@@ -131,7 +138,7 @@ class CMAES(Optimizer):
         # A second stream for pycma's direct np.random calls (integer centering, rare repairs).
         self._aux = np.random.RandomState(sp.seed + 1).get_state()
         with self._global_rng():
-            self._es = cma.CMAEvolutionStrategy(x0.tolist(), opts.sigma0, copts)
+            self._es = cma.CMAEvolutionStrategy(x0.tolist(), opts.sigma0 if opts.stds is None else 1.0, copts)
 
     @contextlib.contextmanager
     def _global_rng(self):
@@ -145,7 +152,12 @@ class CMAES(Optimizer):
 
     def _ask(self) -> np.ndarray:
         with self._global_rng():
-            return np.asarray(self._es.ask(), dtype=np.float64)  # (popsize, dim)
+            X = np.asarray(self._es.ask(), dtype=np.float64)  # (popsize, dim)
+        if self._es.countiter == 0 and self.space.x0 is not None:
+            # Candidate 0 is the start itself (the source's own path, the initial PS weights), scored like the
+            # others, so a search never ends below where it started; pycma takes it as an injected solution.
+            X[0] = self.space.x0
+        return X
 
     def _tell(self, X: np.ndarray, F: np.ndarray) -> None:  # noqa: N803
         with self._global_rng():

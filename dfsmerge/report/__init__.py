@@ -5,6 +5,6 @@ Reads only the run directory (``evals.jsonl``, ``config.yaml``, ``best/``), so i
 still running search. Plots use matplotlib's Agg backend (no display needed).
 """
 
-from dfsmerge.report.report import load_evals, summarize, write_report
+from dfsmerge.report.report import describe_best, load_evals, summarize, write_report
 
-__all__ = ["load_evals", "summarize", "write_report"]
+__all__ = ["describe_best", "load_evals", "summarize", "write_report"]

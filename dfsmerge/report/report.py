@@ -35,6 +35,16 @@ def _fit(r: dict[str, Any]) -> float:
     return math.inf if f is None else float(f)
 
 
+def describe_best(best: dict[str, Any] | None) -> str:
+    """A candidate's objectives, each in its own direction (``real_arith 0.34, real_capitals 1``), for progress
+    lines and summaries; its fitness only when it has no scores ("-" for none or a failed one)."""
+    if best is None or not math.isfinite(_fit(best)):
+        return "-"
+    scores = best.get("objectives") or {}
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, int | float) else f"{k} {v}" for k, v in scores.items()) \
+        or f"fitness {_fit(best):.6g}"
+
+
 def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts, best record (over all stages, as ``best/``) and best-so-far trajectory of a run's evals."""
     final_stage = max((r.get("stage", 1) for r in evals), default=1)
@@ -162,19 +172,22 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
         y += depth[m] + 1
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
     plt = _plt()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 0.5 * len(plan.steps) + 6), 4.5),
+    n_steps = len(plan.steps)
+    big = y > 24  # a real model's pool (30-60 layers and more): smaller marks, sparser ticks, taller figure
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8.0, min(0.5, 12 / max(n_steps, 1)) * n_steps + 6),
+                                                 max(4.5, 0.17 * y + 1.5)),
                                   gridspec_kw={"width_ratios": [2, 1]})
     ys = [offsets[s.layer.model] + s.layer.index for s in plan.steps]
     ax.plot(range(len(ys)), ys, color="lightgray", zorder=1)
     for k, (s, yy) in enumerate(zip(plan.steps, ys, strict=True)):
-        ax.scatter([k], [yy], color=colors[s.layer.model], s=60, zorder=2)
+        ax.scatter([k], [yy], color=colors[s.layer.model], s=25 if big else 60, zorder=2)
         if not math.isclose(s.scale, 1.0, abs_tol=5e-3):
-            ax.annotate(f"×{s.scale:.2f}", (k, yy), textcoords="offset points", xytext=(0, 7), ha="center",
-                        fontsize=7)
+            ax.annotate(f"×{s.scale:.2f}", (k, yy), textcoords="offset points", xytext=(0, 5 if big else 7),
+                        ha="center", fontsize=5 if big else 7)
     ax.set_yticks([offsets[m] + i for m in models for i in range(depth[m])])
-    ax.set_yticklabels([f"{m}[{i}]" for m in models for i in range(depth[m])], fontsize=7)
+    ax.set_yticklabels([f"{m}[{i}]" for m in models for i in range(depth[m])], fontsize=5 if big else 7)
     ax.set_xlabel("step")
-    ax.set_xticks(range(len(ys)))
+    ax.set_xticks(range(0, len(ys), 1 if len(ys) <= 40 else 5))
     ax.set_ylim(-0.7, y - 1.3)  # every pool layer has a row, used or not
     ax.set_title(f"best path: {len(plan.steps)} steps, head/norm from {plan.base}, embedding from {plan.embed_model}",
                  fontsize=9)
@@ -189,11 +202,17 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
     lo = min((p[1] for p in pos.values()), default=0)
     pos["embed"] = ((len(models) - 1) / 2, 1)
     pos["head"] = ((len(models) - 1) / 2, lo - 1)
-    ncolor = [colors.get(g.nodes[n]["model"], "C7") if isinstance(n, LayerRef) else "white" for n in g.nodes]
-    nx.draw_networkx_nodes(g, pos, ax=ax2, node_color=ncolor, edgecolors="black", node_size=300)
-    nx.draw_networkx_labels(g, pos, ax=ax2, labels={n: str(n) if isinstance(n, LayerRef) else n for n in g.nodes},
-                            font_size=6)
-    nx.draw_networkx_edges(g, pos, ax=ax2, arrows=True, connectionstyle="arc3,rad=0.15", arrowsize=8)
+    on_path = set(plan.layers)
+    ncolor = [(colors.get(g.nodes[n]["model"], "C7") if n in on_path else "whitesmoke") if isinstance(n, LayerRef)
+              else "white" for n in g.nodes]
+    # nodes shrink with the pool so a 60-layer column does not overlap; big pools label layers by index only
+    size = 300 if not big else max(40, int(5000 / y))
+    nx.draw_networkx_nodes(g, pos, ax=ax2, node_color=ncolor, edgecolors="black", node_size=size,
+                           linewidths=0.5 if big else 1.0)
+    labels = {n: (str(n.index) if big else str(n)) if isinstance(n, LayerRef) else n for n in g.nodes}
+    nx.draw_networkx_labels(g, pos, ax=ax2, labels=labels, font_size=4 if big else 6)
+    nx.draw_networkx_edges(g, pos, ax=ax2, arrows=True, connectionstyle="arc3,rad=0.15", arrowsize=5 if big else 8,
+                           node_size=size, width=0.6 if big else 1.0)
     nx.draw_networkx_edge_labels(g, pos, ax=ax2, edge_labels={e: g.edges[e]["count"] for e in g.edges
                                                               if g.edges[e]["count"] > 1}, font_size=6)
     ax2.set_title("layer-path graph", fontsize=9)
@@ -262,7 +281,8 @@ def write_report(run_dir: str | Path) -> Path:
         pass
     lines += [f"- evaluations: {s['n']} ({s['cached']} cached duplicates, {s['failed']} failed, "
               f"{s['infeasible']} infeasible) in {s['generations']} generations",
-              f"- best fitness: {_fmt(_fit(best)) if best else '–'} (eval id {best['id'] if best else '–'})", ""]
+              f"- best: {describe_best(best)} (eval id {best['id'] if best else '–'}; minimised fitness "
+              f"{_fmt(_fit(best)) if best else '–'})", ""]
     if (run / "best").is_dir():
         lines += ["Best candidate files: " + ", ".join(f"[`best/{p.name}`](../best/{p.name})"
                                                        for p in sorted((run / "best").iterdir())), ""]

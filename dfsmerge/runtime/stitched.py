@@ -9,7 +9,10 @@ embedding, the steps, the final norm, the head and the rotary embedding. Forward
 Each hop owns its KV-cache slot: a ``DynamicCache`` holds one entry per hop, and each layer sees a small view
 whose ``update(k, v, layer_idx)`` writes the hop's slot whatever the layer's own ``self_attn.layer_idx`` says, so a
 layer used twice keeps two caches. Every hop uses the attention type of the layer it runs (full or sliding
-window, with that layer's window), built once per forward with ``transformers.masking_utils``.
+window, with that layer's window), built once per forward with ``transformers.masking_utils``, and the rotary
+embedding of its attention type (Gemma 3 has a local and a global base). What a family does around its layers
+(Granite's embedding multiplier, GPT-2's learned positions, Cohere's logit scale, Gemma's soft-capping) comes from
+its :class:`~dfsmerge.arch.Architecture`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
+from dfsmerge.arch import Architecture, apply_logit_ops, get_architecture
 from dfsmerge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -76,21 +80,25 @@ class StitchedModel(nn.Module):
     Args:
         embedding: input embedding module (Gemma's scales by sqrt(hidden) itself).
         hops: the steps (layer module, scale, attention type, window).
-        final_norm, head, rotary: model A's modules.
+        final_norm, head, rotary: model A's modules (``rotary`` None for families without one).
         config: model A's transformers config (copied; ``num_hidden_layers`` becomes the path length).
-        final_logit_softcapping: Gemma-2's ``tanh`` cap on the logits (None: off); defaults from ``config``.
+        final_logit_softcapping: Gemma-2's ``tanh`` cap on the logits; overrides the family's logit transforms.
+        architecture: model A's family layout (default: read from ``config``).
+        position_embedding: learned absolute positions added to the embedding (GPT-2's ``wpe``; default model A's
+            when the family has them, through ``architecture``: pass it explicitly).
     """
 
     def __init__(self, *, embedding: nn.Module, hops: Sequence[Hop], final_norm: nn.Module, head: nn.Module,
-                 rotary: nn.Module, config: Any, final_logit_softcapping: float | None = None):
+                 rotary: nn.Module | None, config: Any, final_logit_softcapping: float | None = None,
+                 architecture: Architecture | None = None, position_embedding: nn.Module | None = None):
         super().__init__()
         self.embed_tokens = embedding
+        self.wpe = position_embedding
         self.norm = final_norm
         self.lm_head = head
         self.rotary_emb = rotary
         self._base_config = config
-        self.final_logit_softcapping = (final_logit_softcapping if final_logit_softcapping is not None
-                                        else getattr(config, "final_logit_softcapping", None))
+        self._set_family(architecture, final_logit_softcapping)
         self._configs: dict[int | None, Any] = {}
         self.set_steps(hops)
         self.train(False)  # an evaluation runtime: no dropout, like the pool's models
@@ -106,7 +114,17 @@ class StitchedModel(nn.Module):
         plan = pool.validate_plan(plan)
         return cls(embedding=pool.embedding(plan.embed_model), hops=hops_from_plan(pool, plan),
                    final_norm=pool.final_norm(plan.base), head=pool.head(plan.base), rotary=pool.rotary(plan.base),
-                   config=pool[plan.base].config)
+                   config=pool[plan.base].config, architecture=pool[plan.base].architecture,
+                   position_embedding=pool.position_embedding(plan.embed_model))
+
+    def _set_family(self, architecture: Architecture | None, softcap: float | None = None) -> None:
+        config = self._base_config
+        arch = architecture or get_architecture(config.to_dict())
+        self.architecture = arch
+        self._logit_ops = (("softcap", float(softcap)),) if softcap is not None else arch.logit_ops(config)
+        self._embed_multiplier = arch.embed_multiplier(config)
+        self._rotary_takes_type = arch.rotary_takes_type
+        self._cache_arg = arch.cache_arg
 
     def set_steps(self, hops: Sequence[Hop]) -> None:
         """Swap the path (no weight is copied)."""
@@ -120,7 +138,9 @@ class StitchedModel(nn.Module):
         layers._modules = {_NAMES[i] if i < len(_NAMES) else str(i): h.layer for i, h in enumerate(hops)}
         self.layers = layers
         config = copy.copy(self._base_config)
-        config.__dict__["num_hidden_layers"] = len(hops)  # skips PretrainedConfig.__setattr__'s bookkeeping
+        # skips PretrainedConfig.__setattr__'s bookkeeping; GPT-2 keeps the count as n_layer
+        config.__dict__[getattr(type(config), "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")] = \
+            len(hops)
         if getattr(self._base_config, "layer_types", None) is not None:
             config.__dict__["layer_types"] = [h.attention_type for h in hops]
         self.config = config
@@ -131,9 +151,10 @@ class StitchedModel(nn.Module):
         if config is not self._base_config:
             self._base_config = config
             self._configs = {}
-            self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+            self._set_family(pool[plan.base].architecture)
         self.set_steps(hops_from_plan(pool, plan))
         self.embed_tokens = pool.embedding(plan.embed_model)
+        self.wpe = pool.position_embedding(plan.embed_model)
         self.norm = pool.final_norm(plan.base)
         self.lm_head = pool.head(plan.base)
         self.rotary_emb = pool.rotary(plan.base)
@@ -204,6 +225,8 @@ class StitchedModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        if self._embed_multiplier != 1.0:
+            h = h * self._embed_multiplier  # Granite: outside the embedding module
         if use_cache and cache is None:
             cache = DynamicCache()
         if cache is not None and len(getattr(cache, "layers", ())) > len(self.hops):
@@ -212,25 +235,30 @@ class StitchedModel(nn.Module):
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(h.shape[1], device=h.device) + past).unsqueeze(0)  # (1, T)
+        if self.wpe is not None:
+            h = h + self.wpe(position_ids)  # (B, T, D) + (B|1, T, D): GPT-2's learned positions
         masks = self._masks(h, attention_mask, cache, position_ids)
-        position_embeddings = self.rotary_emb(h, position_ids)  # (cos, sin): (B, T, head_dim) each
+        rotary: dict[str, Any] = {}
+        if self.rotary_emb is not None:  # (cos, sin): (B, T, head_dim) each
+            kinds = {hop.attention_type for hop in self.hops}
+            if self._rotary_takes_type:  # one base per attention type (Gemma 3: local and global)
+                rotary = {k: self.rotary_emb(h, position_ids, k) for k in kinds}
+            else:
+                rotary = dict.fromkeys(kinds, self.rotary_emb(h, position_ids))
         states = (h,) if output_hidden_states else None
         for i, hop in enumerate(self.hops):
             if hop.scale != 1.0:
                 h = h * hop.scale  # (B, T, D) * () -> (B, T, D)
+            extra = {"position_embeddings": rotary[hop.attention_type]} if rotary else {}
+            extra[self._cache_arg] = None if cache is None else _HopCache(cache, i)
             h = hop.layer(h, attention_mask=masks[(hop.attention_type, hop.sliding_window)],
-                          position_ids=position_ids,
-                          cache=None if cache is None else _HopCache(cache, i),
-                          use_cache=use_cache, position_embeddings=position_embeddings)
+                          position_ids=position_ids, use_cache=use_cache, **extra)
             if states is not None:
                 states += (h,)
         h = self.norm(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)  # (B, T, V)
-        if self.final_logit_softcapping is not None:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+        logits = apply_logit_ops(self.lm_head(h), self._logit_ops)  # (B, T, V)
         return StitchedOutput(logits=logits, cache=cache if use_cache else None,
                               hidden_states=states)
 

@@ -74,7 +74,9 @@ def search_command(args: argparse.Namespace) -> int:
                         **overrides)
     print(f"search finished: {result.n_evals} evaluations in {result.run_dir} ({result.stop_reason})")
     if result.best is not None:
-        print(f"best fitness {result.best['fitness']:.6g} (eval id {result.best['id']})")
+        from dfsmerge.report import describe_best
+
+        print(f"best {describe_best(result.best)} (eval id {result.best['id']})")
     for name in ("plan", "recipe", "mergekit", "pareto", "report"):
         if name in result.outputs:
             print(f"  {name}: {result.outputs[name]}")
@@ -87,7 +89,7 @@ def search_command(args: argparse.Namespace) -> int:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Handler of ``dfsmerge inspect``."""
-    from dfsmerge.report import load_evals, summarize, write_report
+    from dfsmerge.report import describe_best, load_evals, summarize, write_report
 
     out = write_report(args.run)
     s = summarize(load_evals(args.run))
@@ -95,6 +97,6 @@ def inspect_command(args: argparse.Namespace) -> int:
     print(f"{s['n']} evaluations ({s['failed']} failed, {s['infeasible']} infeasible, {s['cached']} cached) in "
           f"{s['generations']} generations")
     if best is not None:
-        print(f"best fitness {best['fitness']:.6g} (eval id {best['id']}); objectives: {best.get('objectives')}")
+        print(f"best {describe_best(best)} (eval id {best['id']}; minimised fitness {best['fitness']:.6g})")
     print(f"report: {out / 'report.md'}")
     return 0

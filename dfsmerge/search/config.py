@@ -125,7 +125,7 @@ class GenomeSection(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        from dfsmerge.genome import METHOD_GENES
+        from dfsmerge.genome import genome_method_error
 
         errors = []
         names = [m.name for m in self.models]
@@ -133,9 +133,10 @@ class GenomeSection(BaseModel):
         if dup:
             errors.append(f"models has duplicate names {dup}; give each model a name: {{name: NAME, model: REF}}")
         if self.mode in ("ps", "staged", "joint"):
-            if self.merge_method not in METHOD_GENES:
-                errors.append(f"merge_method={self.merge_method!r} has no genome; use one of {', '.join(METHOD_GENES)}")
-            elif self.merge_method not in ("linear",) and self.base_model is None:
+            problem = genome_method_error(self.merge_method, "merge_method")
+            if problem:
+                errors.append(problem)
+            elif self.base_model is None and _base_required(self.merge_method):
                 errors.append(f"merge_method={self.merge_method!r} needs base_model; set it to one of the models")
         if self.mode == "ps" and self.dfs.models is not None:
             errors.append("dfs.models is set but mode='ps' searches no path; use mode: dfs, staged or joint")
@@ -155,6 +156,12 @@ class GenomeSection(BaseModel):
             if self.base_model in (m.name, m.model):
                 return m
         return ModelEntry(name=default_model_name(self.base_model), model=self.base_model)
+
+
+def _base_required(method: str) -> bool:
+    from dfsmerge.merge import get_method
+
+    return get_method(method).base == "required"
 
 
 class SyntheticObjectiveConfig(BaseModel):
@@ -197,6 +204,24 @@ class OptimizerSection(BaseModel):
     sum."""
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_options(cls, data: Any) -> Any:
+        """Accept the optimizer's own options beside ``name`` (``{name: llm, model: gpt-4o-mini}``): they move
+        into ``options``; unknown keys stay and are rejected."""
+        from dfsmerge.optim import OPTIMIZERS
+
+        if not isinstance(data, Mapping) or data.get("name") not in OPTIMIZERS:
+            return data
+        opts = OPTIMIZERS[data["name"]].Options
+        known = set(opts.model_fields) | {a for f in opts.model_fields.values()
+                                          for a in getattr(f.validation_alias, "choices", ())}
+        flat = {k: v for k, v in data.items() if k in known and k not in cls.model_fields}
+        if not flat:
+            return data
+        rest = {k: v for k, v in data.items() if k not in flat}
+        return {**rest, "options": {**flat, **dict(rest.get("options") or {})}}
+
     def all_options(self) -> dict[str, Any]:
         return {**self.options, **({"sigma0": self.sigma0} if self.sigma0 is not None else {})}
 
@@ -214,6 +239,26 @@ class OptimizerSection(BaseModel):
             raise ValueError(f"multi_objective=true but optimizer {self.name!r} is single-objective; use nsga2 "
                              "(or random), or set multi_objective: false for a weighted sum")
         return self
+
+
+RESUMABLE = {"resumable": True}
+"""Marks a config field that ``--resume`` may change (budget, backend, logging); every other field must equal the
+run's saved config (:func:`resumable_paths`, read by ``check_resume_config``)."""
+
+
+def resumable_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted paths of the fields of ``model`` (and its nested sections) marked :data:`RESUMABLE`."""
+    import typing
+
+    out: set[str] = set()
+    for name, f in model.model_fields.items():
+        if (f.json_schema_extra or {}).get("resumable"):
+            out.add(prefix + name)
+            continue
+        for arg in (f.annotation, *typing.get_args(f.annotation)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                out |= resumable_paths(arg, f"{prefix}{name}.")
+    return out
 
 
 class BudgetSection(BaseModel):
@@ -242,7 +287,7 @@ class Stage2Section(BaseModel):
     model_config = _FROZEN
 
     optimizer: OptimizerSection | None = None
-    budget: BudgetSection | None = None
+    budget: BudgetSection | None = Field(None, json_schema_extra=RESUMABLE)
 
 
 class LoggingSection(BaseModel):
@@ -277,20 +322,20 @@ class SearchConfig(BaseModel):
     genome: GenomeSection
     objectives: tuple[Objective, ...] = Field(min_length=1)
     optimizer: OptimizerSection = OptimizerSection()
-    budget: BudgetSection
+    budget: BudgetSection = Field(json_schema_extra=RESUMABLE)
     seed: int = Field(0, ge=0)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    backend: Literal["local", "ray"] = "local"
-    ray_address: str | None = None
-    num_workers: int | None = Field(None, ge=1)
+    backend: Literal["local", "ray"] = Field("local", json_schema_extra=RESUMABLE)
+    ray_address: str | None = Field(None, json_schema_extra=RESUMABLE)
+    num_workers: int | None = Field(None, ge=1, json_schema_extra=RESUMABLE)
     task_paths: tuple[str, ...] = ()
     zoo_dir: str | None = None
     zoo_size: Literal["tiny", "default"] = "default"
     batch_size: int = Field(16, ge=1)
     allow_benchmark_test_split: bool = False
     builtin_tasks: bool = True
-    logging: LoggingSection = LoggingSection()
+    logging: LoggingSection = Field(LoggingSection(), json_schema_extra=RESUMABLE)
     stage2: Stage2Section | None = None
     """Staged mode only: optimizer and budget of stage 2 (the DFS stage)."""
 

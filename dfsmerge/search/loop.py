@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from dfsmerge.errors import CheckpointError, DfsmergeError
+from dfsmerge.report.report import describe_best
 from dfsmerge.search.config import SearchConfig, load_search_config
 from dfsmerge.search.state import RunDir, check_resume_config
 
@@ -88,14 +89,17 @@ def _set_rng_state(d: dict[str, Any] | None) -> None:
 
 
 class _Progress:
-    """tqdm bar per generation (evals/s and best so far), or one log line per generation when quiet."""
+    """tqdm bar per generation (evals/s and best so far), or one log line per generation when quiet. The best is
+    shown as its objectives, each in its own direction (``best real_arith 0.34``), not as the minimised fitness."""
 
     def __init__(self, enabled: bool, emit: Callable[[str], None]):
         self.enabled = enabled and sys.stderr.isatty() or enabled == "force"
         self.emit = emit
         self.bar = None
 
-    def start(self, gen: int, n: int, best: float | None) -> None:
+    describe = staticmethod(describe_best)
+
+    def start(self, gen: int, n: int, best: dict[str, Any] | None) -> None:
         self.t0 = time.perf_counter()
         self.n = 0
         if self.enabled:
@@ -106,22 +110,22 @@ class _Progress:
 
     def _post(self, best):
         if self.bar is not None:
-            self.bar.set_postfix_str(f"best={best:.6g}" if best is not None and math.isfinite(best) else "best=-")
+            self.bar.set_postfix_str(f"best {self.describe(best)}")
 
-    def step(self, best: float | None) -> None:
+    def step(self, best: dict[str, Any] | None) -> None:
         self.n += 1
         if self.bar is not None:
             self.bar.update(1)
             self._post(best)
 
-    def end(self, gen: int, best: float | None, n_evals: int) -> None:
+    def end(self, gen: int, best: dict[str, Any] | None, n_evals: int) -> None:
         dt = time.perf_counter() - self.t0
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         rate = self.n / dt if dt > 0 else float("inf")
-        b = f"{best:.6g}" if best is not None and math.isfinite(best) else "-"
-        self.emit(f"generation {gen}: {self.n} evals ({rate:.2f} evals/s), {n_evals} in all, best fitness {b}")
+        self.emit(f"generation {gen}: {self.n} evals ({rate:.2f} evals/s), {n_evals} in all, "
+                  f"best {self.describe(best)}")
 
 
 class _Trackers:
@@ -169,15 +173,21 @@ class Search:
 
     def __init__(self, config: SearchConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
                  address: str | None = None, emit: Callable[[str], None] | None = None, backend=None):
-        from dfsmerge.search.space import build_space
+        from dfsmerge.optim import validate_options
+        from dfsmerge.search.space import build_space, check_models
 
         self.config = config
         self.emit = emit or (lambda msg: log.info(msg))
         RunDir.check(out, resume=resume)  # refuse a non-empty --out (or a missing run) before any work
         if resume:
             check_resume_config(RunDir(out).read_config(), config.to_dict())
-        # Everything that can reject the config runs before the run directory is created: genome vs. models, tasks.
+        # Everything that can reject the config runs before the run directory is created: the optimizer's outside
+        # resources, architectures and pool compatibility (from config files), genome vs. models, tasks.
+        for stage in (1, 2) if config.genome.mode == "staged" else (1,):
+            o = config.optimizer_for(stage)
+            validate_options(o.name, **o.all_options()).preflight()
         self.space, self.models = build_space(config)
+        check_models(self.models)
         if backend is None:
             from dfsmerge.search.backends import make_backend
 
@@ -211,14 +221,19 @@ class Search:
         return self.space.with_stage(2, self.space.ps.decode(np.asarray(fixed)))
 
     def _make_optimizer(self, space, stage: int):
-        from dfsmerge.optim import make_optimizer
+        from dfsmerge.optim import OPTIMIZERS, make_optimizer
         from dfsmerge.search.space import binary_mask
 
         o = self.config.optimizer_for(stage)
         lo, hi = space.bounds
+        options = o.all_options()
+        fields = OPTIMIZERS[o.name].Options.model_fields
+        if space.parts[1] is not None and "stds" in fields and "sigma0" not in options and "stds" not in options:
+            # a DFS genome's default start keeps the first generation near the source path (DFSGenome.initial_stds)
+            options["stds"] = tuple(space.initial_stds(fields["sigma0"].default).tolist())
         return make_optimizer(o.name, dim=space.dim, bounds=(lo, hi), x0=space.initial(),
                               seed=self.config.seed + stage - 1, popsize=o.popsize, n_obj=self.config.n_obj,
-                              binary_mask=np.asarray(binary_mask(space)), **o.all_options())
+                              binary_mask=np.asarray(binary_mask(space)), **options)
 
     def _checkpoint(self, opt, *, stage: int, offset: int, gen_offset: int, fixed, phase: str, elapsed: float) -> None:
         self.run.write_state({"stage": stage, "stage_offset": offset, "generation_offset": gen_offset,
@@ -270,6 +285,7 @@ class Search:
                 space = self._stage_space(stage, fixed)
                 self.backend.set_stage(stage, fixed)
                 opt = self._make_optimizer(space, stage)
+                opt.bind_run_dir(self.run.path)  # before the state: llm replays its logged answers from there
                 if stage == stage0 and st.get("optimizer") is not None:
                     opt.load_state_dict(st["optimizer"])
                 reason = self._run_stage(stage, space, opt, offset, gen_offset, fixed, elapsed0, t_session)
@@ -360,7 +376,7 @@ class Search:
             cands[i] = (cand, self._candidate_dict(cand))
             key = self._key(cands[i][1], X[i])
             todo.setdefault(key, []).append(i)
-        best = self._best_fitness()
+        best = self._stage_best
         self.progress.start(gen, n, best)
         for _ in range(sum(r is not None for r in recs)):
             self.progress.step(best)
@@ -394,7 +410,7 @@ class Search:
                     if math.isfinite(_f(rec.get("fitness"))) and (
                             self._stage_best is None or _f(rec["fitness"]) < _f(self._stage_best["fitness"])):
                         self._stage_best = rec
-                    self.progress.step(self._best_fitness())
+                    self.progress.step(self._stage_best)
                 next_i += 1
 
         for key, idx in todo.items():
@@ -418,7 +434,7 @@ class Search:
                                    "fitness": result["fitness"], "error": result["error"], "infeasible": True}
             flush()
         flush()
-        self.progress.end(gen, self._best_fitness(), len(self.run.evals))
+        self.progress.end(gen, self._stage_best, len(self.run.evals))
         return recs  # type: ignore[return-value]
 
     def _count_failure(self, rec: dict[str, Any]) -> None:

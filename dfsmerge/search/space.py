@@ -101,6 +101,33 @@ def num_layers_of(paths: Mapping[str, str]) -> dict[str, int]:
     return out
 
 
+def check_models(models: ResolvedModels) -> None:
+    """What the models' config files can tell, checked before any weight is read or a run directory exists: every
+    model's architecture is supported, and the DFS pool's models can share one layer path.
+
+    Raises:
+        ArchitectureError: one line naming the model, what is wrong and what is supported.
+    """
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from dfsmerge.arch import get_architecture
+    from dfsmerge.io import open_checkpoint, resolve_model_path
+    from dfsmerge.pool import LayerPool
+
+    for name, p in {**models.ps, **models.ps_extra, **models.dfs}.items():
+        if p != PS_MODEL_IN_PLAN:
+            get_architecture(open_checkpoint(p, name=name).config, source=f"model {name!r} ({p})")
+    pool = [(name, p) for name, p in models.dfs.items() if p != PS_MODEL_IN_PLAN]
+    if models.ps:  # joint / staged: the merged model is built from the PS models, so one stands for it
+        pool.insert(0, next(iter(models.ps.items())))
+    configs = [SimpleNamespace(name=n, config=AutoConfig.from_pretrained(str(resolve_model_path(p))))
+               for n, p in pool]
+    for other in configs[1:]:
+        LayerPool._check_compatible(None, configs[0], other)
+
+
 def build_space(config: SearchConfig, models: ResolvedModels | None = None):
     """The genome space of ``config`` (stage 1 in staged mode).
 

@@ -206,13 +206,24 @@ class RunDir:
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A resumed run must use the config it started with, except for the budget, backend and logging.
+    """A resumed run must use the config it started with, except for the fields the config models mark resumable
+    (budget, stage2.budget, backend, logging: :func:`dfsmerge.search.config.resumable_paths`).
 
     Raises:
         ConfigError: naming the fields that differ.
     """
-    free = {"budget", "backend", "ray_address", "num_workers", "logging"}
-    diff = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
-    if diff:
-        raise ConfigError(f"--resume: the config differs from the run's config.yaml in {diff}; resume with the "
-                          "original config (only budget, backend and logging may change) or start a new --out")
+    from dfsmerge.search.config import SearchConfig, resumable_paths
+
+    free = resumable_paths(SearchConfig)
+
+    def diff(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict) and any(p.startswith(prefix) for p in free if prefix):
+            return [d for k in sorted(set(a) | set(b)) if f"{prefix}{k}" not in free
+                    for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    changed = [d for k in sorted(set(saved) | set(current)) if k not in free
+               for d in diff(saved.get(k), current.get(k), f"{k}.")]
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the run's config.yaml in {changed}; resume with the "
+                          f"original config (only {', '.join(sorted(free))} may change) or start a new --out")

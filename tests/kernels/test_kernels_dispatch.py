@@ -62,7 +62,7 @@ def test_out_is_written_in_place_on_reference_path():
     [
         ({"method_name": "nuslerp"}, "no fused kernel"),
         ({"backend": "cuda"}, "backend='cuda'"),
-        ({"params": {"density": 0.5}}, "'weight' is missing"),
+        ({"params": {"density": 0.5}}, "missing required parameter 'weight'"),
         ({"params": {"weight": 1.0, "dens": 0.5}}, "unknown parameter"),
         ({"base_index": 7}, "base_index=7"),
         ({"params": {"weight": [1.0, 2.0, 3.0, 4.0, 5.0]}}, "has 5 values"),

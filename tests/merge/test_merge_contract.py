@@ -9,19 +9,9 @@ from dfsmerge.errors import MergeError
 from dfsmerge.merge import get_method, merge_tensor, registered_methods, tensor_seed
 
 EXPECTED = {
-    "linear",
-    "slerp",
-    "nuslerp",
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "model_stock",
-    "passthrough",
+    "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough", "sce", "multislerp", "karcher",
+    "nearswap", "arcee_fusion", "ram", "ramplus_tl",
 }
 METHODS = registered_methods()
 RANDOM = [name for name in METHODS if get_method(name).random]
@@ -29,6 +19,8 @@ RANDOM = [name for name in METHODS if get_method(name).random]
 
 def test_registry_has_every_mergekit_method():
     assert set(METHODS) >= EXPECTED
+    mergekit_methods = pytest.importorskip("mergekit.merge_methods", reason="mergekit 0.1.5 is the test oracle")
+    assert {m.spec.name for m in mergekit_methods.registered_methods()} <= set(METHODS)
     assert set(RANDOM) == {"dare_ties", "dare_linear", "della", "della_linear"}
 
 
@@ -151,8 +143,9 @@ def test_wrong_number_of_inputs(method, valid_call):
         params = [*call.params, dict(call.params[-1])]
         with pytest.raises(MergeError, match="needs (exactly|at most)"):
             merge_tensor(method, extra, **{**call.kwargs(), "params": params}, name="w")
-    if len(call.tensors) > 1 and (m.min_inputs > 1 or m.min_non_base > 0):
-        fewer, params = call.tensors[:-1], call.params[:-1]
+    need = max(m.min_inputs, m.min_non_base + (call.base_index is not None))  # fewest valid inputs
+    if need > 1:
+        fewer, params = call.tensors[: need - 1], call.params[: need - 1]
         with pytest.raises(MergeError, match="needs (exactly|at least)"):
             merge_tensor(method, fewer, **{**call.kwargs(), "params": params}, name="w")
 

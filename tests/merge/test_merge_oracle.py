@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dfsmerge.merge import get_method, merge_tensor
+from tests.merge.conftest import random_tensors
 
 merge_methods_api = pytest.importorskip("mergekit.merge_methods.api", reason="mergekit 0.1.5 is the test oracle")
 
@@ -221,3 +222,104 @@ def test_random_methods_with_the_same_global_rng(method, shape, global_params, d
     if method.startswith("della"):
         params[1]["epsilon"] = 0.1
     _compare(method, _tensors(3, shape, 15), 0, params, global_params, seed_global=2024)
+
+
+# ---- sce, multislerp, karcher, nearswap, arcee_fusion, ram, ramplus_tl ----------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("global_params", [{}, {"select_topk": 0.5}, {"select_topk": 0.13, "int8_mask": True},
+                                           {"select_topk": 0.0}, {"select_topk": 1.0, "int8_mask": True}])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_sce(shape, global_params, n):
+    tensors = _tensors(n, shape, 20)
+    _compare("sce", tensors[1:] + tensors[:1], n - 1, [{}] * n, global_params)  # base last
+
+
+def test_sce_zero_task_vectors_weigh_uniformly():
+    base, ft = _tensors(2, (6, 5), 21)
+    _compare("sce", [base, base.clone(), ft], 0, [{}] * 3, {"select_topk": 0.4})
+    _compare("sce", [base, base.clone(), base.clone()], 0, [{}] * 3, {})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("base_index", [None, 0, 2])
+@pytest.mark.parametrize(("global_params", "weights"), [
+    ({}, [0.3, 0.9]),
+    ({}, [1.0, 2.0, 0.5]),
+    ({"normalize_weights": False}, [0.3, 0.4]),
+    ({"normalize_weights": False, "eps": 1e-4}, [0.5, 0.2, 0.7]),
+    ({}, [0.6]),
+])
+def test_multislerp(shape, base_index, global_params, weights):
+    k = len(weights)
+    n = k + (base_index is not None)
+    if base_index == 2 and n < 3:
+        base_index = n - 1
+    tensors = _tensors(n, shape, 22) if base_index is not None else random_tensors(n, shape, seed=23)
+    _compare("multislerp", tensors, base_index, _weights(n, base_index, weights), global_params)
+
+
+def test_multislerp_antipodal_pair_falls_back_to_linear():
+    a = torch.randn(5, 4, generator=torch.Generator().manual_seed(24))
+    _compare("multislerp", [a, -a], None, [{"weight": 0.5}, {"weight": 0.5}], {})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("global_params", [{}, {"max_iter": 0}, {"max_iter": 1}, {"max_iter": 60, "tol": 1e-7},
+                                           {"tol": 0.5}])
+def test_karcher(shape, n, global_params):
+    _compare("karcher", random_tensors(n, shape, seed=25), None, [{}] * n, global_params)
+
+
+def test_karcher_zero_identical_and_ignored_base():
+    a, b = random_tensors(2, (6, 3), seed=26)
+    _compare("karcher", [a, torch.zeros_like(a), b], None, [{}] * 3, {})  # a zero-norm input leaves the average
+    _compare("karcher", [torch.zeros_like(a)] * 2, None, [{}] * 2, {})
+    _compare("karcher", [a, a.clone(), 2 * a], None, [{}] * 3, {})  # one direction: theta < tol everywhere
+    _compare("karcher", [a, b], 1, [{}] * 2, {})  # the base is an ordinary input
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 1e-3, 0.05, 0.5, 10.0])
+@pytest.mark.parametrize("base_index", [0, 1])
+def test_nearswap(shape, t, base_index):
+    _compare("nearswap", _tensors(2, shape, 27), base_index, [{}, {}], {"t": t})
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (40, 33), (1, 7)])
+@pytest.mark.parametrize("base_index", [0, 1])
+def test_arcee_fusion(shape, base_index):
+    tensors = _tensors(2, shape, 28)
+    if base_index == 1:
+        tensors = tensors[::-1]
+    _compare("arcee_fusion", tensors, base_index, [{}, {}], {})
+
+
+def _sparse_finetunes(n: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    # Task vectors that are exactly zero on random entries, so contributions overlap on some entries only.
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    out = [base]
+    for _ in range(n - 1):
+        delta = 0.1 * torch.randn(shape, generator=g)
+        delta[torch.rand(shape, generator=g) < 0.5] = 0
+        delta[torch.rand(shape, generator=g) < 0.1] *= 1e-4  # below the default epsilon
+        out.append(base + delta)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("global_params", [{}, {"epsilon": 0.0}, {"epsilon": 0.05}])
+def test_ram(method, shape, n, global_params):
+    tensors = _sparse_finetunes(n, shape, 29)
+    _compare(method, tensors, 0, [{}] * n, global_params)
+
+
+@pytest.mark.parametrize("global_params", [{"r": 0.5, "alpha": 0.9}, {"r": 2.0, "alpha": 0.05}, {"r": 0.0}])
+def test_ramplus_tl_rescale(global_params):
+    tensors = _sparse_finetunes(3, (16, 12), 30)
+    _compare("ramplus_tl", tensors[1:] + tensors[:1], 2, [{}] * 3, global_params)

@@ -37,6 +37,10 @@ def _make(name, n_obj=1, mixed=False, **kw):
     if mixed:
         args.update(integer_mask=np.array([0, 0, 1, 0, 0, 0], bool), binary_mask=np.array([0, 0, 0, 1, 1, 0], bool))
     args.update(kw)
+    if name == "llm":  # proposals from a scripted OpenAI-compatible server (tests/optim/chat_server.py)
+        from tests.optim.chat_server import llm_options, shared_server
+
+        args = {**llm_options(shared_server()), **args}
     return make_optimizer(name, **args)
 
 

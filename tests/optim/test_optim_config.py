@@ -12,7 +12,7 @@ OK = dict(dim=3, bounds=(0.0, 1.0), seed=0, popsize=4)
 @pytest.mark.parametrize(
     "name,kw,match",
     [
-        ("adam", {}, r"optimizer='adam' is unknown; use one of cma, nsga2, random"),
+        ("adam", {}, r"optimizer='adam' is unknown; use one of cma, llm, nsga2, random"),
         ("cma", {"dim": 0}, r"dim=0 must be an integer >= 1"),
         ("cma", {"bounds": (1.0, 0.0)}, r"gene 0 are lo=1.0 >= hi=0.0"),
         ("cma", {"bounds": (0.0, np.inf)}, r"bounds must be finite"),
@@ -26,7 +26,7 @@ OK = dict(dim=3, bounds=(0.0, 1.0), seed=0, popsize=4)
         ("nsga2", {"binary_mask": [True, False]}, r"binary_mask has shape \(2,\).*boolean array of shape \(3,\)"),
         ("nsga2", {"binary_mask": np.ones(3, bool), "integer_mask": np.ones(3, bool)}, r"gene 0 is in both"),
         ("random", {"bounds": (0.2, 0.8), "integer_mask": np.ones(3, bool)}, r"containing no integer"),
-        ("cma", {"sigma": 0.3}, r"option 'sigma' is unknown; allowed options: penalty, sigma0, cma_options"),
+        ("cma", {"sigma": 0.3}, r"option 'sigma' is unknown; allowed options: penalty, sigma0, stds, cma_options"),
         ("cma", {"sigma0": -1.0}, r"option sigma0=-1.0: Input should be greater than 0"),
         ("nsga2", {"crossover_prob": 2.0}, r"option crossover_prob=2.0"),
         ("random", {"penalty": float("nan")}, r"penalty=nan must be finite"),

@@ -131,9 +131,29 @@ def test_cli_refuses_existing_run_with_exit_2(make_config, tmp_path, capsys):
     cfg_path.write_text(yaml.safe_dump(make_config("ps", "random", popsize=4, max_evals=4)))
     assert main(["search", str(cfg_path), "--out", str(tmp_path / "r"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "best fitness" in out and "report" in out
+    assert "best " in out and "report" in out
     assert main(["search", str(cfg_path), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--resume" in err and "another --out" in err
     assert main(["search", str(cfg_path), "--out", str(tmp_path / "r"), "--quiet", "--resume", "--max-evals", "8"]) == 0
     assert len(read_evals(tmp_path / "r")) == 8
+
+
+def test_staged_resume_with_stage2_budget_takes_cli_budget_overrides(make_config, tmp_path):
+    """`--resume --max-evals N` (and `--time-limit`) on a staged run whose config has stage2.budget: the CLI writes
+    stage2.budget.*, which the config marks resumable, so the run continues instead of being refused."""
+    from dfsmerge.cli import main
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(make_config("staged", "random", popsize=4, max_evals=4,
+                                                   stage2={"budget": {"max_evals": 4}})))
+    run = str(tmp_path / "r")
+    assert main(["search", str(cfg_path), "--out", run, "--quiet"]) == 0
+    stage2 = lambda: sum(r["stage"] == 2 for r in read_evals(tmp_path / "r"))  # noqa: E731
+    assert stage2() == 4
+    assert main(["search", str(cfg_path), "--out", run, "--quiet", "--resume", "--max-evals", "8"]) == 0
+    assert stage2() == 8
+    assert main(["search", str(cfg_path), "--out", run, "--quiet", "--resume", "--max-evals", "12",
+                 "--time-limit", "3600"]) == 0
+    assert stage2() == 12
+    assert sum(r["stage"] == 1 for r in read_evals(tmp_path / "r")) == 4
