@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -23,8 +22,6 @@ from pathlib import Path
 import torch
 
 HIDDEN, LAYERS, TRUE_RANK = 128, 4, 8
-# benchmarks/kernels.py would shadow the `kernels` package that transformers probes for
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def make_models(root: Path) -> dict[str, Path]:

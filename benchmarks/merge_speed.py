@@ -8,8 +8,7 @@ Both tools run as subprocesses with the same thread count (OMP_NUM_THREADS). Set
 - ``128k``: Llama-3-8B-shaped 128256x4096 embedding and head, 2 layers (~2.6 GB per model); tensors this large
   are merged in row chunks (bounded memory).
 
-    python -m benchmarks.merge_speed [--set 32k] [--methods ties,linear] [--threads 2] [--repeats 2] [--workdir DIR]
-(as a module: run as a script, benchmarks/kernels.py would shadow the ``kernels`` package transformers imports)
+    python benchmarks/merge_speed.py [--set 32k] [--methods ties,linear] [--threads 2] [--repeats 2] [--workdir DIR]
 Targets (issue 15): on 32k, ties at most 0.5x mergekit's time with peak RSS < 1.5 GB; on 128k, peak RSS < 2 GB.
 """
 

@@ -34,7 +34,7 @@ TASK_DIR = ROOT / "configs" / "real" / "tasks"
 
 
 def _scores(res: dict) -> dict[str, float]:
-    return {t: round(float(next(v for k, v in m.items() if "stderr" not in k and k != "alias")), 4)
+    return {t: round(float(next(v for k, v in m.items() if "," in k and "stderr" not in k)), 4)
             for t, m in res["results"].items()}
 
 
@@ -44,11 +44,13 @@ def _hflm_eval(path: Path, dtype: str, split: str) -> tuple[dict, float]:
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=str(path), dtype=dtype, batch_size=16, device="cpu")
-    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-    overrides = {t: {"test_split": split} for t in TASKS}
-    tasks = [{"task": t, "test_split": overrides[t]["test_split"]} for t in TASKS]
+    task_dir = Path(tempfile.mkdtemp(prefix="real_tasks_"))  # the shipped YAMLs scoring `split` (lm-eval's test)
+    for t in TASKS:
+        text = (TASK_DIR / f"{t}.yaml").read_text().replace("test_split: test", f"test_split: {split}")
+        (task_dir / f"{t}.yaml").write_text(text.replace('"configs/real/tasks/', f'"{TASK_DIR}/'))
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
     t0 = time.perf_counter()
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, random_seed=None, numpy_random_seed=None,
+    res = lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=tm, random_seed=None, numpy_random_seed=None,
                                   torch_random_seed=None, bootstrap_iters=0, verbosity="ERROR")
     return res, time.perf_counter() - t0
 

@@ -3,18 +3,18 @@
 This module holds the mergekit-compatible merge recipe (``dfsmerge merge``): ``models:`` or ``slices:``,
 ``base_model``, ``merge_method``, parameters at model, slice-source, slice and global level, gradients (lists
 interpolated across layers) and filters (``- filter: self_attn`` ``value: ...``), ``dtype``, ``out_dtype``,
-``tokenizer_source``. Loading errors are collected and reported as one :class:`ConfigError` naming each field,
-its value and the fix.
+``tokenizer_source`` and the ``tokenizer:`` section. Loading errors are collected and reported as one
+:class:`ConfigError` naming each field, its value and the fix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dfsmerge.errors import ConfigError
 
@@ -80,6 +80,57 @@ class OutputSlice(_Frozen):
         return self
 
 
+class ZeroToken(_Frozen):
+    """A token's embedding and head rows set to zero (``{kind: zero}``)."""
+
+    kind: Literal["zero"]
+
+
+class ModelToken(_Frozen):
+    """A token's rows copied from another token of one model (``{kind: model_token, model, token | token_id}``)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError(f"model_token source for model {self.model!r} needs exactly one of token or token_id")
+        return self
+
+
+class TokenSetting(_Frozen):
+    """Where one output token's rows come from when a model lacks it (``force``: for every model)."""
+
+    source: ZeroToken | ModelToken | str | None = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _kind(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):  # dispatch on kind so errors name the one form that was meant
+            kinds = {"zero": ZeroToken, "model_token": ModelToken}
+            if v.get("kind") not in kinds:
+                raise ValueError(f"kind={v.get('kind')!r} is not a token source; use zero or model_token, or a model")
+            return kinds[v["kind"]].model_validate(v)
+        return v
+
+    def source_model(self) -> str | None:
+        if isinstance(self.source, ModelToken):
+            return self.source.model
+        return self.source.removeprefix("model:") if isinstance(self.source, str) else None
+
+
+class TokenizerSettings(_Frozen):
+    """mergekit's ``tokenizer:`` section: the output vocabulary's source, per-token sources, row padding."""
+
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
 class MergeConfig(_Frozen):
     """A mergekit merge recipe (mergekit 0.1.5 schema, without MoE ``modules:``)."""
 
@@ -91,7 +142,7 @@ class MergeConfig(_Frozen):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    tokenizer: dict[str, Any] | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     name: str | None = None
 
@@ -103,13 +154,23 @@ class MergeConfig(_Frozen):
             v = getattr(self, field)
             if v is not None and v not in DTYPES:
                 raise ValueError(f"{field}={v!r} is not a dtype; use one of {', '.join(DTYPES)}")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either tokenizer_source or a tokenizer: section, not both (as mergekit); move "
+                             f"tokenizer_source={self.tokenizer_source!r} to tokenizer.source")
         if self.tokenizer is not None:
-            raise ValueError("tokenizer: (vocabulary merging) is not supported yet; use tokenizer_source: base or "
-                             "tokenizer_source: <model>")
-        ts = self.tokenizer_source
-        if ts == "union":
-            raise ValueError("tokenizer_source='union' is not supported yet; use 'base' or a model name")
+            models = self.referenced_models()
+            for token, setting in (self.tokenizer.tokens or {}).items():
+                model = setting.source_model()
+                if model is not None and model not in models:
+                    raise ValueError(f"tokenizer.tokens[{token!r}].source names model {model!r}, which the recipe "
+                                     f"does not merge; use one of {models} or {{kind: zero}}")
         return self
+
+    def tokenizer_choice(self) -> str | None:
+        """The output tokenizer's source (``base``, ``union``, a model), or None to copy the donor's files."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, base first, without duplicates, in order of appearance."""

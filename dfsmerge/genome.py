@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -28,9 +28,41 @@ from dfsmerge.dfs.plan import FrozenDict, PathPlan
 from dfsmerge.errors import ConfigError
 
 Mode = Literal["ps", "dfs", "staged", "joint"]
-MODES: tuple[str, ...] = ("ps", "dfs", "staged", "joint")
 MERGED = "merged"
 """Pool name of the PS-merged model when it is model A of the DFS pool (joint/staged modes)."""
+PS_MODEL_IN_PLAN = "@ps"
+"""Value of the PS-merged model in a plan's ``models`` (joint/staged): the recipe in ``candidate.ps`` makes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModeSpec:
+    """What a search mode searches.
+
+    Attributes:
+        ps: the genome holds PS genes (in some stage). dfs: it holds DFS genes (in some stage).
+        stages: 1, or 2 for staged mode (stage 1 PS, stage 2 DFS).
+        merged_is_model_a: the PS-merged model (:data:`MERGED`) is model A of the DFS pool.
+    """
+
+    ps: bool
+    dfs: bool
+    stages: int
+    merged_is_model_a: bool
+
+    def parts(self, stage: int = 1) -> tuple[bool, bool]:
+        """(PS genes, DFS genes) in the genome vector of ``stage``."""
+        if self.stages == 2:
+            return stage == 1, stage == 2
+        return self.ps, self.dfs
+
+
+MODE_TABLE: dict[str, ModeSpec] = {
+    "ps": ModeSpec(ps=True, dfs=False, stages=1, merged_is_model_a=False),
+    "dfs": ModeSpec(ps=False, dfs=True, stages=1, merged_is_model_a=False),
+    "joint": ModeSpec(ps=True, dfs=True, stages=1, merged_is_model_a=True),
+    "staged": ModeSpec(ps=True, dfs=True, stages=2, merged_is_model_a=True),
+}
+MODES: tuple[str, ...] = get_args(Mode)
 
 _ROUND = 9
 
@@ -372,19 +404,26 @@ class Candidate:
         return not isinstance(self.path, Infeasible)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.ps is not None:
-            out["ps"] = self.ps.to_mergekit()
+        """``{"ps": mergekit recipe or None, "path": plan dict or None}`` (plus ``"infeasible": reason``), as
+        ``evals.jsonl`` stores a candidate."""
+        out: dict[str, Any] = {"ps": self.ps.to_mergekit() if self.ps is not None else None, "path": None}
         if isinstance(self.path, Infeasible):
             out["infeasible"] = self.path.reason
         elif self.path is not None:
             out["path"] = self.path.to_dict()
         return out
 
-    def key(self) -> str:
-        """A stable hash of the candidate (same recipe and path -> same key, across processes)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:32]
+    def key(self, genome: Sequence[float] | np.ndarray | None = None) -> str:
+        """The candidate key: a stable hash of :meth:`to_dict` (same recipe and path -> same key, across processes
+        and sessions; ``evals.jsonl`` stores it). Pass ``genome`` when an objective reads the genome vector itself
+        (synthetic objectives), so that genomes decoding alike are still told apart."""
+        return stable_key(self.to_dict(), None if genome is None else np.asarray(genome, dtype=np.float64).tobytes())
+
+
+def stable_key(obj: Any, extra: bytes | None = None) -> str:
+    """32 hex digits of the SHA-256 of ``obj``'s canonical JSON (sorted keys, full float precision) and ``extra``."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob + (extra or b"")).hexdigest()[:32]
 
 
 # ====================================================================== GenomeSpace
@@ -408,18 +447,17 @@ class GenomeSpace:
     fixed_ps: PSRecipe | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
+        if self.mode not in MODE_TABLE:
             raise ConfigError(f"mode={self.mode!r} is not known; use one of {', '.join(MODES)}")
-        need_ps = self.mode in ("ps", "joint", "staged")
-        need_dfs = self.mode in ("dfs", "joint", "staged")
-        if need_ps and self.ps is None:
+        spec = self.spec
+        if spec.ps and self.ps is None:
             raise ConfigError(f"mode={self.mode!r} needs a PS genome (genome.ps)")
-        if need_dfs and self.dfs is None:
+        if spec.dfs and self.dfs is None:
             raise ConfigError(f"mode={self.mode!r} needs a DFS genome (genome.dfs)")
-        if self.mode in ("joint", "staged") and self.dfs.model_a != MERGED:
+        if spec.merged_is_model_a and self.dfs.model_a != MERGED:
             raise ConfigError(f"mode={self.mode!r}: the DFS pool's model A must be the PS-merged model named "
                               f"{MERGED!r}; got {self.dfs.model_a!r}")
-        if self.mode == "staged":
+        if spec.stages == 2:
             if self.stage not in (1, 2):
                 raise ConfigError(f"stage={self.stage} must be 1 (PS) or 2 (DFS)")
             if self.stage == 2 and self.fixed_ps is None:
@@ -435,12 +473,14 @@ class GenomeSpace:
         return self._parts
 
     @property
+    def spec(self) -> ModeSpec:
+        """This space's row of :data:`MODE_TABLE`."""
+        return MODE_TABLE[self.mode]
+
+    @property
     def _parts(self) -> tuple[PSGenome | None, DFSGenome | None]:
-        if self.mode == "ps" or (self.mode == "staged" and self.stage == 1):
-            return self.ps, None
-        if self.mode == "dfs" or (self.mode == "staged" and self.stage == 2):
-            return None, self.dfs
-        return self.ps, self.dfs
+        has_ps, has_dfs = self.spec.parts(self.stage)
+        return (self.ps if has_ps else None), (self.dfs if has_dfs else None)
 
     @property
     def dim(self) -> int:

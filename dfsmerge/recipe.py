@@ -36,6 +36,8 @@ from dfsmerge.config import (
 )
 from dfsmerge.errors import ArchitectureError, ConfigError, MergeError
 from dfsmerge.io import CheckpointReader, ShardedWriter, copy_tokenizer, open_checkpoint
+from dfsmerge.io.writer import save_tokenizer
+from dfsmerge.merge.vocab import VocabularyPlan, align_rows, build_vocabulary
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,8 @@ class MergePlan:
     jobs: list[TensorJob]
     out_config: dict[str, Any]
     readers: dict[str, CheckpointReader] = field(repr=False)
+    # with tokenizer_source / tokenizer: the output vocabulary; embedding and head rows are aligned to it
+    vocabulary: VocabularyPlan | None = field(default=None, repr=False)
 
 
 def _method(name: str):
@@ -176,7 +180,39 @@ def plan_merge(config: MergeConfig, readers: Mapping[str, CheckpointReader]) -> 
     if dt:
         out_cfg["dtype"] = canonical_dtype(dt)
         out_cfg.pop("torch_dtype", None)
-    return MergePlan(config=config, arch=arch, jobs=jobs, out_config=out_cfg, readers=dict(readers))
+    vocabulary = _plan_vocabulary(config, readers)
+    if vocabulary is not None:
+        out_cfg["vocab_size"] = vocabulary.rows  # padded to tokenizer.pad_to_multiple_of, as mergekit
+    return MergePlan(config=config, arch=arch, jobs=jobs, out_config=out_cfg, readers=dict(readers),
+                     vocabulary=vocabulary)
+
+
+def _plan_vocabulary(config: MergeConfig, readers: Mapping[str, CheckpointReader]) -> VocabularyPlan | None:
+    """The output vocabulary when the recipe asks for tokenizer handling (mergekit 0.1.5's ``BuildTokenizer``)."""
+    source = config.tokenizer_choice()
+    if source is None:
+        return None
+    from dfsmerge.io.reader import resolve_model_path
+
+    models = config.referenced_models()
+    paths = {m: readers[m].path for m in models}
+    if source not in ("base", "union"):
+        name = source.removeprefix("model:")
+        if name not in paths:  # mergekit takes the tokenizer of any model, merged or not
+            paths[name] = resolve_model_path(name)
+        source = f"model:{name}"
+    tk = config.tokenizer
+    return build_vocabulary(source, models=models, base=config.base_model or models[0], paths=paths,
+                            vocab_sizes={m: readers[m].config.get("vocab_size") for m in models},
+                            tokens=tk.tokens if tk else None, pad_to_multiple_of=tk.pad_to_multiple_of if tk else None)
+
+
+def _vocab_indexed(plan: MergePlan, job: TensorJob) -> bool:
+    """Whether ``job``'s rows are aligned to the output vocabulary: the embedding, the head and its bias."""
+    if plan.vocabulary is None:
+        return False
+    head_module = plan.arch.head.rpartition(".")[0]
+    return job.out_name == plan.arch.embed or job.out_name.rpartition(".")[0] == head_module
 
 
 def _check_parameter_names(config: MergeConfig, method) -> None:
@@ -203,6 +239,11 @@ def _check_parameter_names(config: MergeConfig, method) -> None:
             if name in known:
                 warnings.warn(f"{where}.{name} is not a parameter of merge_method={config.merge_method!r}; "
                               "ignored", stacklevel=3)
+                continue
+            if name == "embed_slerp":  # mergekit < 0.1's tokenizer merge flag; 0.1.5 accepts and ignores it
+                warnings.warn(f"{where}.embed_slerp is ignored (as mergekit 0.1.5): embedding and head rows are "
+                              f"aligned to the output vocabulary, then merged by {config.merge_method!r}",
+                              stacklevel=3)
                 continue
             raise ConfigError(
                 f"{where}.{name}: unknown parameter for merge_method={config.merge_method!r}; its parameters are "
@@ -268,8 +309,16 @@ def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: i
         return _execute_chunked(plan, job, *chunked, device=device)
     dtype = torch_dtype(plan.config.dtype)
     tensors, dtypes = [], []
-    for m, n in job.inputs:
-        t, counted = _aligned(_read(plan.readers[m], n, plan.arch).to(device), dtype)
+    raw = [_read(plan.readers[m], n, plan.arch).to(device) for m, n in job.inputs]
+    if _vocab_indexed(plan, job):
+        # rows re-indexed by the output vocabulary in the recipe's dtype, before the merge (as mergekit)
+        cast = [t.to(dtype) if dtype is not None and t.is_floating_point() else t for t in raw]
+        base = job.inputs[job.base_index][0] if job.base_index is not None else None
+        aligned = align_rows({m: t for (m, _), t in zip(job.inputs, cast, strict=True)}, plan.vocabulary, base=base,
+                             name=job.out_name)
+        raw = [aligned[m] for m, _ in job.inputs]
+    for t in raw:
+        t, counted = _aligned(t, dtype)
         if counted is not None:
             dtypes.append(counted)
         tensors.append(t)
@@ -302,7 +351,7 @@ def job_chunking(plan: MergePlan, job: TensorJob, *, chunk_bytes: int | None):
     from dfsmerge.merge import resolve_params
 
     method = _method(plan.config.merge_method)
-    if method.chunking is None:
+    if method.chunking is None or _vocab_indexed(plan, job):  # vocabulary-aligned rows are merged whole
         return None
     stored = [(plan.readers[m], _stored_name(plan.readers[m], n, plan.arch)) for m, n in job.inputs]
     shapes = {r.get_shape(n) for r, n in stored}
@@ -369,6 +418,8 @@ def output_manifest(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.d
         dtypes = [plan.readers[m].get_dtype(_stored_name(plan.readers[m], n, plan.arch)) for m, n in job.inputs]
         model, name = job.inputs[0]
         shape = plan.readers[model].get_shape(_stored_name(plan.readers[model], name, plan.arch))
+        if _vocab_indexed(plan, job):
+            shape = (plan.vocabulary.rows, *shape[1:])
         if all(d.is_floating_point for d in dtypes):
             dtypes = [dtype or d for d in dtypes]
             manifest.append((job.out_name, shape, out_dtype or functools.reduce(torch.promote_types, dtypes)))
@@ -463,7 +514,10 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
             w.add_tensor(job.out_name, tensor)
             del tensor  # written: free it before the next tensor is merged
         w.write_json("config.json", plan.out_config)
-        copy_tokenizer(readers[donor].path, w)
+        if plan.vocabulary is not None:
+            save_tokenizer(plan.vocabulary.tokenizer, w)
+        else:
+            copy_tokenizer(readers[donor].path, w)
         gen = readers[donor].path / "generation_config.json"
         if gen.is_file():
             w.copy_file(gen)
@@ -473,16 +527,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
 
 
 def _tokenizer_donor(config: MergeConfig) -> str:
-    ts = config.tokenizer_source
-    if ts is None or ts == "base":
-        if ts == "base" and not config.base_model:
-            raise ConfigError("tokenizer_source='base' but no base_model is set; set base_model or name a model")
-        return config.base_model or config.referenced_models()[0]
-    name = ts.removeprefix("model:")
-    if name not in config.referenced_models():
-        raise ConfigError(f"tokenizer_source={ts!r} names a model the recipe does not use; use 'base' or one of "
-                          f"{config.referenced_models()}")
-    return name
+    """The model whose tokenizer files (without tokenizer handling) and generation config are copied."""
+    return config.base_model or config.referenced_models()[0]
 
 
 def model_card(config: MergeConfig, *, seed: int | None) -> str:

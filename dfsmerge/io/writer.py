@@ -268,3 +268,8 @@ def copy_tokenizer(src_dir: str | Path, writer: ShardedWriter) -> list[str]:
             writer.copy_file(p, name)
             copied.append(name)
     return copied
+
+
+def save_tokenizer(tokenizer: Any, writer: ShardedWriter) -> None:
+    """Save a ``transformers`` tokenizer into the writer's directory (``save_pretrained``, as mergekit saves it)."""
+    tokenizer.save_pretrained(str(writer.tmp_dir))

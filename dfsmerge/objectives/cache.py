@@ -4,8 +4,6 @@ candidate (frequent: many genomes share a path or round to the same recipe) cost
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
@@ -15,20 +13,23 @@ T = TypeVar("T")
 def candidate_key(candidate: Any) -> str:
     """A stable string key of a decoded candidate.
 
-    Uses ``candidate.cache_key`` when defined, else a canonical JSON form of a pydantic model, a dataclass or a
-    plain container (floats kept to full precision: two candidates are duplicates only if they decode equal).
+    A :class:`dfsmerge.genome.Candidate` (anything with a ``key()`` method) gives its own key, the one the search
+    stores; a pydantic model, a dataclass or a plain container is keyed by its canonical JSON
+    (:func:`dfsmerge.genome.stable_key`; floats kept to full precision: two candidates are duplicates only if they
+    decode equal).
     """
-    key = getattr(candidate, "cache_key", None)
-    if key is not None:
-        return str(key() if callable(key) else key)
+    from dfsmerge.genome import stable_key
+
+    key = getattr(candidate, "key", None)
+    if callable(key):
+        return str(key())
     if hasattr(candidate, "model_dump"):
         obj = candidate.model_dump(mode="json")
     elif dataclasses.is_dataclass(candidate) and not isinstance(candidate, type):
         obj = dataclasses.asdict(candidate)
     else:
         obj = candidate
-    text = json.dumps(obj, sort_keys=True, default=repr, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return stable_key(obj)
 
 
 class ResultCache:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dfsmerge.objectives.cache import ResultCache
 from dfsmerge.objectives.config import EvalConfig, ObjectiveConfig
@@ -20,15 +20,23 @@ class EvalResult:
 
     Attributes:
         results: ``{task: {metric key: value}}`` (lm-eval's keys) plus ``{"cost": {name: value}}`` for costs.
-        scores: ``{objective key: raw value}``.
-        values: ``{objective key: value to minimise}`` (direction applied).
-        fitness: weighted sum of ``values`` (lower is better).
+        scores: ``{objective key: raw value}`` (None where it failed).
+        values: ``{objective key: value to minimise}`` (direction applied; inf where it failed).
+        fitness: weighted sum of ``values`` (lower is better; inf when any value is not finite).
+        error: why the candidate failed (the search's worker sets it), None when it did not.
+        infeasible: the candidate's genome decodes to no valid path (not a failure: the search goes on).
+        timings: seconds per phase (search worker).
+        traceback: the last frames of a failing candidate's exception (search worker).
     """
 
     results: dict
     scores: dict
     values: dict
     fitness: float
+    error: str | None = None
+    infeasible: bool = False
+    timings: dict = field(default_factory=dict)
+    traceback: str | None = None
 
 
 class Evaluator:
@@ -49,7 +57,7 @@ class Evaluator:
         self.suite = TaskSuite(config, tokenizer)
         self.directions = {**self.suite.directions(), **{o.key: "minimize" for o in config.cost_objectives}}
         self.cache = cache if cache is not None else ResultCache()
-        self._lm = None
+        self._scorer = None
 
     def evaluate(self, model, *, key: Hashable | None = None,
                  description: CandidateDescription | None = None) -> EvalResult:
@@ -59,12 +67,12 @@ class Evaluator:
         return self.cache.get_or_compute(key, lambda: self._evaluate(model, description))
 
     def _evaluate(self, model, description) -> EvalResult:
-        from dfsmerge.runtime.lm_adapter import DfsLM
+        if self._scorer is None and any(p.native is None for p in self.suite.prepared):
+            from dfsmerge.runtime.lm_adapter import Scorer
 
-        if self._lm is None:
-            self._lm = DfsLM(model, self.tokenizer, batch_size=self.config.batch_size,
-                             max_gen_toks=self.config.max_gen_toks)
-        results = self.suite.evaluate(model, self.tokenizer, lm=self._lm)
+            self._scorer = Scorer(self.tokenizer, model_config=getattr(model, "config", None),
+                                  batch_size=self.config.batch_size, max_gen_toks=self.config.max_gen_toks)
+        results = self.suite.evaluate(model, self.tokenizer, scorer=self._scorer)
         metrics = self.suite.metrics()
         scores = {o.key: results[o.name].get(metrics[o.key], math.nan) for o in self.config.task_objectives}
         if self.config.cost_objectives:

@@ -13,7 +13,9 @@ through the harness, with the same numbers.
   become the target any more.
 
 Prompts are built by lm-eval itself (the task's YAML, Jinja templates, few-shot sampler, delimiters) once, at
-preparation; they are tokenised once too, exactly as :class:`dfsmerge.runtime.lm_adapter.DfsLM` does. Anything
+preparation; they are tokenised once too, by the :class:`dfsmerge.runtime.lm_adapter.Scorer` the lm-eval adapter
+uses, which also runs every forward pass. lm-eval's task objects are read through
+:mod:`dfsmerge.objectives.lm_eval_compat` only. Anything
 else (filters, metric options, sampling, rolling loglikelihood, multiple targets) raises :class:`ConfigError`
 naming the feature: use the lm-eval path (``native: false``) for those tasks.
 
@@ -31,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from dfsmerge.errors import ConfigError
-from dfsmerge.runtime.lm_adapter import DfsLM
+from dfsmerge.objectives.lm_eval_compat import memoize_doc_fields, metric_options, prepared_instances
+from dfsmerge.runtime.lm_adapter import Scorer, model_device
 
 _MC_TYPES = ("multiple_choice", "loglikelihood")
 _NO_MATCH = "\u241f"  # appended to the target: a response that is certainly not the target
@@ -80,48 +83,41 @@ class NativeTask:
             raise _unsupported(task, "a custom process_results")
         if getattr(task, "multiple_input", False):
             raise _unsupported(task, "multiple inputs (choices in the context)")
-        self.lm = DfsLM(_NoModel(), tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
-        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        self.scorer = Scorer(tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
         by_doc: dict[int, list] = defaultdict(list)
-        for inst in task.instances:
+        for inst in prepared_instances(task, limit):
             by_doc[inst.doc_id].append(inst)
         self.doc_ids = sorted(by_doc)
         self.docs = [by_doc[d][0].doc for d in self.doc_ids]
         insts = [sorted(by_doc[d], key=lambda i: i.idx) for d in self.doc_ids]
-        task._instances = None  # the harness path rebuilds its own; do not keep two copies
-        _memoize_doc_fields(task, self.docs)
+        memoize_doc_fields(task, self.docs)
         if self.kind in _MC_TYPES:
             self.n_req = [len(x) for x in insts]
-            self.requests = self.lm.encode_loglikelihood_requests([i.arguments for x in insts for i in x])
+            self.requests = self.scorer.encode_requests([i.arguments for x in insts for i in x])
         else:
             self._prepare_generation(insts)
 
     # ---- preparation of generation tasks -------------------------------------------------------------
     def _prepare_generation(self, insts) -> None:
-        task, lm, tok = self.task, self.lm, self.lm.tokenizer
-        if set(task._metric_fn_list) != {"exact_match"}:
-            raise _unsupported(task, f"metrics {sorted(task._metric_fn_list)} (native supports exact_match only)")
-        if any(task._metric_fn_kwargs.get("exact_match", {}).values()):
-            raise _unsupported(task, f"exact_match options {task._metric_fn_kwargs['exact_match']}")
+        task, sc, tok = self.task, self.scorer, self.scorer.tokenizer
+        metrics = metric_options(task)
+        if set(metrics) != {"exact_match"}:
+            raise _unsupported(task, f"metrics {sorted(metrics)} (native supports exact_match only)")
+        if any(metrics["exact_match"].values()):
+            raise _unsupported(task, f"exact_match options {metrics['exact_match']}")
         if getattr(task, "multiple_target", False):
             raise _unsupported(task, "multiple targets per document")
-        from lm_eval.models.utils import handle_stop_sequences
-
-        eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
         self.gen: list[dict[str, Any]] = []
         for doc, (inst,) in zip(self.docs, insts, strict=True):
             context, gen_kwargs = inst.arguments
-            kwargs = dict(gen_kwargs)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
-            max_gen = lm._pop_max_gen_toks(kwargs)
-            lm._check_greedy(kwargs)
+            until, max_gen = sc.generation_settings(gen_kwargs, task=task.task_name)
             gold = task.doc_to_target(doc)
             if task.config.doc_to_choice is not None:
                 gold = task.doc_to_choice(doc)[gold]
             if isinstance(gold, list):
                 raise _unsupported(task, "a list of targets per document")
             gold = str(gold)
-            ids, _ = lm.tok_batch_encode([context])  # truncated at scoring time, to the model's max_length
+            ids, _ = sc.encode_batch([context])  # truncated at scoring time, to the model's max_length
             target = tok.encode(gold, add_special_tokens=False)
             forcible = (0 < len(target) <= max_gen and tok.decode(target, skip_special_tokens=True) == gold
                         and tok.decode(target, skip_special_tokens=False) == gold
@@ -132,18 +128,17 @@ class NativeTask:
     # ---- scoring -------------------------------------------------------------------------------------
     def evaluate(self, model) -> dict[str, float]:
         """Score ``model``; returns ``{metric key: value}`` as lm-eval reports them (filter ``none``)."""
-        self.lm.model = model
-        before = self.lm.forward_calls
+        before = self.scorer.forward_calls
         if self.kind in _MC_TYPES:
-            flat = self._loglikelihoods()
+            flat = self._loglikelihoods(model)
             per_doc, pos = [], 0
             for n in self.n_req:
                 per_doc.append(flat[pos:pos + n])
                 pos += n
         else:
-            matches = self._exact_matches()
+            matches = self._exact_matches(model)
             per_doc = [[g["gold"] if m else g["gold"] + _NO_MATCH] for g, m in zip(self.gen, matches, strict=True)]
-        self.forward_calls += self.lm.forward_calls - before
+        self.forward_calls += self.scorer.forward_calls - before
         values: dict[str, list] = defaultdict(list)
         for doc, res in zip(self.docs, per_doc, strict=True):
             for metric, v in self.task.process_results(doc, res).items():
@@ -152,11 +147,11 @@ class NativeTask:
         return {f"{m},none": float(agg[m](v)) for m, v in values.items()}
 
     # multiple choice ---------------------------------------------------------------------------------
-    def _loglikelihoods(self) -> list[tuple[float, bool]]:
-        reqs = self.requests
+    def _loglikelihoods(self, model) -> list[tuple[float, bool]]:
+        reqs, sc = self.requests, self.scorer
         if not self.prefix_cache:
-            return self.lm._loglikelihood_tokens(reqs)
-        max_len = self.lm.max_length
+            return sc.score(model, reqs)
+        max_len = sc.window(model)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         plain: list[int] = []
         for i, (_, ctx, cont) in enumerate(reqs):
@@ -166,19 +161,19 @@ class NativeTask:
                 groups[tuple(ctx)].append(i)
         out: list[tuple[float, bool] | None] = [None] * len(reqs)
         keys = sorted(groups, key=len, reverse=True)
-        bs = self.lm.batch_size
+        bs = sc.batch_size
         for s in range(0, len(keys), bs):
-            fallback = self._score_prefix_batch(keys[s:s + bs], groups, out)
+            fallback = self._score_prefix_batch(model, keys[s:s + bs], groups, out)
             plain.extend(fallback)
         if plain:
-            for i, r in zip(plain, self.lm._loglikelihood_tokens([reqs[i] for i in plain]), strict=True):
+            for i, r in zip(plain, sc.score(model, [reqs[i] for i in plain]), strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
 
-    def _score_prefix_batch(self, keys, groups, out) -> list[int]:
+    def _score_prefix_batch(self, model, keys, groups, out) -> list[int]:
         """Score the choices of a batch of shared contexts; returns request indices it could not score."""
-        lm, dev = self.lm, self.lm.device
-        pad = lm.tokenizer.pad_token_id or 0
+        sc, dev = self.scorer, model_device(model)
+        pad = sc.pad_token_id
         B, T = len(keys), max(len(k) for k in keys)
         ids = torch.full((B, T), pad, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
@@ -187,7 +182,7 @@ class NativeTask:
             mask[b, T - len(k):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        o = lm._forward(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        o = sc.forward(model, ids, attention_mask=mask, position_ids=pos, use_cache=True)
         last = F.log_softmax(o.logits[:, -1, :], dim=-1)  # (B, V): predicts each continuation's 1st token
         rows = [(b, i) for b, k in enumerate(keys) for i in groups[k]]
         long_rows = [(b, i) for b, i in rows if len(self.requests[i][2]) > 1]
@@ -210,7 +205,7 @@ class NativeTask:
             ctx_len = mask.sum(-1)[index]  # (R,)
             cpos = ctx_len[:, None] + torch.arange(L, device=dev)[None, :]  # (R, L)
             full_mask = torch.cat([mask[index], cmask], dim=1)  # (R, T + L)
-            o2 = lm._forward(cin, attention_mask=full_mask, position_ids=cpos, cache=cache, use_cache=True)
+            o2 = sc.forward(model, cin, attention_mask=full_mask, position_ids=cpos, cache=cache, use_cache=True)
             lp_rest = F.log_softmax(o2.logits, dim=-1)  # (R, L, V), in the logits' dtype as the adapter
         row_of = {i: r for r, (_, i) in enumerate(long_rows)}
         for b, i in rows:
@@ -227,24 +222,24 @@ class NativeTask:
         return []
 
     # exact match of greedy generation -----------------------------------------------------------------
-    def _exact_matches(self) -> list[bool]:
+    def _exact_matches(self, model) -> list[bool]:
         n = len(self.gen)
         decided: list[bool | None] = [None] * n
         forcible = [j for j, g in enumerate(self.gen) if g["target"] is not None]
-        bs = self.lm.batch_size
+        bs = self.scorer.batch_size
         forcible.sort(key=lambda j: -(len(self.gen[j]["prompt"]) + len(self.gen[j]["target"])))
         for s in range(0, len(forcible), bs):
-            self._teacher_forced(forcible[s:s + bs], decided)
+            self._teacher_forced(model, forcible[s:s + bs], decided)
         rest = [j for j in range(n) if decided[j] is None]
         rest.sort(key=lambda j: -len(self.gen[j]["prompt"]))
         for s in range(0, len(rest), bs):
-            self._greedy(rest[s:s + bs], decided)
+            self._greedy(model, rest[s:s + bs], decided)
         return [bool(d) for d in decided]
 
-    def _final_text(self, g, toks: list[int]) -> str | None:
+    def _final_text(self, model, g, toks: list[int]) -> str | None:
         """The response if the generation has ended after ``toks`` (EOS or a stop string), else None."""
-        tok, lm = self.lm.tokenizer, self.lm
-        if toks and toks[-1] in lm._eos_ids():
+        tok = self.scorer.tokenizer
+        if toks and toks[-1] in self.scorer.eos_ids(model):
             return self._cut(g, tok.decode(toks, skip_special_tokens=True))
         if any(s and s in tok.decode(toks, skip_special_tokens=False) for s in g["until"]):
             return self._cut(g, tok.decode(toks, skip_special_tokens=True))
@@ -252,11 +247,12 @@ class NativeTask:
             return self._cut(g, tok.decode(toks, skip_special_tokens=True))
         return None
 
-    def _prompt(self, g) -> list[int]:
-        room = self.lm.max_length - g["max_gen"]
+    def _prompt(self, model, g) -> list[int]:
+        window = self.scorer.window(model)
+        room = window - g["max_gen"]
         if room <= 0:
             raise ConfigError(f"task {self.task.task_name!r}: max_gen_toks={g['max_gen']} is not below the model's "
-                              f"max_length={self.lm.max_length}; lower generation_kwargs.max_gen_toks")
+                              f"max_length={window}; lower generation_kwargs.max_gen_toks")
         return g["prompt"][-room:]  # HFLM's left truncation
 
     @staticmethod
@@ -271,18 +267,18 @@ class NativeTask:
         gold = g["gold"]
         return gold.startswith(text) or any(s and (gold + s).startswith(text) for s in g["until"])
 
-    def _teacher_forced(self, batch: list[int], decided: list) -> None:
-        lm, dev = self.lm, self.lm.device
-        pad = lm.tokenizer.pad_token_id or 0
-        seqs = [self._prompt(self.gen[j]) + self.gen[j]["target"] for j in batch]
+    def _teacher_forced(self, model, batch: list[int], decided: list) -> None:
+        sc, dev = self.scorer, model_device(model)
+        pad = sc.pad_token_id
+        seqs = [self._prompt(model, self.gen[j]) + self.gen[j]["target"] for j in batch]
         T = max(len(x) for x in seqs)
         ids = torch.full((len(batch), T), pad, dtype=torch.long)
         for r, x in enumerate(seqs):  # right padding: causal, so the padding never reaches real positions
             ids[r, :len(x)] = torch.tensor(x)
-        pred = lm._forward(ids.to(dev)).logits.argmax(-1).cpu()  # (B, T): argmax[t] predicts token t + 1
+        pred = sc.forward(model, ids.to(dev)).logits.argmax(-1).cpu()  # (B, T): argmax[t] predicts token t + 1
         for r, j in enumerate(batch):
             g = self.gen[j]
-            p, tgt = len(self._prompt(g)), g["target"]
+            p, tgt = len(self._prompt(model, g)), g["target"]
             guess = pred[r, p - 1:p + len(tgt)].tolist()  # greedy choice after prompt + target[:k], k = 0..n
             k = next((k for k in range(len(tgt)) if guess[k] != tgt[k]), len(tgt))
             if k == len(tgt):  # greedy reproduced the target; does it stop here?
@@ -292,18 +288,18 @@ class NativeTask:
                 toks = tgt + [guess[len(tgt)]]
             else:
                 toks = tgt[:k] + [guess[k]]
-            final = self._final_text(g, toks)
+            final = self._final_text(model, g, toks)
             if final is not None:
                 decided[j] = final == g["gold"]
-            elif not self._can_still_match(g, lm.tokenizer.decode(toks, skip_special_tokens=True)):
+            elif not self._can_still_match(g, sc.decode(toks)):
                 decided[j] = False
             # else undecided: decoded greedily below
 
-    def _greedy(self, batch: list[int], decided: list) -> None:
-        lm, tok, dev = self.lm, self.lm.tokenizer, self.lm.device
+    def _greedy(self, model, batch: list[int], decided: list) -> None:
+        sc, tok, dev = self.scorer, self.scorer.tokenizer, model_device(model)
         gs = [self.gen[j] for j in batch]
-        prompts = [self._prompt(g) for g in gs]
-        pad = tok.pad_token_id or 0
+        prompts = [self._prompt(model, g) for g in gs]
+        pad = sc.pad_token_id
         T = max(len(x) for x in prompts)
         ids = torch.full((len(gs), T), pad, dtype=torch.long)
         mask = torch.zeros((len(gs), T), dtype=torch.long)
@@ -321,11 +317,11 @@ class NativeTask:
             return False
 
         max_new = max(g["max_gen"] for g in gs)
-        outs = lm.greedy_generate(ids.to(dev), mask.to(dev), max_new_tokens=max_new, stop=gs[0]["until"],
+        outs = sc.greedy_generate(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new, stop=gs[0]["until"],
                                   keep=keep) if len({tuple(g["until"]) for g in gs}) == 1 else None
         if outs is None:  # mixed stop strings in one batch: decode one by one
             for j in batch:
-                self._greedy([j], decided)
+                self._greedy(model, [j], decided)
             return
         for r, (j, g, toks) in enumerate(zip(batch, gs, outs, strict=True)):
             if r in dropped:
@@ -333,33 +329,3 @@ class NativeTask:
             else:
                 toks = toks[:g["max_gen"]]
                 decided[j] = self._cut(g, tok.decode(toks, skip_special_tokens=True)) == g["gold"]
-
-
-def _memoize_doc_fields(task, docs) -> None:
-    """Cache ``doc_to_target`` / ``doc_to_choice`` of the prepared documents on this task object.
-
-    lm-eval compiles the Jinja template on every call (``utils.apply_template``), which costs more than a tiny
-    model's forward; the documents of a prepared task never change, so each field is rendered once.
-    """
-    keep = {id(d) for d in docs}
-    for name in ("doc_to_target", "doc_to_choice"):
-        original = getattr(task, name)
-        memo: dict[int, Any] = {}
-
-        def cached(doc, *args, _original=original, _memo=memo, **kwargs):
-            if args or kwargs or id(doc) not in keep:
-                return _original(doc, *args, **kwargs)
-            if id(doc) not in _memo:
-                _memo[id(doc)] = _original(doc)
-            value = _memo[id(doc)]
-            return list(value) if isinstance(value, list) else value  # callers may not mutate our copy
-
-        setattr(task, name, cached)
-
-
-class _NoModel:
-    """Placeholder until :meth:`NativeTask.evaluate` sets the candidate's model."""
-
-    config = None
-    device = torch.device("cpu")
-    generation_config = None

@@ -59,20 +59,13 @@ def simple_evaluate(lm, tasks: list[str], *, task_paths=(), include_defaults: bo
         include_defaults: also index lm-eval's built-in tasks.
         kwargs: passed to ``lm_eval.simple_evaluate`` (seeds are forced to None, except the few-shot one).
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    from dfsmerge.objectives.lm_eval_compat import TaskManager, run_simple_evaluate
 
     with preserve_rng():
         tm = TaskManager(include_path=[str(p) for p in task_paths] or None, include_defaults=include_defaults)
-        return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
-                                       random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-                                       fewshot_random_seed=fewshot_random_seed, **kwargs)
-
-
-def _lm_eval_tasks_dir() -> Path:
-    import lm_eval.tasks
-
-    return Path(lm_eval.tasks.__file__).resolve().parent
+        return run_simple_evaluate(lm, tasks, task_manager=tm, limit=limit, random_seed=None,
+                                   numpy_random_seed=None, torch_random_seed=None,
+                                   fewshot_random_seed=fewshot_random_seed, **kwargs)
 
 
 def make_task_manager(names: list[str] | tuple[str, ...], task_paths: tuple[str, ...] | list[str] = (), *,
@@ -83,7 +76,7 @@ def make_task_manager(names: list[str] | tuple[str, ...], task_paths: tuple[str,
     Raises:
         ConfigError: a task path is not a directory, or a name is neither a custom nor a built-in task.
     """
-    from lm_eval.tasks import TaskManager
+    from dfsmerge.objectives.lm_eval_compat import TaskManager
 
     for p in task_paths:
         if not Path(p).is_dir():
@@ -100,12 +93,6 @@ def make_task_manager(names: list[str] | tuple[str, ...], task_paths: tuple[str,
             where = (", ".join(paths) or "no custom paths") + (" and lm-eval's built-in tasks" if builtin_tasks else "")
             raise ConfigError(f"objectives.name={n!r} is not a known lm-eval task (searched {where}); {hint}")
     return tm
-
-
-def produced_metrics(task) -> list[str]:
-    """Metric keys (``metric,filter``) a task's results carry."""
-    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
-    return [f"{m},{f}" for f in filters for m in task.higher_is_better()]
 
 
 def _count_docs(task) -> int:
@@ -138,8 +125,9 @@ class PreparedTask:
 
 
 def _empty_data_files(tm, name: str) -> list[str]:
-    entry = tm.task_index.get(name)
-    files = ((getattr(entry, "cfg", None) or {}).get("dataset_kwargs") or {}).get("data_files") or {}
+    from dfsmerge.objectives.lm_eval_compat import task_index_entry
+
+    files = (task_index_entry(tm, name)[1].get("dataset_kwargs") or {}).get("data_files") or {}
     files = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
     flat = [f for v in files for f in ([v] if isinstance(v, str) else v)]
     return [f"{f}" for f in flat if Path(f).is_file() and not Path(f).read_text().strip()]
@@ -181,6 +169,8 @@ def _validate(task, obj: ObjectiveConfig, cfg: EvalConfig, builtin: bool) -> tup
     if task.config.doc_to_image or task.config.doc_to_audio:
         raise ConfigError(f"task {obj.name!r} needs images/audio (doc_to_image/doc_to_audio), which a text-only "
                           "merged model cannot take; choose a text task")
+    from dfsmerge.objectives.lm_eval_compat import produced_metrics
+
     if out_type == "generate_until":
         from dfsmerge.runtime.lm_adapter import check_generation_kwargs
 
@@ -237,11 +227,13 @@ class TaskSuite:
             self._init(config, tokenizer)
 
     def _init(self, config: EvalConfig, tokenizer) -> None:
+        from dfsmerge.objectives.lm_eval_compat import builtin_tasks_dir, task_index_entry
+
         self.config = config
         objs = config.task_objectives
         self.task_manager = (make_task_manager([o.name for o in objs], config.task_paths,
                                                builtin_tasks=config.builtin_tasks) if objs else None)
-        builtin_dir = _lm_eval_tasks_dir()
+        builtin_dir = builtin_tasks_dir()
         self.prepared: list[PreparedTask] = []
         seen: dict[str, ObjectiveConfig] = {}
         for obj in objs:
@@ -258,10 +250,8 @@ class TaskSuite:
                                                   n_docs=twin.n_docs, split=twin.split, builtin=twin.builtin,
                                                   native=twin.native, extra={"twin": True}))
                 continue
-            entry = self.task_manager.task_index.get(obj.name)
-            yaml_path = getattr(entry, "yaml_path", None)
+            yaml_path, cfg = task_index_entry(self.task_manager, obj.name)
             builtin = yaml_path is not None and builtin_dir in Path(yaml_path).resolve().parents
-            cfg = getattr(entry, "cfg", None) or {}
             if builtin and (cfg.get("test_split") or cfg.get("validation_split")):  # guard before any download
                 _guard_test_split(obj, obj.split or cfg.get("test_split") or cfg.get("validation_split"),
                                   cfg.get("test_split"), config)
@@ -287,20 +277,20 @@ class TaskSuite:
         """``{objective key: resolved metric key}`` for the task objectives."""
         return {p.objective.key: p.metric for p in self.prepared}
 
-    def evaluate(self, model, tokenizer, *, lm=None) -> dict[str, dict[str, float]]:
+    def evaluate(self, model, tokenizer, *, scorer=None) -> dict[str, dict[str, float]]:
         """Score ``model`` on every task; returns ``{task: {metric key: value}}`` (lm-eval's keys).
 
         Args:
             model: HF-like causal LM (see :mod:`dfsmerge.runtime.lm_adapter`).
             tokenizer: its tokenizer.
-            lm: an existing :class:`DfsLM` to reuse (its model is replaced by ``model``).
+            scorer: an existing :class:`dfsmerge.runtime.lm_adapter.Scorer` to score the harness tasks with (a
+                search reuses one for every candidate); default: a new one with this suite's settings.
         """
         with preserve_rng():
-            return self._evaluate(model, tokenizer, lm)
+            return self._evaluate(model, tokenizer, scorer)
 
-    def _evaluate(self, model, tokenizer, lm) -> dict[str, dict[str, float]]:
-        from lm_eval.evaluator import evaluate as lm_evaluate
-
+    def _evaluate(self, model, tokenizer, scorer) -> dict[str, dict[str, float]]:
+        from dfsmerge.objectives.lm_eval_compat import evaluate_tasks
         from dfsmerge.runtime.lm_adapter import DfsLM
 
         results: dict[str, dict[str, float]] = {}
@@ -310,19 +300,15 @@ class TaskSuite:
                 results[p.objective.name] = p.native.evaluate(model)
         harness = [p for p in first if p.native is None]
         if harness:
-            if lm is None:
-                lm = DfsLM(model, tokenizer, batch_size=self.config.batch_size, max_gen_toks=self.config.max_gen_toks)
-            else:
-                lm.model = model
+            lm = DfsLM(model, tokenizer, batch_size=self.config.batch_size, max_gen_toks=self.config.max_gen_toks,
+                       scorer=scorer)
             by_limit: dict[int | None, list[PreparedTask]] = {}
             for p in harness:
                 by_limit.setdefault(p.limit, []).append(p)
             for limit, group in by_limit.items():
-                task_dict = {"tasks": {p.task.task_name: p.task for p in group}, "groups": {}, "group_map": {}}
-                out = lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False,
-                                  verbosity="ERROR")
+                out = evaluate_tasks(lm, {p.task.task_name: p.task for p in group}, limit=limit)
                 for p in group:
-                    res = out["results"][p.task.task_name]
+                    res = out[p.task.task_name]
                     results[p.objective.name] = {k: _num(v) for k, v in res.items()
                                                  if k not in ("alias", "name", "sample_len") and "_stderr" not in k}
         return results

@@ -34,9 +34,9 @@ from pydantic import (
 )
 
 from dfsmerge.errors import ConfigError
+from dfsmerge.genome import MERGED, MODE_TABLE, Mode, genome_method_error
 from dfsmerge.objectives.config import ObjectiveConfig
 
-Mode = Literal["ps", "dfs", "staged", "joint"]
 MERGEKIT_EVOLVE_SIGMA0 = 1 / 6  # mergekit-evolve's --sigma0 default
 MERGEKIT_EVOLVE_MAX_EVALS = 100  # mergekit-evolve's --max-fevals default
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -125,22 +125,21 @@ class GenomeSection(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        from dfsmerge.genome import genome_method_error
-
         errors = []
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             errors.append(f"models has duplicate names {dup}; give each model a name: {{name: NAME, model: REF}}")
-        if self.mode in ("ps", "staged", "joint"):
+        spec = MODE_TABLE[self.mode]
+        if spec.ps:
             problem = genome_method_error(self.merge_method, "merge_method")
             if problem:
                 errors.append(problem)
             elif self.base_model is None and _base_required(self.merge_method):
                 errors.append(f"merge_method={self.merge_method!r} needs base_model; set it to one of the models")
-        if self.mode == "ps" and self.dfs.models is not None:
+        if not spec.dfs and self.dfs.models is not None:
             errors.append("dfs.models is set but mode='ps' searches no path; use mode: dfs, staged or joint")
-        known = set(names) | {m.name for m in self.dfs.models or ()} | {"merged"}
+        known = set(names) | {m.name for m in self.dfs.models or ()} | {MERGED}
         for m in self.dfs.embed_choices:
             if m not in known:
                 errors.append(f"dfs.embed_choices has {m!r}, not a model name; use names from {sorted(known)}")
@@ -366,7 +365,7 @@ class SearchConfig(BaseModel):
     def _stage2(self):
         if self.stage2 is None:
             return self
-        if self.genome.mode != "staged":
+        if MODE_TABLE[self.genome.mode].stages == 1:
             raise ValueError(f"stage2 is set but genome.mode={self.genome.mode!r} has one stage; use mode: staged "
                              "or remove stage2")
         o2 = self.stage2.optimizer

@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from dfsmerge.errors import CheckpointError, DfsmergeError
+from dfsmerge.genome import MODE_TABLE
+from dfsmerge.objectives.cache import ResultCache
 from dfsmerge.report.report import describe_best
 from dfsmerge.search.config import SearchConfig, load_search_config
-from dfsmerge.search.state import RunDir, check_resume_config
+from dfsmerge.search.state import EvalRecord, LoopState, RunDir, check_resume_config
 
 log = logging.getLogger("dfsmerge.search")
 
@@ -49,8 +51,9 @@ class SearchResult:
     Attributes:
         run_dir: the run directory.
         n_evals: lines in ``evals.jsonl``.
-        best: the best record (lowest fitness over all stages), or None when every candidate failed.
-        pareto: multi-objective runs: the non-dominated records (all stages).
+        best: the best record's line (lowest fitness over all stages, :meth:`EvalRecord.to_json`), or None when
+            every candidate failed.
+        pareto: multi-objective runs: the non-dominated records' lines (all stages).
         stop_reason: why the last stage ended.
         outputs: name -> path of what was written (best plan/recipe/mergekit, pareto, report).
     """
@@ -97,9 +100,11 @@ class _Progress:
         self.emit = emit
         self.bar = None
 
-    describe = staticmethod(describe_best)
+    @staticmethod
+    def describe(best: EvalRecord | None) -> str:
+        return describe_best(None if best is None else best.to_json())
 
-    def start(self, gen: int, n: int, best: dict[str, Any] | None) -> None:
+    def start(self, gen: int, n: int, best: EvalRecord | None) -> None:
         self.t0 = time.perf_counter()
         self.n = 0
         if self.enabled:
@@ -112,13 +117,13 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(f"best {self.describe(best)}")
 
-    def step(self, best: dict[str, Any] | None) -> None:
+    def step(self, best: EvalRecord | None) -> None:
         self.n += 1
         if self.bar is not None:
             self.bar.update(1)
             self._post(best)
 
-    def end(self, gen: int, best: dict[str, Any] | None, n_evals: int) -> None:
+    def end(self, gen: int, best: EvalRecord | None, n_evals: int) -> None:
         dt = time.perf_counter() - self.t0
         if self.bar is not None:
             self.bar.close()
@@ -164,8 +169,23 @@ class _Trackers:
             self.wandb.finish()
 
 
-def _f(v: Any) -> float:
-    return math.inf if v is None else float(v)
+class _InOrderLog:
+    """A generation's records, appended to the run in id order as they become ready (a backend may finish out of
+    order, and duplicates and cache hits are ready before the candidates that are scored)."""
+
+    def __init__(self, search: Search, n: int) -> None:
+        self.search = search
+        self.recs: list[EvalRecord | None] = [None] * n
+        self.ready: dict[int, EvalRecord] = {}
+        self.next = 0
+
+    def add(self, i: int, rec: EvalRecord) -> None:
+        self.ready[i] = rec
+        while self.next < len(self.recs) and (self.recs[self.next] is not None or self.next in self.ready):
+            if self.recs[self.next] is None:
+                self.recs[self.next] = self.ready.pop(self.next)
+                self.search._append(self.recs[self.next])
+            self.next += 1
 
 
 class Search:
@@ -183,7 +203,7 @@ class Search:
             check_resume_config(RunDir(out).read_config(), config.to_dict())
         # Everything that can reject the config runs before the run directory is created: the optimizer's outside
         # resources, architectures and pool compatibility (from config files), genome vs. models, tasks.
-        for stage in (1, 2) if config.genome.mode == "staged" else (1,):
+        for stage in self._stages:
             o = config.optimizer_for(stage)
             validate_options(o.name, **o.all_options()).preflight()
         self.space, self.models = build_space(config)
@@ -204,17 +224,25 @@ class Search:
         self.state = self.run.read_state() if resume else None
         self.progress = _Progress(progress, self.emit)
         self.trackers = _Trackers(config, self.run.path, self.emit)
-        self.cache: dict[str, dict[str, Any]] = {}
+        self.cache = ResultCache()  # candidate key -> its first scored record (successes and infeasible paths)
         for rec in self.run.evals:
-            if rec.get("key") and not rec.get("cached"):
-                self.cache.setdefault(rec["key"], rec)
+            self._remember(rec)
         self.consecutive_failures = 0
         self.stop_reason = ""
-        self._stage_best: dict[str, Any] | None = None
+        self._stage_best: EvalRecord | None = None
 
     # ---------------------------------------------------------------- helpers
-    def _stage_space(self, stage: int, fixed: list[float] | None):
-        if self.config.genome.mode != "staged":
+    def _remember(self, rec: EvalRecord) -> None:
+        """Cache a scored record for its key (a failure is not cached: it may not recur)."""
+        if not rec.cached and (rec.ok or rec.infeasible) and rec.key not in self.cache:
+            self.cache.put(rec.key, rec)
+
+    @property
+    def _stages(self) -> tuple[int, ...]:
+        return tuple(range(1, MODE_TABLE[self.config.genome.mode].stages + 1))
+
+    def _stage_space(self, stage: int, fixed: tuple[float, ...] | None):
+        if len(self._stages) == 1:
             return self.space
         if stage == 1:
             return self.space.with_stage(1)
@@ -236,58 +264,39 @@ class Search:
                               binary_mask=np.asarray(binary_mask(space)), **options)
 
     def _checkpoint(self, opt, *, stage: int, offset: int, gen_offset: int, fixed, phase: str, elapsed: float) -> None:
-        self.run.write_state({"stage": stage, "stage_offset": offset, "generation_offset": gen_offset,
-                              "fixed_ps": fixed, "phase": phase, "elapsed_s": elapsed,
-                              "optimizer": None if opt is None else opt.state_dict(), "rng": _rng_state()})
+        self.run.write_state(LoopState(stage=stage, stage_offset=offset, generation_offset=gen_offset, fixed_ps=fixed,
+                                       phase=phase, elapsed_s=elapsed,
+                                       optimizer=None if opt is None else opt.state_dict(), rng=_rng_state()))
 
-    def _key(self, cand_dict: dict[str, Any], x: np.ndarray) -> str:
-        """Duplicate key: the decoded candidate (plus the genome itself when a synthetic objective reads it)."""
-        import hashlib
+    def _key(self, cand, x: np.ndarray) -> str:
+        """The candidate key (with the genome itself when a synthetic objective reads it)."""
+        return cand.key(x if self.config.synthetic_objectives else None)
 
-        blob = json.dumps(cand_dict, sort_keys=True, separators=(",", ":")).encode()
-        if self.config.synthetic_objectives:
-            blob += np.asarray(x, dtype=np.float64).tobytes()
-        return hashlib.sha256(blob).hexdigest()[:32]
-
-    @staticmethod
-    def _candidate_dict(cand) -> dict[str, Any]:
-        from dfsmerge.dfs.genome import Infeasible
-
-        out: dict[str, Any] = {"ps": cand.ps.to_mergekit() if cand.ps is not None else None, "path": None}
-        if isinstance(cand.path, Infeasible):
-            out["infeasible"] = cand.path.reason
-        elif cand.path is not None:
-            out["path"] = cand.path.to_dict()
-        return out
-
-    def _F(self, recs: list[dict[str, Any]]) -> np.ndarray:  # noqa: N802
+    def _F(self, recs: list[EvalRecord]) -> np.ndarray:  # noqa: N802
         if self.config.n_obj == 1:
-            return np.array([[_f(r.get("fitness"))] for r in recs])
+            return np.array([[r.fitness] for r in recs])
         keys = [o.key for o in self.config.objectives]
-        return np.array([[_f(r["values"].get(k)) for k in keys] for r in recs])
+        return np.array([[r.values.get(k, math.inf) for k in keys] for r in recs])
 
     # ---------------------------------------------------------------- the loop
     def run_loop(self) -> SearchResult:
         t_session = time.perf_counter()
-        st = self.state or {}
-        elapsed0 = float(st.get("elapsed_s", 0.0))
-        stages = (1, 2) if self.config.genome.mode == "staged" else (1,)
-        stage0 = int(st.get("stage", 1))
-        offset = int(st.get("stage_offset", 0))
-        gen_offset = int(st.get("generation_offset", 0))
-        fixed = st.get("fixed_ps")
-        _set_rng_state(st.get("rng"))
+        st = self.state or LoopState()
+        elapsed0 = st.elapsed_s
+        stages = self._stages
+        stage0, offset, gen_offset, fixed = st.stage, st.stage_offset, st.generation_offset, st.fixed_ps
+        _set_rng_state(st.rng)
         reason = ""
         try:
             for stage in stages:
                 if stage < stage0:
                     continue
                 space = self._stage_space(stage, fixed)
-                self.backend.set_stage(stage, fixed)
+                self.backend.set_stage(stage, None if fixed is None else list(fixed))
                 opt = self._make_optimizer(space, stage)
                 opt.bind_run_dir(self.run.path)  # before the state: llm replays its logged answers from there
-                if stage == stage0 and st.get("optimizer") is not None:
-                    opt.load_state_dict(st["optimizer"])
+                if stage == stage0 and st.optimizer is not None:
+                    opt.load_state_dict(st.optimizer)
                 reason = self._run_stage(stage, space, opt, offset, gen_offset, fixed, elapsed0, t_session)
                 self.emit(f"stage {stage} ended: {reason}" if len(stages) > 1 else f"search ended: {reason}")
                 gen_offset += opt.generation
@@ -296,7 +305,7 @@ class Search:
                     if best is None:
                         raise SearchFailedError("staged mode: no stage-1 (PS) candidate succeeded, so stage 2 has no "
                                                 "model A; check the errors in evals.jsonl")
-                    fixed = best["genome"]
+                    fixed = best.genome
                     offset = len(self.run.evals)
                     self._checkpoint(None, stage=2, offset=offset, gen_offset=gen_offset, fixed=fixed,
                                      phase="stage_start", elapsed=elapsed0 + time.perf_counter() - t_session)
@@ -351,114 +360,85 @@ class Search:
             recs = self._evaluate_generation(X, space, stage, gen, offset + opt.n_evals)
             F = self._F(recs)  # (n, n_obj)
             opt.tell(X, F)
-            fit = np.array([_f(r.get("fitness")) for r in recs])
+            fit = np.array([r.fitness for r in recs])
             best = self._stage_best
-            metrics = {"fitness/best": _f(best and best.get("fitness")), "evals": float(len(self.run.evals))}
+            metrics = {"fitness/best": math.inf if best is None else best.fitness, "evals": float(len(self.run.evals))}
             if np.isfinite(fit).any():
                 metrics["fitness/generation_mean"] = float(fit[np.isfinite(fit)].mean())
             self.trackers.log(gen, {k: v for k, v in metrics.items() if math.isfinite(v)})
 
-    def _evaluate_generation(self, X: np.ndarray, space, stage: int, gen: int, base_id: int) -> list[dict]:
+    def _evaluate_generation(self, X: np.ndarray, space, stage: int, gen: int, base_id: int) -> list[EvalRecord]:
         n = X.shape[0]
-        recs: list[dict[str, Any] | None] = [None] * n
-        cands: list[Any] = [None] * n
-        todo: dict[str, list[int]] = {}  # key -> indices waiting for one evaluation
+        log = _InOrderLog(self, n)
+        cands: dict[int, Any] = {}
+        todo: dict[str, list[int]] = {}  # candidate key -> indices waiting for its one evaluation
         for i in range(n):
             eid = base_id + i
             if eid < len(self.run.evals):  # logged before a kill: reuse, never re-score
                 rec = self.run.evals[eid]
-                if not np.array_equal(np.asarray(rec["genome"], dtype=np.float64), X[i]):
+                if not np.array_equal(np.asarray(rec.genome, dtype=np.float64), X[i]):
                     raise CheckpointError(f"evals.jsonl line id={eid} holds another genome than the resumed "
                                           "optimizer asks; the run directory is inconsistent, start a new run")
-                recs[i] = rec
+                log.recs[i] = rec
                 continue
-            cand = space.decode(X[i])
-            cands[i] = (cand, self._candidate_dict(cand))
-            key = self._key(cands[i][1], X[i])
-            todo.setdefault(key, []).append(i)
-        best = self._stage_best
-        self.progress.start(gen, n, best)
-        for _ in range(sum(r is not None for r in recs)):
-            self.progress.step(best)
-        next_i = 0
-        while next_i < n and recs[next_i] is not None:
-            next_i += 1
-        # Score each distinct new candidate once; cached ones cost nothing.
-        fresh_keys = [k for k in todo if k not in self.cache]
-        ready: dict[int, dict[str, Any]] = {}
+            cands[i] = space.decode(X[i])
+            todo.setdefault(self._key(cands[i], X[i]), []).append(i)
+        self.progress.start(gen, n, self._stage_best)
+        for _ in range(n - len(cands)):
+            self.progress.step(self._stage_best)
 
-        def make_record(i: int, key: str, result: dict[str, Any], cached: bool) -> dict[str, Any]:
-            rec = {"id": base_id + i, "generation": gen, "stage": stage, "genome": X[i].tolist(),
-                   "candidate": cands[i][1], "key": key,
-                   "objectives": result["scores"], "values": result["values"], "fitness": result["fitness"],
-                   "error": result.get("error"), "cached": cached, "timings": result.get("timings", {}),
-                   "time": time.time()}
-            if result.get("infeasible"):
-                rec["infeasible"] = True
-            if result.get("traceback"):
-                rec["traceback"] = result["traceback"]
-            return rec
+        def copy(rec: EvalRecord, i: int) -> EvalRecord:
+            return rec.copy_for(id=base_id + i, generation=gen, stage=stage, genome=tuple(X[i].tolist()),
+                                time=time.time())
 
-        def flush() -> None:
-            nonlocal next_i
-            while next_i < n and (recs[next_i] is not None or next_i in ready):
-                if recs[next_i] is None:
-                    rec = ready.pop(next_i)
-                    self.run.append_eval(rec)
-                    recs[next_i] = rec
-                    self._count_failure(rec)
-                    if math.isfinite(_f(rec.get("fitness"))) and (
-                            self._stage_best is None or _f(rec["fitness"]) < _f(self._stage_best["fitness"])):
-                        self._stage_best = rec
-                    self.progress.step(self._stage_best)
-                next_i += 1
-
+        fresh = []  # distinct new candidate keys: each scored once; cached ones cost nothing
         for key, idx in todo.items():
-            if key in self.cache:
+            hit = self.cache.get(key)
+            if hit is None:
+                fresh.append(key)
+            else:
                 for i in idx:
-                    ready[i] = make_record(i, key, _result_of(self.cache[key]), True)
-        flush()
-        genomes = [X[todo[k][0]] for k in fresh_keys]
-        decoded = [cands[todo[k][0]][0] for k in fresh_keys]
-        for j, result in self.backend.evaluate(genomes, decoded):
-            key = fresh_keys[j]
+                    log.add(i, copy(hit, i))
+        for j, result in self.backend.evaluate([X[todo[k][0]] for k in fresh], [cands[todo[k][0]] for k in fresh]):
+            key = fresh[j]
             first, *dups = todo[key]
-            ready[first] = make_record(first, key, result, False)
+            rec = EvalRecord(id=base_id + first, generation=gen, stage=stage, genome=tuple(X[first].tolist()),
+                             candidate=cands[first].to_dict(), key=key, objectives=result.scores,
+                             values=result.values, fitness=result.fitness, error=result.error, cached=False,
+                             timings=result.timings, time=time.time(), infeasible=result.infeasible,
+                             traceback=result.traceback)
+            self._remember(rec)
+            log.add(first, rec)
             for i in dups:
-                ready[i] = make_record(i, key, result, True)
-            if not result.get("error"):
-                self.cache[key] = {"objectives": result["scores"], "values": result["values"],
-                                   "fitness": result["fitness"], "error": None}
-            elif result.get("infeasible"):
-                self.cache[key] = {"objectives": result["scores"], "values": result["values"],
-                                   "fitness": result["fitness"], "error": result["error"], "infeasible": True}
-            flush()
-        flush()
+                log.add(i, copy(rec, i))
         self.progress.end(gen, self._stage_best, len(self.run.evals))
-        return recs  # type: ignore[return-value]
+        return log.recs  # type: ignore[return-value]
 
-    def _count_failure(self, rec: dict[str, Any]) -> None:
-        if rec.get("error") and not rec.get("infeasible") and not rec.get("cached"):
+    def _append(self, rec: EvalRecord) -> None:
+        """Write one record, then update the failure count, the stage's best and the progress bar."""
+        self.run.append_eval(rec)
+        self._count_failure(rec)
+        if math.isfinite(rec.fitness) and (self._stage_best is None or rec.fitness < self._stage_best.fitness):
+            self._stage_best = rec
+        self.progress.step(self._stage_best)
+
+    def _count_failure(self, rec: EvalRecord) -> None:
+        if rec.error and not rec.infeasible and not rec.cached:
             self.consecutive_failures += 1
-            b, path = self._budget(int(rec.get("stage", 1)))
+            b, path = self._budget(rec.stage)
             limit = b.max_consecutive_failures
             if self.consecutive_failures >= limit:
                 raise SearchFailedError(
                     f"{self.consecutive_failures} consecutive candidates failed ({path}max_consecutive_failures="
-                    f"{limit}); last error (id {rec['id']}): {rec['error']}. Fix the cause and continue with --resume")
-        elif not rec.get("error"):
+                    f"{limit}); last error (id {rec.id}): {rec.error}. Fix the cause and continue with --resume")
+        elif not rec.error:
             self.consecutive_failures = 0
 
     # ---------------------------------------------------------------- best / outputs
-    def _best_fitness(self) -> float | None:
-        b = self._stage_best
-        return None if b is None else _f(b.get("fitness"))
-
-    def _best_of(self, offset: int) -> dict[str, Any] | None:
+    def _best_of(self, offset: int) -> EvalRecord | None:
         best = None
         for rec in self.run.evals[offset:]:
-            f = _f(rec.get("fitness"))
-            if math.isfinite(f) and (best is None or f < _f(best.get("fitness"))):
+            if math.isfinite(rec.fitness) and (best is None or rec.fitness < best.fitness):
                 best = rec
         return best
 
@@ -467,13 +447,14 @@ class Search:
         from dfsmerge.search.outputs import pareto_records, write_best
 
         outputs: dict[str, Path] = {}
-        best = self._best_of(offset)
+        rec = self._best_of(offset)
+        best = None if rec is None else rec.to_json()
         if best is not None:
             outputs.update(write_best(self.run.best_dir, best, self.space))
         pareto: list[dict[str, Any]] = []
         if self.config.n_obj > 1:
             keys = [o.key for o in self.config.objectives]
-            pareto = pareto_records(self.run.evals[offset:], keys)
+            pareto = [r.to_json() for r in pareto_records(self.run.evals[offset:], keys)]
             text = "".join(json.dumps({"id": r["id"], "values": {k: r["values"][k] for k in keys},
                                        "objectives": r["objectives"], "candidate": r["candidate"]}) + "\n"
                            for r in pareto)
@@ -489,14 +470,6 @@ class Search:
             self.emit(f"warning: report not written ({type(e).__name__}: {e}); run `dfsmerge inspect RUN` to retry")
         return SearchResult(run_dir=self.run.path, n_evals=len(self.run.evals), best=best, pareto=pareto,
                             stop_reason=self.stop_reason, outputs=outputs)
-
-
-def _result_of(rec: dict[str, Any]) -> dict[str, Any]:
-    out = {"scores": rec["objectives"], "values": {k: _f(v) for k, v in rec["values"].items()},
-           "fitness": _f(rec.get("fitness")), "error": rec.get("error"), "timings": {}}
-    if rec.get("infeasible"):
-        out["infeasible"] = True
-    return out
 
 
 def run_search(config: SearchConfig | str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,

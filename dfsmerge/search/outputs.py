@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dfsmerge.search.space import PS_MODEL_IN_PLAN
-from dfsmerge.search.state import atomic_write, jsonable
+from dfsmerge.genome import PS_MODEL_IN_PLAN
+from dfsmerge.search.state import EvalRecord, atomic_write, jsonable
 
 MERGED_DIR = "./merged"
 
@@ -99,20 +99,19 @@ def write_best(best_dir: Path, record: dict[str, Any], space=None) -> dict[str, 
     return out
 
 
-def pareto_records(records: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+def pareto_records(records: list[EvalRecord], keys: list[str]) -> list[EvalRecord]:
     """Non-dominated records (all values finite), first occurrence of each candidate, in id order."""
     from dfsmerge.optim import pareto_mask
 
     seen: set[str] = set()
     ok = []
     for r in records:
-        vals = [r["values"].get(k) for k in keys]
-        if any(v is None or not math.isfinite(v) for v in vals) or r.get("key") in seen:
+        if any(not math.isfinite(r.values.get(k, math.inf)) for k in keys) or r.key in seen:
             continue
-        seen.add(r.get("key"))
+        seen.add(r.key)
         ok.append(r)
     if not ok:
         return []
-    F = np.array([[r["values"][k] for k in keys] for r in ok], dtype=np.float64)  # (n, n_obj)
+    F = np.array([[r.values[k] for k in keys] for r in ok], dtype=np.float64)  # (n, n_obj)
     mask = pareto_mask(F)
     return [r for r, m in zip(ok, mask, strict=True) if m]

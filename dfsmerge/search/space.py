@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfsmerge.errors import ConfigError
+from dfsmerge.genome import MERGED, MODE_TABLE, PS_MODEL_IN_PLAN, GenomeSpace, PSGenome
 from dfsmerge.search.config import SearchConfig
-
-PS_MODEL_IN_PLAN = "@ps"
-"""Value of the PS-merged model in a plan's ``models`` (joint/staged): the recipe in ``candidate.ps`` makes it."""
 
 
 @dataclass(frozen=True)
@@ -65,17 +63,18 @@ def resolve_models(config: SearchConfig) -> ResolvedModels:
     extra: dict[str, str] = {}
     base = None
     dfs: dict[str, str] = {}
-    if g.mode in ("ps", "staged", "joint"):
+    spec = MODE_TABLE[g.mode]
+    if spec.ps:
         ps = {m.name: res(m.model) for m in g.models}
         b = g.base_entry()
         if b is not None:
             base = b.name
             if b.name not in ps:
                 extra[b.name] = res(b.model)
-    if g.mode in ("dfs", "staged", "joint"):
+    if spec.dfs:
         entries = g.dfs.models if g.dfs.models is not None else g.models  # joint/staged: merged + sources
         dfs = {m.name: res(m.model) for m in entries}
-        if g.mode == "dfs" and not dfs:
+        if not spec.ps and not dfs:
             raise ConfigError("genome.mode='dfs' needs models (genome.models or genome.dfs.models)")
     if zoo_used:
         from dfsmerge.zoo import default_zoo_dir, load_zoo
@@ -138,9 +137,9 @@ def build_space(config: SearchConfig, models: ResolvedModels | None = None):
         ConfigError: a genome option that does not fit the models (layer granularity, path lengths, ...).
     """
     from dfsmerge.dfs.genome import DFSGenome
-    from dfsmerge.genome import MERGED, GenomeSpace, PSGenome
 
     g = config.genome
+    spec = MODE_TABLE[g.mode]
     models = models or resolve_models(config)
     layers = num_layers_of({**models.ps, **models.ps_extra, **models.dfs})
     ps = None
@@ -154,9 +153,9 @@ def build_space(config: SearchConfig, models: ResolvedModels | None = None):
                       filters=g.filters, normalize=g.normalize, allow_negative_weights=g.allow_negative_weights,
                       smooth=g.smooth, dtype=config.dtype, initial_weight=g.initial_weight)
     dfs = None
-    if g.mode in ("dfs", "staged", "joint"):
+    if spec.dfs:
         d = g.dfs
-        if g.mode == "dfs":
+        if not spec.merged_is_model_a:
             pool_layers = {k: layers[k] for k in models.dfs}
             paths = dict(models.dfs)
         else:

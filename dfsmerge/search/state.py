@@ -21,6 +21,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,6 @@ from dfsmerge.errors import CheckpointError, ConfigError, OutputExistsError
 from dfsmerge.io.writer import fsync_dir
 
 STATE_FORMAT = 1
-_NONFINITE_FIELDS = ("objectives", "values", "fitness")
 
 
 def jsonable(o: Any) -> Any:
@@ -40,6 +41,125 @@ def jsonable(o: Any) -> Any:
     if isinstance(o, list | tuple):
         return [jsonable(v) for v in o]
     return o
+
+
+def _finite_or_inf(v: Any) -> float:
+    return math.inf if v is None else float(v)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalRecord:
+    """One line of ``evals.jsonl``: a candidate of the search and its evaluation.
+
+    Attributes:
+        id: line number (0-based, consecutive).
+        generation: optimizer generation (counted over all stages). stage: 1, or 2 in staged mode.
+        genome: the genome vector the optimizer asked.
+        candidate: the decoded candidate (``{"ps": mergekit recipe | None, "path": plan | None}``, plus
+            ``"infeasible": reason``), see :meth:`dfsmerge.genome.Candidate.to_dict`.
+        key: the candidate key (:meth:`dfsmerge.genome.Candidate.key`): equal keys score equally.
+        objectives: ``{objective key: raw score}`` (None where it failed).
+        values: ``{objective key: value to minimise}`` (inf where it failed).
+        fitness: weighted sum of ``values`` (:func:`dfsmerge.objectives.fitness.scalar_fitness`; inf on failure).
+        error: why the candidate failed, None when it did not.
+        cached: the result was copied from an earlier line with the same key (not scored again).
+        infeasible: the genome decodes to no valid path (worst fitness, not a failure).
+        timings: seconds spent per phase (``decode_s``, ``prepare_s``, ``eval_s``, ``total_s``).
+        time: wall-clock time the line was written (Unix seconds).
+        traceback: the failing candidate's traceback (last frames), when it raised.
+    """
+
+    id: int
+    generation: int
+    stage: int
+    genome: tuple[float, ...]
+    candidate: Mapping[str, Any]
+    key: str
+    objectives: Mapping[str, float | None]
+    values: Mapping[str, float]
+    fitness: float
+    error: str | None = None
+    cached: bool = False
+    timings: Mapping[str, float] = field(default_factory=dict)
+    time: float = 0.0
+    infeasible: bool = False
+    traceback: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Scored without error (every value finite)."""
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        """The line's JSON object (non-finite values as null; ``infeasible``/``traceback`` only when set)."""
+        out: dict[str, Any] = {
+            "id": self.id, "generation": self.generation, "stage": self.stage, "genome": list(self.genome),
+            "candidate": dict(self.candidate), "key": self.key, "objectives": jsonable(dict(self.objectives)),
+            "values": jsonable(dict(self.values)), "fitness": jsonable(self.fitness), "error": self.error,
+            "cached": self.cached, "timings": dict(self.timings), "time": self.time}
+        if self.infeasible:
+            out["infeasible"] = True
+        if self.traceback:
+            out["traceback"] = self.traceback
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> EvalRecord:
+        """Read a line written by :meth:`to_json` (null values and fitness back to inf)."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["genome"] = tuple(float(v) for v in d["genome"])
+        kw["values"] = {k: _finite_or_inf(v) for k, v in (d.get("values") or {}).items()}
+        kw["fitness"] = _finite_or_inf(d.get("fitness"))
+        kw["objectives"] = dict(d.get("objectives") or {})
+        kw["infeasible"] = bool(d.get("infeasible", False))
+        return cls(**kw)
+
+    def copy_for(self, *, id: int, generation: int, stage: int, genome: tuple[float, ...], time: float
+                 ) -> EvalRecord:
+        """This result as a cached line for another genome with the same key (nothing is scored again)."""
+        return replace(self, id=id, generation=generation, stage=stage, genome=genome, time=time, cached=True,
+                       timings={}, traceback=None)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopState:
+    """The search loop's state (``state/state.json``), written after every ask and at the end of each stage.
+
+    Attributes:
+        stage: the stage being run (1, or 2 in staged mode).
+        stage_offset: id of the stage's first line in ``evals.jsonl``.
+        generation_offset: generations run by earlier stages.
+        fixed_ps: staged mode, stage 2: the stage-1 best genome (model A's recipe), else None.
+        phase: ``asked`` (a population is pending), ``told`` (the stage ended after tell) or ``stage_start``.
+        elapsed_s: search seconds summed over sessions.
+        optimizer: the optimizer's ``state_dict()`` (None at a stage start).
+        rng: Python/NumPy/torch global RNG states.
+    """
+
+    stage: int = 1
+    stage_offset: int = 0
+    generation_offset: int = 0
+    fixed_ps: tuple[float, ...] | None = None
+    phase: str = "stage_start"
+    elapsed_s: float = 0.0
+    optimizer: Mapping[str, Any] | None = None
+    rng: Mapping[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The state as a JSON-able dict (``format`` is added by :meth:`RunDir.write_state`)."""
+        return {"stage": self.stage, "stage_offset": self.stage_offset, "generation_offset": self.generation_offset,
+                "fixed_ps": None if self.fixed_ps is None else list(self.fixed_ps), "phase": self.phase,
+                "elapsed_s": self.elapsed_s, "optimizer": self.optimizer, "rng": self.rng}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> LoopState:
+        fixed = d.get("fixed_ps")
+        return cls(stage=int(d.get("stage", 1)), stage_offset=int(d.get("stage_offset", 0)),
+                   generation_offset=int(d.get("generation_offset", 0)),
+                   fixed_ps=None if fixed is None else tuple(float(v) for v in fixed),
+                   phase=str(d.get("phase", "stage_start")), elapsed_s=float(d.get("elapsed_s", 0.0)),
+                   optimizer=d.get("optimizer"), rng=d.get("rng"))
 
 
 def atomic_write(path: str | Path, text: str) -> None:
@@ -62,12 +182,13 @@ def atomic_write(path: str | Path, text: str) -> None:
 class RunDir:
     """A run directory: evals log, state file and outputs.
 
-    Use :meth:`open` (checks new vs resume). ``evals`` holds the parsed lines of ``evals.jsonl`` in id order.
+    Use :meth:`open` (checks new vs resume). ``evals`` holds the :class:`EvalRecord` s of ``evals.jsonl`` in id
+    order.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.evals: list[dict[str, Any]] = []
+        self.evals: list[EvalRecord] = []
         self._fh = None
 
     # ---------------------------------------------------------------- paths
@@ -145,7 +266,11 @@ class RunDir:
             if rec.get("id") != len(evals):
                 raise CheckpointError(f"{self.evals_path}: line {n + 1} has id={rec.get('id')!r}, expected "
                                       f"{len(evals)}; the log has a gap or a duplicate")
-            evals.append(rec)
+            try:
+                evals.append(EvalRecord.from_json(rec))
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{self.evals_path}: line {n + 1} is not an evaluation record "
+                                      f"({type(e).__name__}: {e}); the log is corrupt") from e
         self.evals = evals
 
     # ---------------------------------------------------------------- config
@@ -161,19 +286,17 @@ class RunDir:
         return yaml.safe_load(self.config_path.read_text())
 
     # ---------------------------------------------------------------- evals
-    def append_eval(self, record: dict[str, Any]) -> None:
+    def append_eval(self, record: EvalRecord) -> None:
         """Append one candidate's line and fsync it (ids must be consecutive)."""
-        if record["id"] != len(self.evals):
-            raise RuntimeError(f"eval id {record['id']} appended after {len(self.evals)} lines")
-        # Only the objective fields can hold non-finite floats (genomes, candidates and timings are finite).
-        rec = {k: (jsonable(v) if k in _NONFINITE_FIELDS else v) for k, v in record.items()}
-        line = json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n"
+        if record.id != len(self.evals):
+            raise RuntimeError(f"eval id {record.id} appended after {len(self.evals)} lines")
+        line = json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False) + "\n"
         if self._fh is None:
             self._fh = open(self.evals_path, "a")  # noqa: SIM115 - kept open for the run
         self._fh.write(line)
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        self.evals.append(rec)
+        self.evals.append(record)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -181,14 +304,13 @@ class RunDir:
             self._fh = None
 
     # ---------------------------------------------------------------- state
-    def write_state(self, state: dict[str, Any]) -> None:
+    def write_state(self, state: LoopState) -> None:
         """Atomically replace ``state/state.json``."""
         from dfsmerge.optim import dumps_state
 
-        state = {"format": STATE_FORMAT, **state}
-        atomic_write(self.state_path, dumps_state(state))
+        atomic_write(self.state_path, dumps_state({"format": STATE_FORMAT, **state.to_json()}))
 
-    def read_state(self) -> dict[str, Any] | None:
+    def read_state(self) -> LoopState | None:
         """The saved state, or None when the run was killed before its first checkpoint.
 
         Raises:
@@ -202,7 +324,7 @@ class RunDir:
         if state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{self.state_path}: format={state.get('format')!r}, this version reads "
                                   f"{STATE_FORMAT}; start a new run")
-        return state
+        return LoopState.from_json(state)
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@ suite, all built once (lazily, on the first candidate that needs a model); the l
 the Ray backend one per actor.
 
 Failure isolation lives here: a candidate that raises (also out of memory) or yields a non-finite objective is
-returned with ``error`` set and every value at the worst (+inf), never as an exception.
+returned as an :class:`~dfsmerge.objectives.EvalResult` with ``error`` set and its values at the worst (+inf), never
+as an exception.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 import numpy as np
 
 from dfsmerge.errors import ConfigError
+from dfsmerge.genome import MODE_TABLE
+from dfsmerge.objectives.evaluator import EvalResult
+from dfsmerge.objectives.fitness import WORST, scalar_fitness
 from dfsmerge.search.config import SearchConfig, SyntheticObjectiveConfig
 
 SyntheticFn = Callable[[np.ndarray, Any, SyntheticObjectiveConfig], float]
@@ -119,17 +123,17 @@ class Worker:
         from dfsmerge.runtime import Runtime
 
         m = self.models
-        mode = self.config.genome.mode
+        spec = MODE_TABLE[self.config.genome.mode]
         base = (m.base or next(iter(m.ps))) if m.ps else next(iter(m.dfs))
         pool = LayerPool(m.pool, base=base, device=_device(self.config.device), dtype=_torch_dtype(self.config.dtype))
-        self.runtime = Runtime(pool, ps_template=base if m.ps else None, merged_as_base=mode in ("joint", "staged"),
+        self.runtime = Runtime(pool, ps_template=base if m.ps else None, merged_as_base=spec.merged_is_model_a,
                                seed=self.config.seed)
         if self.evaluator is not None and self.evaluator.tokenizer is None:
             self.evaluator.tokenizer = pool.tokenizer if _has_tok(pool) else None
 
     def set_stage(self, stage: int, fixed_ps_genome: list[float] | None = None) -> None:
         """Staged mode: switch to ``stage`` (2: DFS with the PS recipe decoded from ``fixed_ps_genome`` as model A)."""
-        if self.config.genome.mode != "staged":
+        if MODE_TABLE[self.config.genome.mode].stages == 1:
             return
         if stage == 1:
             self.space = self._base_space.with_stage(1)
@@ -140,22 +144,24 @@ class Worker:
         self._lo, self._span = lo, hi - lo
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, x, candidate=None) -> dict[str, Any]:
+    def evaluate(self, x, candidate=None) -> EvalResult:
         """Score one genome vector (``candidate``: its decoding, when the caller already has it).
 
         Returns:
-            ``{"scores": {key: raw value}, "values": {key: value to minimise}, "fitness": weighted sum,
-            "error": str | None, "timings": {...}}``; never raises for a candidate's own failure.
+            An :class:`~dfsmerge.objectives.EvalResult` (fitness by
+            :func:`~dfsmerge.objectives.fitness.scalar_fitness`), with ``error`` set and every value at the worst
+            when the candidate failed; never raises for a candidate's own failure.
         """
         t0 = time.perf_counter()
         x = np.asarray(x, dtype=np.float64)
-        keys = [o.key for o in self.config.objectives]
+        objectives = self.config.objectives
         timings: dict[str, float] = {}
+        results: dict[str, Any] = {}
         try:
             cand = self.space.decode(x) if candidate is None else candidate
             timings["decode_s"] = time.perf_counter() - t0
             if not cand.feasible:
-                return self._failed(keys, f"infeasible: {cand.path.reason}", timings, t0, infeasible=True)
+                return self._failed(f"infeasible: {cand.path.reason}", timings, t0, infeasible=True)
             scores: dict[str, float] = {}
             values: dict[str, float] = {}
             if self.config.needs_model:
@@ -168,36 +174,31 @@ class Worker:
                     model = self.runtime.prepare(cand)
                     timings["prepare_s"] = time.perf_counter() - t1
                     t2 = time.perf_counter()
-                    res = self.evaluator.evaluate(model, key=cand.key())
+                    res = self.evaluator.evaluate(model)  # duplicates never get here: the loop's cache has them
                 timings["eval_s"] = time.perf_counter() - t2
+                results = res.results
                 scores.update(res.scores)
                 values.update(res.values)
             u = (x - self._lo) / self._span if len(x) else x
             for o in self.config.synthetic_objectives:
                 v = float(SYNTHETIC_OBJECTIVES[o.name](u, cand, o))
                 scores[o.key] = v
-                values[o.key] = v if math.isfinite(v) else math.inf
+                values[o.key] = v if math.isfinite(v) else WORST
         except Exception as e:  # noqa: BLE001 - failure isolation: any candidate error becomes worst fitness
             _free_cuda(e)
-            msg = f"{type(e).__name__}: {e}"
-            tb = traceback.format_exc(limit=4)
-            return self._failed(keys, msg, timings, t0, detail=tb)
-        bad = [k for k in keys if not math.isfinite(values.get(k, math.nan))]
-        fitness = math.inf if bad else sum(o.weight * values[o.key] for o in self.config.objectives)
+            return self._failed(f"{type(e).__name__}: {e}", timings, t0, detail=traceback.format_exc(limit=4))
+        values = {o.key: values.get(o.key, WORST) for o in objectives}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
         timings["total_s"] = time.perf_counter() - t0
-        return {"scores": {k: _clean(scores.get(k)) for k in keys},
-                "values": {k: values.get(k, math.inf) for k in keys}, "fitness": fitness,
-                "error": f"non-finite objective {bad}" if bad else None, "timings": timings}
+        return EvalResult(results=results, scores={o.key: _clean(scores.get(o.key)) for o in objectives},
+                          values=values, fitness=scalar_fitness(values, objectives),
+                          error=f"non-finite objective {bad}" if bad else None, timings=timings)
 
-    def _failed(self, keys, msg: str, timings, t0, *, infeasible: bool = False, detail: str | None = None):
+    def _failed(self, msg: str, timings, t0, *, infeasible: bool = False, detail: str | None = None) -> EvalResult:
         timings["total_s"] = time.perf_counter() - t0
-        out = {"scores": {k: None for k in keys}, "values": {k: math.inf for k in keys}, "fitness": math.inf,
-               "error": msg, "timings": timings}
-        if infeasible:
-            out["infeasible"] = True
-        if detail:
-            out["traceback"] = detail
-        return out
+        keys = [o.key for o in self.config.objectives]
+        return EvalResult(results={}, scores=dict.fromkeys(keys), values=dict.fromkeys(keys, WORST), fitness=WORST,
+                          error=msg, infeasible=infeasible, timings=timings, traceback=detail)
 
 
 def _clean(v):

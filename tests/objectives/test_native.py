@@ -33,7 +33,7 @@ def test_native_multiple_choice_equals_adapter(tiny_model, task_dir, harness_sco
     assert got == {k: v for k, v in harness_scores[MC_TASK].items()}
     # per-request loglikelihoods against the adapter's, request by request
     ref = DfsLM(model, tok, batch_size=4)._loglikelihood_tokens(native.requests)
-    lls = native._loglikelihoods()
+    lls = native._loglikelihoods(model)
     diffs = [abs(a[0] - b[0]) for a, b in zip(lls, ref, strict=True)]
     assert max(diffs) < 1e-4, f"max diff {max(diffs)}, mean {sum(diffs) / len(diffs)}"
     assert [a[1] for a in lls] == [b[1] for b in ref]
@@ -63,16 +63,15 @@ def test_native_greedy_fallback_equals_teacher_forcing(tiny_model, task_dir):
     suite = _suite(task_dir, tok, [ObjectiveConfig(name=GEN_TASK, metric="exact_match", native=True)])
     native = suite.prepared[0].native
     assert all(g["target"] is not None for g in native.gen)  # the fixture tokenizer round-trips
-    native.lm.model = model
-    calls = native.lm.forward_calls
-    fast = native._exact_matches()
-    fast_calls = native.lm.forward_calls - calls
+    calls = native.scorer.forward_calls
+    fast = native._exact_matches(model)
+    fast_calls = native.scorer.forward_calls - calls
     for g in native.gen:
         g["target"] = None  # force greedy decoding for every doc
-    calls = native.lm.forward_calls
-    slow = native._exact_matches()
+    calls = native.scorer.forward_calls
+    slow = native._exact_matches(model)
     assert fast == slow and any(fast) and not all(fast)
-    assert fast_calls < native.lm.forward_calls - calls
+    assert fast_calls < native.scorer.forward_calls - calls
 
 
 def test_native_refuses_what_it_cannot_do(tiny_model, task_dir):
@@ -99,11 +98,10 @@ def test_native_truncates_like_the_adapter(tiny_model, task_dir):
                                    ObjectiveConfig(name=GEN_TASK, metric="exact_match", native=True)])
     mc, gen = suite.prepared[0].native, suite.prepared[1].native
     for native in (mc, gen):
-        native.lm._max_length = 8
+        native.scorer.max_length = 8
     lm = DfsLM(model, tok, batch_size=4, max_length=8)
     ref = lm._loglikelihood_tokens(mc.requests)
-    mc.lm.model = model
-    lls = mc._loglikelihoods()
+    lls = mc._loglikelihoods(model)
     assert any(len(c) + len(x) > 9 for _, c, x in mc.requests)  # truncation really happens
     assert max(abs(a[0] - b[0]) for a, b in zip(lls, ref, strict=True)) < 1e-4
     assert [a[1] for a in lls] == [b[1] for b in ref]

@@ -38,7 +38,7 @@ KILLER = textwrap.dedent('''
             if hit and before:
                 if where == "partial":
                     with open(self.evals_path, "a") as fh:
-                        fh.write('{"id": %d, "genome": [0.12' % arg["id"])
+                        fh.write('{"id": %d, "genome": [0.12' % arg.id)
                         fh.flush(); os.fsync(fh.fileno())
                 kill()
             orig(self, arg)

@@ -1,8 +1,8 @@
 """Fused merge kernels vs eager PyTorch: achieved GB/s against the bytes that must move.
 
-    python benchmarks/kernels.py                      # CPU: eager reference path only (says so)
-    python benchmarks/kernels.py --reps 20            # CUDA: fused kernel, fused end-to-end, eager, ratios
-    python benchmarks/kernels.py --interpret --shapes 33x65 --k 2   # smoke-run the fused columns on CPU
+    python benchmarks/kernel_speed.py                      # CPU: eager reference path only (says so)
+    python benchmarks/kernel_speed.py --reps 20            # CUDA: fused kernel, fused end-to-end, eager, ratios
+    python benchmarks/kernel_speed.py --interpret --shapes 33x65 --k 2   # smoke-run the fused columns on CPU
 
 For each method, 7B-shaped tensor (4096x4096: attention projections; 14336x4096: Mistral/Llama-3 MLP) and K
 sources, the bytes that must move are (K+1) reads of the storage dtype (K sources + base) and one write:
