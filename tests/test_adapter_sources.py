@@ -151,8 +151,8 @@ def test_short_search_over_adapters_equals_search_over_merged(adapters, cache, t
     from dfsmerge.search import load_search_config, run_search
 
     def search(a, b, out):
-        cfg = {"genome": {"mode": "joint", "models": [{"name": "one", "model": str(a)}, {"name": "two", "model": str(b)}],
-                          "base_model": str(adapters["base"]),
+        models = [{"name": "one", "model": str(a)}, {"name": "two", "model": str(b)}]
+        cfg = {"genome": {"mode": "joint", "models": models, "base_model": str(adapters["base"]),
                           "merge_method": "task_arithmetic", "layer_granularity": 1, "dfs": {"repetitions": 2}},
                "objectives": [{"type": "cost", "name": "hops"}, {"type": "synthetic", "name": "sphere"}],
                "optimizer": {"name": "cma", "popsize": 4}, "budget": {"max_evals": 8}}
