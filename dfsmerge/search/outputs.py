@@ -35,12 +35,7 @@ def _residual_filters(model_path: str) -> list[str] | None:
         return None
     if arch.residual_kind != "linear":
         return None
-    out = []
-    for t in arch.residual_outputs:
-        name = t.split("{}.", 1)[-1].rsplit(".", 1)[0]  # model.layers.{}.self_attn.o_proj.weight -> self_attn.o_proj
-        if name not in out:
-            out.append(name)
-    return out
+    return list(arch.residual_filters)  # the architecture's own exact filters (fused MoE parameters included)
 
 
 def passthrough_recipe(path: dict[str, Any], *, dtype: str = "float32") -> dict[str, Any] | None:
