@@ -10,28 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from dfsmerge.config import load_merge_config
 from dfsmerge.merge import get_method, registered_methods
 from dfsmerge.recipe import run_merge
-
-
-def _load_dir(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _mergekit(recipe: dict, out: Path) -> Path:
-    mk_config = pytest.importorskip("mergekit.config")
-    from mergekit.merge import run_merge as mk_run
-    from mergekit.options import MergeOptions
-
-    cfg = mk_config.MergeConfiguration.model_validate(recipe)
-    mk_run(cfg, str(out), options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    return out
+from tests.mergekit_oracle import load_dir as _load_dir
+from tests.mergekit_oracle import run_mergekit as _mergekit
 
 
 def _assert_same(ours: Path, theirs: Path, atol: float = 1e-6) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dfsmerge.arch import get_architecture, layout_reader
@@ -21,6 +20,8 @@ from dfsmerge.io import open_checkpoint
 from dfsmerge.merge import get_method, registered_methods
 from dfsmerge.recipe import run_merge
 from dfsmerge.testing import FAMILIES
+from tests.mergekit_oracle import load_dir as _load_dir
+from tests.mergekit_oracle import run_mergekit as _mergekit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,21 +29,6 @@ MERGEKIT_FAMILIES = [f for f in FAMILIES if FACTS[f].mergekit]
 DETERMINISTIC = [m for m in registered_methods() if not get_method(m).random]
 
 
-def _load_dir(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _mergekit(recipe: dict, out: Path) -> Path:
-    mk_config = pytest.importorskip("mergekit.config")
-    from mergekit.merge import run_merge as mk_run
-    from mergekit.options import MergeOptions
-
-    cfg = mk_config.MergeConfiguration.model_validate(recipe)
-    mk_run(cfg, str(out), options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    return out
 
 
 def _recipe(method: str, m: dict[str, Path]) -> dict:

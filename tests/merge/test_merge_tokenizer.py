@@ -23,6 +23,7 @@ from dfsmerge.config import load_merge_config
 from dfsmerge.errors import ConfigError
 from dfsmerge.recipe import run_merge
 from dfsmerge.testing import make_tiny_checkpoint
+from tests.mergekit_oracle import run_mergekit
 
 pytest.importorskip("mergekit.merge", reason="mergekit 0.1.5 is the test oracle")
 
@@ -76,13 +77,7 @@ def _recipe(method: str, zoo: dict[str, Path], models: list[str], **extra) -> di
 
 
 def _mergekit(recipe: dict, out: Path) -> Path:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge as mk_run
-    from mergekit.options import MergeOptions
-
-    mk_run(MergeConfiguration.model_validate(recipe), str(out),
-           options=MergeOptions(copy_tokenizer=True, write_model_card=False, quiet=True))
-    return out
+    return run_mergekit(recipe, out, copy_tokenizer=True)
 
 
 def _ours(recipe: dict, out: Path) -> Path:
