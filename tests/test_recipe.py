@@ -15,6 +15,7 @@ from dfsmerge.config import load_merge_config
 from dfsmerge.merge import get_method, registered_methods
 from dfsmerge.recipe import run_merge
 from tests.mergekit_oracle import load_dir as _load_dir
+from tests.mergekit_oracle import oracle_recipe as _models_recipe
 from tests.mergekit_oracle import run_mergekit as _mergekit
 
 
@@ -41,37 +42,6 @@ def _finite_logits(path: Path) -> None:
     logits = model(ids).logits
     assert logits.shape[-1] == model.config.vocab_size
     assert torch.isfinite(logits).all()
-
-
-def _models_recipe(method: str, m: dict[str, Path], **extra) -> dict:
-    spec = get_method(method)
-    per_model = {p.name for p in spec.params if p.per_model}
-    models = []
-    names = ["ft1", "ft2", "ft3"]
-    if spec.max_inputs == 2 or method in ("slerp", "nuslerp"):
-        names = ["ft1"] if spec.base == "required" else ["ft1", "ft2"]
-    for i, name in enumerate(names):
-        params = {}
-        if "weight" in per_model:
-            params["weight"] = [0.3 + 0.2 * i, 0.9 - 0.1 * i]  # a gradient across layers
-        if "density" in per_model:
-            params["density"] = [{"filter": "mlp", "value": 0.4 + 0.1 * i}, {"value": 0.7}]
-        if "epsilon" in per_model:
-            params["epsilon"] = 0.1
-        if "gamma" in per_model:
-            params["gamma"] = 0.05
-        models.append({"model": str(m[name]), **({"parameters": params} if params else {})})
-    recipe = {"merge_method": method, "models": models, "dtype": "float32"}
-    if spec.base != "none":
-        recipe["base_model"] = str(m["base"])
-    if method == "slerp":
-        recipe["parameters"] = {"t": [{"filter": "self_attn", "value": [0.1, 0.8]}, {"value": 0.35}]}
-    if method == "nearswap":
-        recipe["parameters"] = {"t": [{"filter": "mlp", "value": [0.01, 0.2]}, {"value": 0.05}]}
-    if method == "passthrough":
-        recipe["models"] = [{"model": str(m["ft1"]), "parameters": {"scale": 0.5}}]
-    recipe.update(extra)
-    return recipe
 
 
 DETERMINISTIC = [m for m in registered_methods() if not get_method(m).random]

@@ -4,7 +4,6 @@ method, in float32 within 1e-6; tensor names come from the layouts transformers 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from dfsmerge.merge import get_method, registered_methods
 from dfsmerge.recipe import run_merge
 from dfsmerge.testing import FAMILIES
 from tests.mergekit_oracle import load_dir as _load_dir
+from tests.mergekit_oracle import oracle_recipe
 from tests.mergekit_oracle import run_mergekit as _mergekit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,40 +29,10 @@ MERGEKIT_FAMILIES = [f for f in FAMILIES if FACTS[f].mergekit]
 DETERMINISTIC = [m for m in registered_methods() if not get_method(m).random]
 
 
-
-
-def _recipe(method: str, m: dict[str, Path]) -> dict:
-    spec = get_method(method)
-    per_model = {p.name for p in spec.params if p.per_model}
-    names = ["ft1", "ft2"] if spec.max_inputs == 2 or method in ("slerp", "nuslerp") else ["ft1", "ft2", "ft3"]
-    if spec.base == "required" and (spec.max_inputs == 2 or method in ("slerp", "nuslerp")):
-        names = ["ft1"]
-    models = []
-    for i, name in enumerate(names):
-        params = {}
-        if "weight" in per_model:
-            params["weight"] = [0.3 + 0.2 * i, 0.9 - 0.1 * i]  # a gradient across layers
-        if "density" in per_model:
-            params["density"] = [{"filter": "mlp", "value": 0.4 + 0.1 * i}, {"value": 0.7}]
-        if "gamma" in per_model:
-            params["gamma"] = 0.05
-        models.append({"model": str(m[name]), **({"parameters": params} if params else {})})
-    recipe: dict = {"merge_method": method, "models": models, "dtype": "float32"}
-    if spec.base != "none":
-        recipe["base_model"] = str(m["base"])
-    if method == "slerp":
-        recipe["parameters"] = {"t": [{"filter": "self_attn", "value": [0.1, 0.8]}, {"value": 0.35}]}
-    if method == "nearswap":
-        recipe["parameters"] = {"t": [{"filter": "mlp", "value": [0.01, 0.2]}, {"value": 0.05}]}
-    if method == "passthrough":
-        recipe["models"] = [{"model": str(m["ft1"]), "parameters": {"scale": 0.5}}]
-    return recipe
-
-
 @pytest.mark.parametrize("family", MERGEKIT_FAMILIES)
 @pytest.mark.parametrize("method", DETERMINISTIC)
 def test_deterministic_merge_matches_mergekit(family, method, tiny_family_models, tmp_path):
-    recipe = _recipe(method, tiny_family_models[family])
+    recipe = oracle_recipe(method, tiny_family_models[family])
     ours = run_merge(load_merge_config(recipe), tmp_path / "ours", progress=False)
     theirs = _mergekit(recipe, tmp_path / "mk")
     a, b = _load_dir(ours), _load_dir(theirs)
