@@ -130,4 +130,4 @@ def real_model_gguf(name: str) -> Path:
 
 def real_model_dir(name: str) -> Path:
     """A converted Hugging Face checkpoint directory of a real model (fetched and converted on first use)."""
-    return cached_gguf_checkpoint(real_model_gguf(name))
+    return cached_gguf_checkpoint(real_model_gguf(name), sha256=_get(name).gguf_sha256)  # checked just now

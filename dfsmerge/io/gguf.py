@@ -130,15 +130,18 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: Any = None, fo
     return out
 
 
-def cached_gguf_checkpoint(path: str | Path) -> Path:
+def cached_gguf_checkpoint(path: str | Path, *, sha256: str | None = None) -> Path:
     """The converted checkpoint of a GGUF file, converting it on first use (cached by content hash).
+
+    Args:
+        sha256: the file's digest when the caller has just verified it (skips hashing it again).
 
     Raises:
         CheckpointError, ArchitectureError: as :func:`convert_gguf`.
     """
     path = Path(str(path)).expanduser().resolve()
     _check_supported(path)  # before hashing or converting: an unsupported family fails in a second
-    target = cache_root() / "gguf" / file_sha256(path)[:32]
+    target = cache_root() / "gguf" / (sha256 or file_sha256(path))[:32]
     if (target / _DONE).is_file():
         return target
     return convert_gguf(path, target, force=True)
