@@ -146,8 +146,8 @@ class LayerPool:
         arch = get_architecture(cfg.to_dict(), source=name)
         pm = PoolModel(name, source, model, cfg, arch, tokenizer_path)
         if self._models:
-            self._check_compatible(self._models[self.base] if self.base in self._models
-                                   else next(iter(self._models.values())), pm)
+            check_compatible(self._models[self.base] if self.base in self._models
+                             else next(iter(self._models.values())), pm)
         self._models[name] = pm
         self._hop_table = None
 
@@ -169,24 +169,6 @@ class LayerPool:
         if as_base:
             self.base = name
             self._models = {name: self._models[name], **{k: v for k, v in self._models.items() if k != name}}
-
-    def _check_compatible(self, a: PoolModel, b: PoolModel) -> None:
-        if a.config.model_type != b.config.model_type:
-            raise ArchitectureError(
-                f"models {a.name!r} (model_type={a.config.model_type!r}) and {b.name!r} "
-                f"(model_type={b.config.model_type!r}) are different families; a layer path needs one family")
-        for f in ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
-            va, vb = getattr(a.config, f, None), getattr(b.config, f, None)
-            if va != vb:
-                raise ArchitectureError(f"models {a.name!r} and {b.name!r} differ in {f}: {va} vs {vb}; "
-                                        "a layer path needs equal hidden size, heads and vocabulary")
-        ha, hb = _head_dim(a.config), _head_dim(b.config)
-        if ha != hb:
-            raise ArchitectureError(f"models {a.name!r} and {b.name!r} differ in head_dim: {ha} vs {hb}")
-        ra, rb = _rope(a.config), _rope(b.config)
-        if ra != rb:
-            raise ArchitectureError(f"models {a.name!r} and {b.name!r} differ in rope settings: {ra} vs {rb}; "
-                                    "model A's rotary embedding would misplace the other's positions")
 
     def _check_tokenizers(self) -> None:
         vocabs = {}
@@ -316,6 +298,32 @@ class LayerPool:
         from dfsmerge.runtime.stitched import StitchedModel
 
         return StitchedModel.from_pool(self, plan)
+
+
+def check_compatible(a: Any, b: Any) -> None:
+    """Whether two models can share one layer path, from their transformers configs alone (``a.name``,
+    ``a.config``: a :class:`PoolModel` or anything with those two attributes, so searches can check config files
+    before loading any weight).
+
+    Raises:
+        ArchitectureError: the first difference, naming both models and the values.
+    """
+    if a.config.model_type != b.config.model_type:
+        raise ArchitectureError(
+            f"models {a.name!r} (model_type={a.config.model_type!r}) and {b.name!r} "
+            f"(model_type={b.config.model_type!r}) are different families; a layer path needs one family")
+    for f in ("hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        va, vb = getattr(a.config, f, None), getattr(b.config, f, None)
+        if va != vb:
+            raise ArchitectureError(f"models {a.name!r} and {b.name!r} differ in {f}: {va} vs {vb}; "
+                                    "a layer path needs equal hidden size, heads and vocabulary")
+    ha, hb = _head_dim(a.config), _head_dim(b.config)
+    if ha != hb:
+        raise ArchitectureError(f"models {a.name!r} and {b.name!r} differ in head_dim: {ha} vs {hb}")
+    ra, rb = _rope(a.config), _rope(b.config)
+    if ra != rb:
+        raise ArchitectureError(f"models {a.name!r} and {b.name!r} differ in rope settings: {ra} vs {rb}; "
+                                "model A's rotary embedding would misplace the other's positions")
 
 
 def _head_dim(config) -> int:

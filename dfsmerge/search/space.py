@@ -113,7 +113,7 @@ def check_models(models: ResolvedModels) -> None:
 
     from dfsmerge.arch import get_architecture
     from dfsmerge.io import open_checkpoint, resolve_model_path
-    from dfsmerge.pool import LayerPool
+    from dfsmerge.pool import check_compatible
 
     for name, p in {**models.ps, **models.ps_extra, **models.dfs}.items():
         if p != PS_MODEL_IN_PLAN:
@@ -124,7 +124,7 @@ def check_models(models: ResolvedModels) -> None:
     configs = [SimpleNamespace(name=n, config=AutoConfig.from_pretrained(str(resolve_model_path(p))))
                for n, p in pool]
     for other in configs[1:]:
-        LayerPool._check_compatible(None, configs[0], other)
+        check_compatible(configs[0], other)
 
 
 def build_space(config: SearchConfig, models: ResolvedModels | None = None):
