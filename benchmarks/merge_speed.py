@@ -9,7 +9,11 @@ Both tools run as subprocesses with the same thread count (OMP_NUM_THREADS). Set
   are merged in row chunks (bounded memory).
 
     python benchmarks/merge_speed.py [--set 32k] [--methods ties,linear] [--threads 2] [--repeats 2] [--workdir DIR]
+                                     [--out benchmarks/results/merge_speed_32k.md]
 Targets (issue 15): on 32k, ties at most 0.5x mergekit's time with peak RSS < 1.5 GB; on 128k, peak RSS < 2 GB.
+The table is printed and written as markdown to ``--out`` (default ``benchmarks/results/merge_speed_<set>.md``).
+Both tools run in the same invocation, alternating, so the ratio is measured under the same machine load; RSS is
+in GB (10^9 bytes). Pass a ``--workdir`` under ``runs/`` (git-ignored) to keep the generated checkpoints for reuse.
 """
 
 from __future__ import annotations
@@ -104,7 +108,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default=None, help="markdown result file (default benchmarks/results/merge_speed_SET.md)")
     args = ap.parse_args()
+    out_md = Path(args.out or Path(__file__).parent / "results" / f"merge_speed_{args.set}.md")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="dfsmerge-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     models = write_set(root / f"models-{args.set}", SETS[args.set])
@@ -115,9 +121,10 @@ def main() -> None:
     if mk_bin is None and not args.no_mergekit:
         raise SystemExit("mergekit-yaml not found: pip install mergekit==0.1.5 (the test oracle) to compare")
     hidden, _, _, vocab = SETS[args.set]
-    print(f"checkpoint set {args.set}: 3 models, embedding/head {vocab}x{hidden}, {size / 1e9:.2f} GB on disk (bf16), "
-          f"threads={args.threads}")
-    print(f"{'method':<8} {'dfsmerge s':>11} {'mergekit s':>11} {'ratio':>7} {'dfsmerge RSS':>13} {'mergekit RSS':>13}")
+    header = (f"checkpoint set {args.set}: 3 models, embedding/head {vocab}x{hidden}, {size / 1e9:.2f} GB on disk "
+              f"(bf16), OMP/MKL threads={args.threads}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print(header)
+    rows = []
     for method in args.methods.split(","):
         rp = root / f"{method}.yaml"
         rp.write_text(yaml.safe_dump(recipe(method, models)))
@@ -135,10 +142,19 @@ def main() -> None:
                 mk_rss = max(mk_rss, r)
             shutil.rmtree(root / "out_mk", ignore_errors=True)
         a, b = min(ours), min(theirs, default=float("nan"))
-        print(f"{method:<8} {a:>11.2f} {b:>11.2f} {a / b:>7.2f} {rss / 2**30:>9.2f} GiB {mk_rss / 2**30:>9.2f} GiB")
+        rows.append(f"| {method} | {a:.2f} | {b:.2f} | {a / b:.2f} | {rss / 1e9:.2f} | "
+                    + ("n/a" if args.no_mergekit else f"{mk_rss / 1e9:.2f}") + " |")
+        print(rows[-1], flush=True)
         shutil.rmtree(root / "out_ours", ignore_errors=True)
-    print(f"(best of {args.repeats}; ratio = dfsmerge / mergekit; RSS = peak resident set, GiB)")
-    print(f"workdir: {root}")
+    table = "\n".join([
+        f"# merge_speed --set {args.set}", "", header, "",
+        "| method | dfsmerge s | mergekit s | ratio | dfsmerge peak RSS GB | mergekit peak RSS GB |",
+        "|---|---|---|---|---|---|", *rows, "",
+        f"Best of {args.repeats} alternating runs each; ratio = dfsmerge / mergekit wall time; peak RSS = the child "
+        "process's maximum resident set (ru_maxrss).", ""])
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(table)
+    print(f"written {out_md}; workdir: {root}")
 
 
 if __name__ == "__main__":

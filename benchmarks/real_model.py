@@ -81,6 +81,7 @@ def part1(smol: Path) -> None:
 
     from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
     from dfsmerge.pool import LayerPool
+    from dfsmerge.runtime.stitched import StitchedModel
 
     tok = AutoTokenizer.from_pretrained(str(smol))
     docs = [json.loads(line)["prompt"] for line in (TASK_DIR / "real_arith_validation.jsonl").read_text().splitlines()]
@@ -94,8 +95,8 @@ def part1(smol: Path) -> None:
         name = str(dtype).removeprefix("torch.")
         pool = LayerPool({"S": str(smol)}, dtype=dtype)
         n = pool.num_layers("S")
-        stitched = pool.stitch(PathPlan(tuple(Step(LayerRef("S", i), 1.0) for i in range(n)), models={"S": str(smol)},
-                                        base="S"))
+        plan = PathPlan(tuple(Step(LayerRef("S", i), 1.0) for i in range(n)), models={"S": str(smol)}, base="S")
+        stitched = StitchedModel.from_pool(pool, plan)
         vanilla = AutoModelForCausalLM.from_pretrained(str(smol), dtype=dtype).eval()
         res_n, t_n = _native_eval(stitched, tok, "validation")
         res_h, t_h = _hflm_eval(smol, name, "validation")

@@ -70,6 +70,7 @@ def main() -> None:
     from dfsmerge.dfs.genome import DFSGenome, Infeasible
     from dfsmerge.dfs.plan import PathPlan
     from dfsmerge.pool import LayerPool
+    from dfsmerge.runtime.stitched import StitchedModel
     from dfsmerge.testing import make_tiny_checkpoint
 
     device = torch.device(args.device)
@@ -87,7 +88,7 @@ def main() -> None:
         p = genome.decode(rng.normal(0, 0.5, genome.dim))
         if not isinstance(p, Infeasible):
             plans.append(p)
-    model = pool.stitch(PathPlan.identity("A", args.layers))
+    model = StitchedModel.from_pool(pool, PathPlan.identity("A", args.layers))
     ptrs = {(m.name, n): p.data_ptr() for m in pool for n, p in m.model.named_parameters()}
 
     # 1. switch time (plan -> new step list, validated, no weight touched)

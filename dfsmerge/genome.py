@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 import numpy as np
+import yaml
 
 from dfsmerge.dfs.genome import DFSGenome, Infeasible
 from dfsmerge.dfs.plan import FrozenDict, PathPlan
@@ -82,7 +83,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _merge_method(name: str) -> Any:
-    from dfsmerge.merge import get_method
+    from dfsmerge.merge import get_method  # the merge registry imports torch; the genome needs it only here
 
     return get_method(name)
 
@@ -331,8 +332,6 @@ class PSRecipe:
         return out
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_mergekit(), sort_keys=False)
 
     def tensor_params(self, tensor_name: str, layer: int | None, *, post: bool = False
@@ -386,9 +385,7 @@ def _interp(values: list[float], t: float) -> float:
 
 
 def _declares(method: str, param: str) -> bool:
-    from dfsmerge.merge import get_method
-
-    return any(p.name == param for p in get_method(method).params)
+    return any(p.name == param for p in _merge_method(method).params)
 
 
 # ====================================================================== Candidate

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +21,7 @@ from torch import nn
 from dfsmerge.arch import Architecture, attention_types, get_architecture, hf_config, layout_reader
 from dfsmerge.dfs.plan import LayerRef, PathPlan
 from dfsmerge.errors import ArchitectureError, CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from dfsmerge.runtime.stitched import StitchedModel
+from dfsmerge.io import open_checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +60,8 @@ def load_model(source: str | Path, *, device: str | torch.device = "cpu", dtype:
         CheckpointError: missing or extra tensors, named.
         ArchitectureError: unsupported ``model_type``.
     """
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # transformers and accelerate load only when a model does
     from transformers import AutoModelForCausalLM
-
-    from dfsmerge.io import open_checkpoint
 
     reader = open_checkpoint(source, name=name)
     arch = get_architecture(reader.config, source=name or str(source))
@@ -292,12 +288,6 @@ class LayerPool:
         counts = {k: v.num_layers for k, v in self._models.items()}
         return PathPlan(plan.steps, models=dict(plan.models) or self.model_paths(), base=plan.base,
                         embed=plan.embed).validate(counts)
-
-    def stitch(self, plan: PathPlan) -> StitchedModel:
-        """A :class:`~dfsmerge.runtime.StitchedModel` running ``plan`` over the resident layers (no copies)."""
-        from dfsmerge.runtime.stitched import StitchedModel
-
-        return StitchedModel.from_pool(self, plan)
 
 
 def check_compatible(a: Any, b: Any) -> None:

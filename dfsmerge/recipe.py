@@ -5,7 +5,8 @@ precedence: slice source / model > slice > global, filters and gradients evaluat
 input tensor lazily, merges it with the merge library and streams the result into an atomic sharded writer, so
 peak memory stays near a few tensors. A tensor larger than the memory budget allows is merged in row chunks read
 through safetensors slices, where its method declares how (``MergeMethod.chunking``; statistics gathered in
-streaming passes first), bit-identical to the whole-tensor merge: it then costs its output plus one chunk.
+streaming passes first), bit-identical to the whole-tensor merge, and its chunks are written straight to their
+place in the output shard: it then costs one chunk, not its size.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import copy
 import functools
 import json
 import math
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -375,7 +378,21 @@ def job_chunking(plan: MergePlan, job: TensorJob, *, chunk_bytes: int | None):
 
 
 def _execute_chunked(plan: MergePlan, job: TensorJob, chunker, rows: int, *, device: str) -> torch.Tensor:
-    """Streaming passes for the statistics, then the merge chunk by chunk into the output tensor."""
+    """The merged tensor of :func:`chunk_rows` assembled whole (its output costs the full tensor)."""
+    out = None
+    for a, merged in chunk_rows(plan, job, chunker, rows, device=device):
+        if out is None:
+            n_rows = plan.readers[job.inputs[0][0]].get_shape(
+                _stored_name(plan.readers[job.inputs[0][0]], job.inputs[0][1], plan.arch))[0]
+            out = torch.empty((n_rows, *merged.shape[1:]), dtype=merged.dtype, device=merged.device)
+        out[a:a + merged.shape[0]] = merged
+    return out
+
+
+def chunk_rows(plan: MergePlan, job: TensorJob, chunker, rows: int, *, device: str = "cpu"
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Streaming passes for the statistics, then ``(first row, merged rows)`` chunk by chunk in row order, each in
+    the output dtype (``chunker, rows`` from :func:`job_chunking`). Only one chunk of every input is in memory."""
     dtype = torch_dtype(plan.config.dtype)
     stored = [(plan.readers[m], _stored_name(plan.readers[m], n, plan.arch)) for m, n in job.inputs]
     n_rows = stored[0][0].get_shape(stored[0][1])[0]
@@ -388,26 +405,97 @@ def _execute_chunked(plan: MergePlan, job: TensorJob, chunker, rows: int, *, dev
             for reader, name in stored:
                 t, counted = _aligned(reader.get_rows(name, a, b).to(device), dtype)
                 ts.append(t)
-                if a == 0:
+                if a == 0 and len(dtypes) < len(stored):
                     dtypes.append(counted)
             work = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
             yield a, b, [t.to(work) for t in ts]  # (rows, *S[1:]) each, as merge_tensor aligns them
 
+    from dfsmerge.merge.chunked import WholeTensorNeeded
+
     try:
-        for p in range(chunker.passes):
+        p = 0
+        while p < chunker.passes:  # read after every pass: a chunker may need another (a fallback)
             for _, _, ts in chunks():
                 chunker.gather(p, ts)
             chunker.end_pass(p)
-        out = None
-        for a, b, ts in chunks():
-            merged = chunker.apply(ts)  # (b - a, *S[1:])
-            if out is None:
-                shape = (n_rows, *merged.shape[1:])
-                out = torch.empty(shape, dtype=_out_dtype(plan, dtypes), device=merged.device)
-            out[a:b] = merged
+            p += 1
+    except WholeTensorNeeded:  # ties the chunks cannot order as the whole-tensor sort does: merge it whole
+        yield 0, execute_job(plan, job, device=device, seed=None, chunk_bytes=None)
+        return
     except MergeError as err:
         raise MergeError(f"{err} (tensor {job.out_name!r})") from None
-    return out
+    try:
+        for a, _, ts in chunks():
+            merged = chunker.apply(ts)  # (b - a, *S[1:])
+            del ts
+            yield a, merged.to(_out_dtype(plan, dtypes))
+    except MergeError as err:
+        raise MergeError(f"{err} (tensor {job.out_name!r})") from None
+
+
+class RowParts:
+    """A merged tensor still to be computed, as ``(first row, rows)`` parts in row order (:func:`chunk_rows`):
+    iterate it once, writing each part (``ShardedWriter.add_tensor_rows``), so the tensor is never whole.
+
+    After :meth:`start` the parts are computed ahead in a background thread (at most ``ahead`` parts wait), so
+    merging overlaps with writing and with the jobs before it; :meth:`stop` ends that thread early.
+    """
+
+    def __init__(self, plan: MergePlan, job: TensorJob, chunker: Any, rows: int, *, device: str = "cpu",
+                 ahead: int = 2):
+        self.plan, self.job, self.chunker, self.rows, self.device = plan, job, chunker, rows, device
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._ahead = ahead
+
+    def __repr__(self) -> str:
+        return f"RowParts({self.job.out_name!r}, rows={self.rows})"
+
+    def _parts(self) -> Iterator[tuple[int, torch.Tensor]]:
+        return chunk_rows(self.plan, self.job, self.chunker, self.rows, device=self.device)
+
+    def start(self) -> RowParts:
+        """Compute the parts ahead in a background thread."""
+        self._queue = queue.Queue(maxsize=self._ahead)
+
+        def put(item: Any) -> bool:
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for part in self._parts():
+                    if not put(part):
+                        return
+                put(_DONE)
+            except BaseException as err:  # handed to the consumer, raised there
+                put(err)
+
+        threading.Thread(target=produce, name=f"dfsmerge-rows-{self.job.out_name}", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self._queue is None:
+            yield from self._parts()
+            return
+        try:
+            while (item := self._queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop()
+
+
+_DONE = object()  # end of a RowParts stream
 
 
 def output_manifest(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -429,15 +517,17 @@ def output_manifest(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.d
 
 
 def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, workers: int | None = None,
-                memory_budget: int | str = "512MB", manifest: list | None = None, chunk: bool = True
-                ) -> Iterator[tuple[TensorJob, torch.Tensor]]:
+                memory_budget: int | str = "512MB", manifest: list | None = None, chunk: bool = True,
+                stream: bool = False) -> Iterator[tuple[TensorJob, torch.Tensor | RowParts]]:
     """Merged tensors in plan order, computed by a small thread pool (torch releases the GIL in its kernels).
 
     Reading, merging and writing overlap; at most ``workers + 1`` jobs are in flight and their estimated
     working memory (fp32 copies of every input and a few temporaries each, from ``manifest``'s shapes; computed
     when not given) stays under ``memory_budget`` (a job larger than the budget runs alone). With ``chunk``, a
     tensor whose working memory exceeds a quarter of the budget is merged in row chunks of that size where its
-    method allows (bit-identical; see :func:`job_chunking`), so it costs its output plus one chunk.
+    method allows (bit-identical; see :func:`job_chunking`), so it costs its output plus one chunk; with
+    ``stream`` as well, such a tensor comes as :class:`RowParts`, merged chunk by chunk while the caller
+    iterates it (in the caller's thread), so it costs one chunk.
     """
     from dfsmerge.io import parse_size
 
@@ -445,38 +535,54 @@ def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, w
         workers = 1 if device.startswith("cuda") else 2
     budget = parse_size(memory_budget)
     chunk_bytes = max(1, budget // 4) if chunk else None
+
+    def lazy(job: TensorJob) -> RowParts | None:
+        chunked = job_chunking(plan, job, chunk_bytes=chunk_bytes) if stream else None
+        return None if chunked is None else RowParts(plan, job, *chunked, device=device)
+
     if workers <= 1:
         for job in plan.jobs:
-            yield job, execute_job(plan, job, device=device, seed=seed, chunk_bytes=chunk_bytes)
+            yield job, lazy(job) or execute_job(plan, job, device=device, seed=seed, chunk_bytes=chunk_bytes)
         return
     entries = manifest or output_manifest(plan)
-    pending: deque[tuple[TensorJob, Future, int]] = deque()
+    pending: deque[tuple[TensorJob, Future | RowParts, int]] = deque()
     in_flight = 0
+    current: list[RowParts] = []  # the parts last handed out, stopped should the caller give up on them
     with ThreadPoolExecutor(workers, thread_name_prefix="dfsmerge-merge") as pool:
         try:
             for job, (_, shape, out_dtype) in zip(plan.jobs, entries, strict=True):
                 cost = _working_bytes(math.prod(shape), len(job.inputs))
+                parts = None
                 if cost > (chunk_bytes or cost) and job_chunking(plan, job, chunk_bytes=chunk_bytes) is not None:
-                    cost = math.prod(shape) * out_dtype.itemsize + chunk_bytes
+                    parts = lazy(job)
+                    cost = chunk_bytes if parts is not None else math.prod(shape) * out_dtype.itemsize + chunk_bytes
                 while pending and (len(pending) > workers or in_flight + cost > budget):
                     done_job, fut, c = pending.popleft()
                     in_flight -= c
-                    result = fut.result()
+                    result = fut if isinstance(fut, RowParts) else fut.result()
                     del fut  # drop the finished tensor before the next job starts
+                    current[:] = [result] if isinstance(result, RowParts) else []
                     yield done_job, result
                     del result
-                pending.append((job, pool.submit(execute_job, plan, job, device=device, seed=seed,
-                                                 chunk_bytes=chunk_bytes), cost))
+                work = parts.start() if parts is not None else pool.submit(execute_job, plan, job, device=device,
+                                                                           seed=seed, chunk_bytes=chunk_bytes)
+                pending.append((job, work, cost))
                 in_flight += cost
             while pending:
                 done_job, fut, _ = pending.popleft()
-                result = fut.result()
+                result = fut if isinstance(fut, RowParts) else fut.result()
                 del fut
+                current[:] = [result] if isinstance(result, RowParts) else []
                 yield done_job, result
                 del result
         finally:
+            for parts in current:
+                parts.stop()
             for _, fut, _ in pending:
-                fut.cancel()
+                if isinstance(fut, Future):
+                    fut.cancel()
+                else:
+                    fut.stop()
 
 
 def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", seed: int | None = 0,
@@ -508,10 +614,15 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
     donor = _tokenizer_donor(config)
     manifest = output_manifest(plan)
     results = iter_merged(plan, device=device, seed=seed, workers=workers, memory_budget=memory_budget,
-                          manifest=manifest)
+                          manifest=manifest, stream=True)
     with ShardedWriter(out_dir, max_shard_size=max_shard_size, force=force, manifest=manifest) as w:
         for job, tensor in tqdm(results, total=len(plan.jobs), desc="merging", unit="tensor", disable=not progress):
-            w.add_tensor(job.out_name, tensor)
+            if isinstance(tensor, RowParts):  # a large tensor: merged and written chunk by chunk
+                for start, rows in tensor:
+                    w.add_tensor_rows(job.out_name, start, rows)
+                    del rows
+            else:
+                w.add_tensor(job.out_name, tensor)
             del tensor  # written: free it before the next tensor is merged
         w.write_json("config.json", plan.out_config)
         if plan.vocabulary is not None:

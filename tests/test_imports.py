@@ -69,17 +69,6 @@ def cyclic_components(graph: dict[str, set[str]]) -> list[frozenset[str]]:
     return out
 
 
-#: cycles that exist today, each hidden by imports inside functions (issue 19). The list may only shrink: a new cycle,
-#: or a known one that grows, fails the test; remove an entry once its cycle is gone.
-KNOWN_CYCLES = {
-    frozenset({"dfsmerge.pool", "dfsmerge.runtime.stitched"}),
-    frozenset({"dfsmerge.export.card", "dfsmerge.export.exporter", "dfsmerge.export.mergekit_yaml"}),
-    frozenset({"dfsmerge.io.adapter", "dfsmerge.io.reader", "dfsmerge.io.writer"}),
-    frozenset({"dfsmerge.kernels", "dfsmerge.kernels._common", "dfsmerge.kernels.gta", "dfsmerge.kernels.linear",
-               "dfsmerge.kernels.slerp"}),
-}
-
-
 def test_graph_sees_imports_inside_functions():
     g = import_graph()
     assert "dfsmerge.objectives.lm_eval_compat" in g["dfsmerge.objectives.tasks"]  # imported inside functions only
@@ -87,6 +76,6 @@ def test_graph_sees_imports_inside_functions():
     assert cyclic_components({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_new_import_cycle():
-    new = [sorted(c) for c in cyclic_components(import_graph()) if c not in KNOWN_CYCLES]
-    assert new == [], f"import cycles (a module imports, at any depth, one that imports it back): {new}"
+def test_no_import_cycle():
+    cycles = [sorted(c) for c in cyclic_components(import_graph())]
+    assert cycles == [], f"import cycles (a module imports, at any depth, one that imports it back): {cycles}"

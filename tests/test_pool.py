@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ArchitectureError, CheckpointError, ConfigError
 from dfsmerge.pool import LayerPool
+from dfsmerge.runtime.stitched import StitchedModel
 from dfsmerge.testing import make_tiny_checkpoint
 
 
@@ -113,7 +114,7 @@ def test_plans_validated_against_pool(ckpts):
     pool = LayerPool({"A": str(ckpts["a"]), "B": str(ckpts["b"])})
     bad = PathPlan((Step(LayerRef("B", 3)),), models={"A": "a", "B": "b"}, base="A")
     with pytest.raises(ConfigError, match=r"path\[0\].layer=3 is out of range for model 'B'"):
-        pool.stitch(bad)
+        StitchedModel.from_pool(pool, bad)
 
 
 def test_dfs_genome_for_pool_starts_at_model_a(ckpts):
@@ -128,5 +129,5 @@ def test_dfs_genome_for_pool_starts_at_model_a(ckpts):
     ids = torch.randint(5, 40, (1, 5))
     with torch.no_grad():
         want = pool["A"].model(ids).logits
-        got = pool.stitch(plan)(ids).logits
+        got = StitchedModel.from_pool(pool, plan)(ids).logits
     assert torch.allclose(got, want, atol=1e-5)

@@ -62,6 +62,8 @@ class DFSGenome:
         repetitions: r, the number of times the pool is repeated in the slot sequence.
         scales: scale parameterisation, one of :data:`SCALE_MODES`.
         scale_bound: scales are ``exp(s)`` with ``s`` clipped to ``[-scale_bound, scale_bound]``.
+        scale_step: round ``s`` to multiples of this (None: continuous). Candidates whose scales round alike share
+            their path prefixes exactly, which the evaluation's prefix reuse turns into skipped computation.
         min_length / max_length: path length bounds (max defaults to T).
         max_repeats: most times one pool layer may appear in the path (default r, i.e. unconstrained).
         force_first / force_last: the path must start with A's first layer / end with A's last layer.
@@ -78,6 +80,7 @@ class DFSGenome:
     repetitions: int = 2
     scales: ScaleMode = "per_step"
     scale_bound: float = 1.5
+    scale_step: float | None = None
     min_length: int = 1
     max_length: int | None = None
     max_repeats: int | None = None
@@ -104,6 +107,9 @@ class DFSGenome:
             errors.append(f"scales={self.scales!r} is not known; use one of {', '.join(SCALE_MODES)}")
         if not self.scale_bound > 0:
             errors.append(f"scale_bound={self.scale_bound!r} must be > 0")
+        if self.scale_step is not None and not 0 < self.scale_step <= self.scale_bound:
+            errors.append(f"scale_step={self.scale_step!r} must be in (0, scale_bound={self.scale_bound}]; e.g. 0.02, "
+                          "or null for continuous scales")
         if self.init_off > 0 or self.init_on <= 0:
             errors.append(f"init_on={self.init_on}, init_off={self.init_off}: need init_on > 0 >= init_off")
         if errors:
@@ -247,6 +253,8 @@ class DFSGenome:
         T, M = self.num_slots, self.M
         ind = x[:T]
         genes = np.clip(x[T:T + self.num_scale_genes], -self.scale_bound, self.scale_bound)
+        if self.scale_step is not None:
+            genes = np.clip(np.round(genes / self.scale_step) * self.scale_step, -self.scale_bound, self.scale_bound)
         on = [t for t in range(T) if ind[t] > 0]  # Eq.: slot t on iff I_t > 0
         slots, problem = self._constrain(on, ind)
         if problem is not None:

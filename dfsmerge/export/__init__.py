@@ -12,7 +12,7 @@ from dfsmerge._lazy import lazy_getattr
 
 _EXPORTS = {
     "RunCandidate": "candidate", "export_candidate": "candidate", "load_run_candidate": "candidate",
-    "FORMATS": "exporter", "PS_MARKER": "exporter", "ExportInfo": "exporter", "export_plan": "exporter",
+    "FORMATS": "exporter", "ExportInfo": "info", "export_plan": "exporter",
     "export_ps": "exporter", "unique_layers": "exporter",
     "check_foldable": "fold", "cumulative_scales": "fold", "eps_bound": "fold",
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.errors import ConfigError
@@ -57,8 +58,6 @@ def load_run_candidate(run_dir: str | Path, candidate: str | int = "best") -> Ru
     Raises:
         ConfigError: the run directory, its best files or the id do not exist (names what is there instead).
     """
-    import yaml
-
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"run directory {str(run)!r} does not exist; give the directory of a `dfsmerge search`")

@@ -7,8 +7,9 @@ import json
 import yaml
 
 from dfsmerge.dfs.plan import PathPlan
-from dfsmerge.export.exporter import PS_MARKER, ExportInfo
 from dfsmerge.export.fold import eps_bound
+from dfsmerge.export.info import ExportInfo
+from dfsmerge.genome import PS_MODEL_IN_PLAN
 
 
 def draw_path(plan: PathPlan) -> str:
@@ -36,7 +37,7 @@ def model_card(info: ExportInfo) -> str:
               ""]
     lines += ["## Sources", ""]
     for name, src in plan.models.items():
-        what = "the parameter-space merge of the recipe below" if src == PS_MARKER else f"`{src}`"
+        what = "the parameter-space merge of the recipe below" if src == PS_MODEL_IN_PLAN else f"`{src}`"
         roles = [r for r, m in (("base: tokenizer, final norm, head", plan.base),
                                 ("embedding", plan.embed_model)) if m == name]
         lines.append(f"- **{name}**: {what}" + (f" ({'; '.join(roles)})" if roles else ""))

@@ -14,7 +14,8 @@ Beside the weights: ``config.json``, ``generation_config.json``, the base model'
 model card ``README.md``. Everything is written through :class:`~dfsmerge.io.ShardedWriter`: into a temporary
 directory beside the target, renamed into place at the end.
 
-PS-merged models in a plan: a plan's ``models`` entry whose value is ``"@ps"`` stands for the model produced by
+PS-merged models in a plan: a plan's ``models`` entry whose value is ``"@ps"``
+(:data:`dfsmerge.genome.PS_MODEL_IN_PLAN`) stands for the model produced by
 the candidate's PS recipe (joint and staged searches). The exporter runs that recipe with
 :func:`dfsmerge.recipe.run_merge` into a temporary directory beside the target (removed afterwards) and exports the
 path over it.
@@ -28,57 +29,29 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 
 from dfsmerge.arch import Architecture, get_architecture, hf_config, layout_reader
+from dfsmerge.config import load_merge_config
 from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import fold
+from dfsmerge.export.card import model_card
+from dfsmerge.export.info import ExportInfo
+from dfsmerge.export.mergekit_yaml import mergekit_yaml
+from dfsmerge.genome import MERGED, PS_MODEL_IN_PLAN
 from dfsmerge.io import ShardedWriter, copy_tokenizer, open_checkpoint
+from dfsmerge.recipe import run_merge
 
-PS_MARKER = "@ps"
-"""Value of a plan's ``models`` entry that stands for the candidate's PS-merged model."""
 FORMATS = ("folded", "compact")
 MODELING_FILE = "compact_modeling.py"
 COMPACT_MODEL_TYPE = "dfsmerge_compact"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """What an export wrote, for the model card and the mergekit YAML.
-
-    Attributes:
-        plan: the path with resolved model paths (the PS model under its plan name, path ``@ps``).
-        format: ``folded`` or ``compact``.
-        family: ``model_type`` of the sources.
-        cumulative: ``C_k`` per step.
-        embed_factor: ``e``, the factor the folded embedding absorbed (1 for compact or a tied head).
-        divisors: ``D_k = C_k / e``, what step ``k``'s residual-branch outputs were divided by (folded).
-        dtype: output dtype name.
-        ps_recipe: the PS recipe dict (mergekit form) when a model of the plan is PS-merged.
-        ps_name: the plan's name of the PS-merged model.
-        scores: objectives of the search that found the model (may be empty).
-        eps: the base config's norm eps.
-    """
-
-    plan: PathPlan
-    format: str
-    family: str
-    cumulative: tuple[float, ...]
-    dtype: str
-    embed_factor: float = 1.0
-    divisors: tuple[float, ...] = ()
-    ps_recipe: Mapping[str, Any] | None = None
-    ps_name: str | None = None
-    scores: Mapping[str, Any] = field(default_factory=dict)
-    eps: float = 1e-6
-    ps_only: bool = False
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -107,7 +80,7 @@ def resolve_model_paths(plan: PathPlan, base_dir: str | Path | None = None) -> P
     models = {}
     for name, src in plan.models.items():
         p = Path(src).expanduser()
-        if src == PS_MARKER:
+        if src == PS_MODEL_IN_PLAN:
             models[name] = src
         elif p.exists():
             models[name] = str(p.resolve())
@@ -179,31 +152,29 @@ def _export(plan: PathPlan | None, out_dir: str | Path, *, format: str, dtype: s
     out_dir = Path(out_dir).expanduser().resolve()
     ShardedWriter(out_dir, force=force).check_target()  # fail before any work
     out_dtype = _parse_dtype(dtype)
-    ps_names = [] if plan is None else [n for n, s in plan.models.items() if s == PS_MARKER]
+    ps_names = [] if plan is None else [n for n, s in plan.models.items() if s == PS_MODEL_IN_PLAN]
     if plan is not None and plan.steps and format == "folded":
         fold.check_foldable(plan)
     if (ps_names or plan is None) and ps_recipe is None:
-        raise ConfigError(f"plan models {ps_names} are '@ps' (the candidate's PS-merged model) but no PS recipe was "
-                          "given; export the run's candidate (`dfsmerge export RUN_DIR --candidate ...`) or pass "
-                          "ps_recipe")
+        raise ConfigError(f"plan models {ps_names} are {PS_MODEL_IN_PLAN!r} (the candidate's PS-merged model) but "
+                          "no PS recipe was given; export the run's candidate (`dfsmerge export RUN_DIR --candidate "
+                          "...`) or pass ps_recipe")
     if len(ps_names) > 1:
-        raise ConfigError(f"plan models {ps_names} are all '@ps'; at most one model can stand for the PS merge")
+        raise ConfigError(f"plan models {ps_names} are all {PS_MODEL_IN_PLAN!r}; at most one model can stand for "
+                          "the PS merge")
     tmp_ps: Path | None = None
     try:
         paths = {} if plan is None else dict(plan.models)
         if ps_recipe is not None and (ps_names or plan is None):
-            from dfsmerge.config import load_merge_config
-            from dfsmerge.recipe import run_merge
-
             tmp_ps = out_dir.parent / f".{out_dir.name}.ps-{uuid.uuid4().hex[:8]}"
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             run_merge(load_merge_config(dict(ps_recipe)), tmp_ps, seed=ps_seed, allow_pickle=allow_pickle,
                       progress=False)
-            ps_name = ps_names[0] if ps_names else "merged"
+            ps_name = ps_names[0] if ps_names else MERGED
             paths[ps_name] = str(tmp_ps)
             if plan is None:
                 n = get_architecture(_read_config(tmp_ps)).num_layers(_read_config(tmp_ps))
-                plan = PathPlan.identity(ps_name, n, models={ps_name: PS_MARKER})
+                plan = PathPlan.identity(ps_name, n, models={ps_name: PS_MODEL_IN_PLAN})
         else:
             ps_name = None
         _write(plan, paths, out_dir, format=format, dtype=out_dtype, force=force, max_shard_size=max_shard_size,
@@ -222,9 +193,6 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _write(plan: PathPlan, paths: Mapping[str, str], out_dir: Path, *, format: str, dtype: torch.dtype | None,
            force: bool, max_shard_size: int | str, scores: Mapping[str, Any], allow_pickle: bool,
            ps_recipe: Mapping[str, Any] | None, ps_name: str | None, ps_only: bool) -> None:
-    from dfsmerge.export.card import model_card
-    from dfsmerge.export.mergekit_yaml import mergekit_yaml
-
     used = list(dict.fromkeys([plan.base, plan.embed_model, *(s.layer.model for s in plan.steps)]))
     missing = [m for m in used if m not in paths]
     if missing:
@@ -266,8 +234,6 @@ def _write(plan: PathPlan, paths: Mapping[str, str], out_dir: Path, *, format: s
             w.write_text("dfsmerge_plan.yaml", PathPlan(plan.steps, models=dict(plan.models), base=plan.base,
                                                         embed=plan.embed).to_yaml())
         if ps_recipe is not None:
-            import yaml
-
             w.write_text("dfsmerge_recipe.yaml", yaml.safe_dump(dict(ps_recipe), sort_keys=False))
         w.write_text("README.md", model_card(info))
 
@@ -352,7 +318,7 @@ def unique_layers(plan: PathPlan) -> list[LayerRef]:
 
 def _write_compact(w: ShardedWriter, plan: PathPlan, readers, configs, arch: Architecture,
                    dtype: torch.dtype) -> dict[str, Any]:
-    from dfsmerge.export import compact_modeling
+    from dfsmerge.export import compact_modeling  # imports transformers: only compact exports need it
 
     stored = unique_layers(plan)
     slot = {ref: u for u, ref in enumerate(stored)}
@@ -410,5 +376,5 @@ def _generation_config(base_path: Path, base_cfg: Mapping[str, Any]) -> dict[str
     return out
 
 
-__all__ = ["FORMATS", "PS_MARKER", "ExportInfo", "export_plan", "export_ps", "resolve_model_paths",
+__all__ = ["FORMATS", "ExportInfo", "export_plan", "export_ps", "resolve_model_paths",
            "unique_layers"]

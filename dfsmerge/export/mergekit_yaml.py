@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from dfsmerge.arch import Architecture
-from dfsmerge.export.exporter import PS_MARKER, ExportInfo
+from dfsmerge.export.info import ExportInfo
+from dfsmerge.genome import PS_MODEL_IN_PLAN
 
 PS_STAGE_NAME = "ps_merged"
 
@@ -84,7 +85,7 @@ def mergekit_yaml(info: ExportInfo, paths: Mapping[str, str], configs: Mapping[s
     if info.ps_only:
         head = ["# Reproduce this model with: mergekit-yaml mergekit.yaml OUT (or dfsmerge merge mergekit.yaml OUT)"]
         return "\n".join(head) + "\n" + yaml.safe_dump(dict(info.ps_recipe), sort_keys=False)
-    ps = [n for n, s in plan.models.items() if s == PS_MARKER]
+    ps = [n for n, s in plan.models.items() if s == PS_MODEL_IN_PLAN]
     names = {m: (PS_STAGE_NAME if m in ps else str(p)) for m, p in paths.items()}
     body = {"slices": _slices(info, names, arch), "merge_method": "passthrough", "dtype": info.dtype}
     notes = limitations(info, configs, arch)

@@ -28,8 +28,13 @@ from typing import Any
 import torch
 
 from dfsmerge.errors import CheckpointError
+from dfsmerge.io.checkpoint import CheckpointReader
+from dfsmerge.io.formats import TOKENIZER_FILES
+from dfsmerge.io.gguf import cache_root, file_sha256
+from dfsmerge.io.writer import ShardedWriter
 
-__all__ = ["ADAPTER_CONFIG", "adapter_source", "apply_adapter", "cached_adapter_checkpoint", "is_adapter_dir"]
+__all__ = ["ADAPTER_CONFIG", "adapter_base_ref", "adapter_source", "apply_adapter", "cached_adapter_checkpoint",
+           "is_adapter_dir"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter_model.safetensors"
@@ -71,6 +76,17 @@ def _read_config(adapter_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"adapter {str(adapter_dir)!r}: no {_WEIGHTS}; adapters are read from safetensors "
                               "(convert adapter_model.bin with peft and save_pretrained)")
     return cfg
+
+
+def adapter_base_ref(adapter_dir: str | Path, override: str | None = None) -> str:
+    """The reference of the model the adapter applies to: ``override``, else its ``base_model_name_or_path`` (taken
+    relative to the adapter when it exists there); the caller resolves it to a directory.
+
+    Raises:
+        CheckpointError: not a LoRA adapter, or no base named anywhere.
+    """
+    adapter_dir = Path(adapter_dir).expanduser()
+    return _base_ref(adapter_dir, _read_config(adapter_dir), override)
 
 
 def _base_ref(adapter_dir: Path, cfg: dict[str, Any], override: str | None) -> str:
@@ -116,27 +132,25 @@ def _adapter_index(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[st
     return lora, full
 
 
-def apply_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None,
+def apply_adapter(adapter_dir: str | Path, out_dir: str | Path, base_path: str | Path, *, base_ref: str | None = None,
                   force: bool = False, allow_pickle: bool = False) -> Path:
     """Write base + LoRA adapter as a full checkpoint into ``out_dir`` (atomically, one tensor at a time).
 
     Args:
         adapter_dir: a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``).
-        base: the base model, overriding the adapter's ``base_model_name_or_path``.
+        base_path: the base model's checkpoint directory (see :func:`adapter_base_ref`; resolved by the caller).
+        base_ref: how the base was named, for messages (default ``base_path``).
     Returns:
         ``out_dir``.
     Raises:
-        CheckpointError: not a LoRA adapter, no base, or factors that do not fit the base's tensors.
+        CheckpointError: not a LoRA adapter, or factors that do not fit the base's tensors.
     """
     from safetensors import safe_open
 
-    from dfsmerge.io.reader import TOKENIZER_FILES, open_checkpoint
-    from dfsmerge.io.writer import ShardedWriter
-
     adapter_dir = Path(adapter_dir).expanduser()
     cfg = _read_config(adapter_dir)
-    base_ref = _base_ref(adapter_dir, cfg, base)
-    reader = open_checkpoint(base_ref, allow_pickle=allow_pickle)
+    base_ref = base_ref or str(base_path)
+    reader = CheckpointReader(base_path, allow_pickle=allow_pickle, name=base_ref)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
     with safe_open(str(adapter_dir / _WEIGHTS), framework="pt") as h:
         lora, full = _adapter_index(list(h.keys()))
@@ -188,8 +202,6 @@ def _apply_lora(h, entry: dict[str, str], weight: torch.Tensor, scaling: float, 
 
 
 def _fingerprint(adapter_dir: Path, base_path: Path, override: str | None) -> str:
-    from dfsmerge.io.gguf import file_sha256
-
     h = hashlib.sha256(f"dfsmerge-adapter-{_FORMAT}\n".encode())
     h.update((adapter_dir / ADAPTER_CONFIG).read_bytes())
     h.update(file_sha256(adapter_dir / _WEIGHTS).encode())
@@ -201,20 +213,18 @@ def _fingerprint(adapter_dir: Path, base_path: Path, override: str | None) -> st
     return h.hexdigest()[:32]
 
 
-def cached_adapter_checkpoint(adapter_dir: str | Path, base: str | None = None) -> Path:
-    """The full checkpoint of ``base`` (default: the adapter's own) + the LoRA adapter, built on first use.
+def cached_adapter_checkpoint(adapter_dir: str | Path, base_path: str | Path, override: str | None = None) -> Path:
+    """The full checkpoint of the base at ``base_path`` + the LoRA adapter, built on first use.
 
+    Args:
+        base_path: the resolved directory of :func:`adapter_base_ref` ``(adapter_dir, override)``.
+        override: the base given as ``BASE+ADAPTER`` (part of the cache key), or None.
     Raises:
         CheckpointError: as :func:`apply_adapter`.
     """
-    from dfsmerge.io.gguf import cache_root
-    from dfsmerge.io.reader import resolve_model_path
-
     adapter_dir = Path(adapter_dir).expanduser().resolve()
-    cfg = _read_config(adapter_dir)
-    base_ref = _base_ref(adapter_dir, cfg, base)
-    base_path = resolve_model_path(base_ref)
-    target = cache_root() / "adapters" / _fingerprint(adapter_dir, base_path, base)
+    base_path = Path(base_path)
+    target = cache_root() / "adapters" / _fingerprint(adapter_dir, base_path, override)
     if (target / _DONE).is_file():
         return target
-    return apply_adapter(adapter_dir, target, base=str(base_path), force=True)
+    return apply_adapter(adapter_dir, target, base_path, base_ref=adapter_base_ref(adapter_dir, override), force=True)

@@ -19,12 +19,8 @@ from typing import Any
 import torch
 
 from dfsmerge.errors import OutputExistsError
+from dfsmerge.io.formats import TOKENIZER_FILES, TORCH_TO_SAFETENSORS
 
-_ST_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -53,7 +49,8 @@ class _PlannedShard:
         offset = 0
         for name, shape, dtype in entries:
             n = math.prod(shape) * _itemsize(dtype)
-            self.header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+                                 "data_offsets": [offset, offset + n]}
             offset += n
         self.nbytes = offset
         head = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
@@ -62,16 +59,44 @@ class _PlannedShard:
         self._file.write(struct.pack("<Q", len(head)))
         self._file.write(head)
         self._next = 0
+        self._rows_done = 0  # rows of expected[_next] written so far (add_rows)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        want_name, want_shape, want_dtype = self.expected[self._next]
+        want_name, want_shape, want_dtype = self._want(name)
+        if self._rows_done:
+            raise RuntimeError(f"tensor {name!r} given whole while {want_name!r} is half written ({self._rows_done} "
+                               f"of {want_shape[0]} rows)")
         t = tensor.detach().to("cpu").contiguous()
         if name != want_name or tuple(t.shape) != tuple(want_shape) or t.dtype != want_dtype:
             raise RuntimeError(f"writer manifest expected {want_name} {tuple(want_shape)} {want_dtype}, got {name} "
                                f"{tuple(t.shape)} {t.dtype}")
+        self._write(t)
+        self._next += 1
+
+    def add_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Rows ``start : start + len(rows)`` (dim 0) of tensor ``name``, written where they belong in the file:
+        parts arrive in row order and the next tensor begins once every row is written."""
+        want_name, want_shape, want_dtype = self._want(name)
+        t = rows.detach().to("cpu").contiguous()
+        if (name != want_name or t.dtype != want_dtype or not want_shape or tuple(t.shape[1:]) != tuple(want_shape[1:])
+                or start != self._rows_done or start + t.shape[0] > want_shape[0]):
+            raise RuntimeError(f"writer manifest expected rows {self._rows_done}: of {want_name} {tuple(want_shape)} "
+                               f"{want_dtype}, got rows {start}:{start + (t.shape[0] if t.dim() else 0)} of {name} "
+                               f"{tuple(t.shape)} {t.dtype}")
+        self._write(t)
+        self._rows_done += t.shape[0]
+        if self._rows_done == want_shape[0]:
+            self._rows_done = 0
+            self._next += 1
+
+    def _want(self, name: str) -> tuple[str, tuple[int, ...], torch.dtype]:
+        if self._next >= len(self.expected):
+            raise RuntimeError(f"tensor {name!r} is beyond the writer's manifest")
+        return self.expected[self._next]
+
+    def _write(self, t: torch.Tensor) -> None:
         if t.numel():
             self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._next += 1
 
     @property
     def complete(self) -> bool:
@@ -101,12 +126,12 @@ class _ShardStream:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach().to("cpu").contiguous()
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in TORCH_TO_SAFETENSORS:
             raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         n = len(raw) if isinstance(raw, bytes) else raw.nbytes
         self._data.write(memoryview(raw) if n else b"")
-        self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+        self.header[name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
                              "data_offsets": [self.nbytes, self.nbytes + n]}
         self.nbytes += n
 
@@ -130,6 +155,7 @@ class ShardedWriter:
 
         with ShardedWriter(out_dir, max_shard_size="5GB", force=False) as w:
             w.add_tensor(name, tensor)        # streamed to the current shard
+            w.add_tensor_rows(name, 0, rows)  # with a manifest: a large tensor written in row parts
             w.write_json("config.json", cfg)  # any side file
         # on normal exit: shards renamed, index written, directory renamed into place
         # on an exception: the temporary directory is removed and the target is untouched
@@ -208,6 +234,22 @@ class ShardedWriter:
         self._current.add(name, tensor)
         self.total_size += n
 
+    def add_tensor_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows ``start : start + len(rows)`` (dim 0) of tensor ``name`` straight to their place in the shard
+        file, so a large tensor is never held whole: the header, written first, already holds its shape and dtype
+        (from the manifest). Parts of one tensor come in row order, with nothing else in between.
+
+        Raises:
+            RuntimeError: the writer has no manifest, or the part is not the next expected one.
+        """
+        if self.manifest is None:
+            raise RuntimeError(f"add_tensor_rows({name!r}) needs a writer with a manifest (shapes known up front)")
+        shard = next((s for s in self._shards if not s.complete), None)
+        if shard is None:
+            raise RuntimeError(f"tensor {name!r} is not in the writer's manifest")
+        shard.add_rows(name, start, rows)
+        self.total_size += rows.numel() * rows.element_size()
+
     def write_json(self, rel: str, obj: Any) -> None:
         (self.tmp_dir / rel).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -259,8 +301,6 @@ def fsync_dir(path: Path) -> None:
 
 def copy_tokenizer(src_dir: str | Path, writer: ShardedWriter) -> list[str]:
     """Copy the tokenizer files of checkpoint ``src_dir`` into the writer's directory; returns the names copied."""
-    from dfsmerge.io.reader import TOKENIZER_FILES
-
     copied = []
     for name in TOKENIZER_FILES:
         p = Path(src_dir) / name

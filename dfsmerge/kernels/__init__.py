@@ -1,8 +1,9 @@
 """Fused Triton merge kernels, each beside its PyTorch reference (importable as ``dfsmerge.kernels``).
 
 ``fused_merge`` is the entry point the merge library and the PS runtime call: Triton on CUDA tensors, the
-eager reference elsewhere. Triton is imported lazily (only when a Triton path runs), so the package works
-without it and ``TRITON_INTERPRET`` may be set any time before the first Triton merge.
+eager reference elsewhere. Triton is optional (``_common`` guards its import, so the package works without it)
+and the kernel modules are imported on first use, so ``TRITON_INTERPRET`` (read when ``triton.jit`` decorates a
+kernel) may be set any time before the first Triton merge.
 
 Which methods have a fused kernel is the merge registry's word (``MergeMethod.kernel``, a key of
 :data:`KERNELS`); the kernels take the parameters the registry resolved (``dfsmerge.merge.resolve_params``).
@@ -14,29 +15,27 @@ della_linear), ``linear.py``, ``slerp.py``, ``reductions.py`` (thresholds and ra
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from dfsmerge.errors import MergeError
-from dfsmerge.merge import get_method, registered_methods
+from dfsmerge.kernels._common import METHOD_NAMES, resolve_params
+from dfsmerge.merge import get_method
 
 __all__ = ["BACKENDS", "KERNELS", "METHOD_NAMES", "fused_merge", "triton_available", "triton_supports"]
 
 BACKENDS = ("auto", "triton", "reference")
 KERNELS = ("gta", "linear", "slerp")
 """The fused kernels, by the name a :class:`~dfsmerge.merge.MergeMethod` declares in ``kernel``."""
-METHOD_NAMES: tuple[str, ...] = tuple(n for n in registered_methods() if get_method(n).kernel is not None)
-"""Registered methods with a fused kernel."""
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def triton_available() -> bool:
     """True when triton can be imported (it is not imported by this check if already absent)."""
-    import importlib.util
-    import sys
-
     if "triton" in sys.modules:
         return sys.modules["triton"] is not None
     return importlib.util.find_spec("triton") is not None
@@ -94,8 +93,6 @@ def fused_merge(
         MergeError: unknown method, backend or parameter; a value outside its range; bad base index; inputs the
             forced backend cannot take.
     """
-    from ._common import resolve_params
-
     if backend not in BACKENDS:
         raise MergeError(f"backend={backend!r} is unknown; use one of {list(BACKENDS)}")
     tensors = list(tensors)
@@ -123,6 +120,7 @@ def fused_merge(
     return out
 
 
+# The kernel modules are imported here, not at the top: ``triton.jit`` reads TRITON_INTERPRET when it decorates.
 def _run_triton(kernel, method, tensors, base_index, rp, seed, out):
     if kernel == "linear":
         from .linear import linear_triton

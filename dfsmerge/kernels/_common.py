@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from dfsmerge.errors import MergeError
+from dfsmerge.merge import GTA_VARIANTS, get_method, registered_methods
+from dfsmerge.merge import resolve_params as registry_resolve
 
 try:  # Triton is optional: without it every method runs on its PyTorch reference.
     import triton
@@ -49,6 +51,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = _TLStub()  # type: ignore[assignment]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+METHOD_NAMES: tuple[str, ...] = tuple(n for n in registered_methods() if get_method(n).kernel is not None)
+"""Registered methods with a fused kernel (the merge registry's ``MergeMethod.kernel``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class GTAMethod:
@@ -72,8 +77,6 @@ class GTAMethod:
 
 
 def _gta_methods() -> dict[str, GTAMethod]:
-    from dfsmerge.merge import GTA_VARIANTS
-
     return {
         v.name: GTAMethod(
             v.name,
@@ -191,11 +194,6 @@ def resolve_params(
         MergeError: unknown method or parameter, missing or out-of-range value, wrong number of values or
             inputs, bad base index.
     """
-    from dfsmerge.merge import get_method
-    from dfsmerge.merge import resolve_params as registry_resolve
-
-    from . import METHOD_NAMES
-
     m = get_method(method)
     if m.kernel is None:
         raise MergeError(f"merge_method={method!r} has no fused kernel; use one of {list(METHOD_NAMES)}")

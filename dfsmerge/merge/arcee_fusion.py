@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-__all__ = ["arcee_fusion", "fusion_importance"]
+__all__ = ["QUANTILES", "arcee_fusion", "fusion_fence", "fusion_importance", "quantile_rank"]
 
-_QUANTILES = (0.25, 0.5, 0.75)
+QUANTILES = (0.25, 0.5, 0.75)
+"""q1, median and q3 of the importance."""
 
 
 def fusion_importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -27,15 +28,28 @@ def fusion_importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def _quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
     # the entry at sorted position floor(q (n - 1)), by selection (O(n)) rather than a sort
-    return torch.kthvalue(flat, int(q * (flat.numel() - 1)) + 1).values
+    return torch.kthvalue(flat, quantile_rank(q, flat.numel()) + 1).values
 
 
-def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def quantile_rank(q: float, n: int) -> int:
+    """0-based ascending rank of the ``q`` quantile of ``n`` entries (no interpolation)."""
+    return int(q * (n - 1))
+
+
+def fusion_fence(quantiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Tukey's upper fence ``median + 1.5 (q3 - q1)`` of the importance quantiles (0-d float32 tensors)."""
+    q1, median, q3 = quantiles
+    return median + 1.5 * (q3 - q1)
+
+
+def arcee_fusion(base: torch.Tensor, other: torch.Tensor, *, fence: torch.Tensor | None = None) -> torch.Tensor:
     """Fuse ``other`` into ``base`` where the importance reaches the upper fence (see the module docstring).
 
     Args:
         base: (*S) base tensor.
         other: (*S) the other model's tensor.
+        fence: the whole tensors' :func:`fusion_fence` when ``base`` and ``other`` are row chunks of larger
+            tensors (default: from the inputs).
 
     Returns:
         (*S) merged tensor.
@@ -45,7 +59,8 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     differs from this one near the threshold.
     """
     importance = fusion_importance(other, base)
-    flat = importance.reshape(-1)
-    q1, median, q3 = (_quantile(flat, q) for q in _QUANTILES)
-    keep = importance >= median + 1.5 * (q3 - q1)
+    if fence is None:
+        flat = importance.reshape(-1)
+        fence = fusion_fence(tuple(_quantile(flat, q) for q in QUANTILES))
+    keep = importance >= fence
     return base + (other - base) * keep

@@ -13,7 +13,7 @@ Semantics follow mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge``: the sign i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 
 import torch
@@ -122,6 +122,7 @@ def generalized_task_arithmetic(
     epsilon: float | Sequence[float] = 0.15,
     gamma: float | Sequence[float] = 0.01,
     generator: torch.Generator | None = None,
+    prune: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merge fine-tunes of ``base`` through their task vectors (see the module docstring for the formula).
 
@@ -139,6 +140,8 @@ def generalized_task_arithmetic(
         epsilon: DELLA probability half-width, per model or one value.
         gamma: Breadcrumbs outlier fraction, per model or one value.
         generator: RNG of random sparsification; draws happen model by model in order.
+        prune: ``(i, delta_i) -> pruned delta_i`` (may work in place) instead of ``sparsification``: how a row
+            chunk is pruned with thresholds found over the whole tensor (:mod:`dfsmerge.merge.chunked`).
 
     Returns:
         (*S) merged tensor in ``base``'s dtype. With K = 0, ``base`` itself.
@@ -159,7 +162,9 @@ def generalized_task_arithmetic(
     deltas = []
     for i, tensor in enumerate(tensors):
         delta = tensor - base  # (*S)
-        if sparsification is not None:
+        if prune is not None:
+            delta = prune(i, delta)
+        elif sparsification is not None:
             delta = sparsify(delta, sparsification, densities[i], rescale=rescale, gamma=gammas[i],
                              epsilon=epsilons[i], generator=generator, inplace=True)
         deltas.append(delta.mul_(w[i]))  # w_i * delta_i (delta is our own temporary)

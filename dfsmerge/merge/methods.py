@@ -10,17 +10,27 @@ from typing import Any
 
 import torch
 
-from dfsmerge.merge.arcee_fusion import arcee_fusion
-from dfsmerge.merge.chunked import ChunkedMerge, MagnitudeChunks, elementwise, rowwise
+from dfsmerge.merge.arcee_fusion import QUANTILES, arcee_fusion, fusion_fence, fusion_importance, quantile_rank
+from dfsmerge.merge.chunked import (
+    ChunkedMerge,
+    CountChunks,
+    GramChunks,
+    MagnitudeChunks,
+    QuantileChunks,
+    RankWindowChunks,
+    VarianceTopKChunks,
+    elementwise,
+    rowwise,
+)
 from dfsmerge.merge.gta import Consensus, generalized_task_arithmetic
 from dfsmerge.merge.karcher import karcher_mean
 from dfsmerge.merge.linear import linear, passthrough
 from dfsmerge.merge.model_stock import model_stock
 from dfsmerge.merge.multislerp import multislerp
 from dfsmerge.merge.nearswap import nearswap
-from dfsmerge.merge.ram import ram
+from dfsmerge.merge.ram import ram, ram_overlap_counts
 from dfsmerge.merge.registry import REQUIRED, Gene, MergeMethod, ParamSpec, register
-from dfsmerge.merge.sce import sce
+from dfsmerge.merge.sce import sce, sce_energy_rows, sce_select_count, sce_variance
 from dfsmerge.merge.slerp import nuslerp, slerp
 from dfsmerge.merge.sparsify import Sparsification
 
@@ -44,20 +54,43 @@ def _passthrough(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerM
     return passthrough(tensors[0], per_model["scale"][0])
 
 
-def _slerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
-    return slerp(params["t"], tensors[base_index], tensors[1 - base_index])
+def _slerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator,
+           gram_matrix=None):
+    return slerp(params["t"], tensors[base_index], tensors[1 - base_index], gram_matrix=gram_matrix)
 
 
-def _nuslerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+def _slerp_chunking(method, base_index, per_model: PerModel, params, numel: int) -> ChunkedMerge:
+    return GramChunks(method, base_index, per_model, params,
+                      vectors=lambda c: [c[base_index], c[1 - base_index]],
+                      merge=lambda c, g: _slerp(c, base_index=base_index, per_model=per_model, params=params,
+                                                generator=None, gram_matrix=g))
+
+
+def _nuslerp_vectors(tensors: Sequence[torch.Tensor], base_index) -> list[torch.Tensor]:
+    i, j = _non_base(len(tensors), base_index)
+    if base_index is None:
+        return [tensors[i], tensors[j]]
+    return [tensors[i] - tensors[base_index], tensors[j] - tensors[base_index]]
+
+
+def _nuslerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator,
+             gram_matrix=None):
     i, j = _non_base(len(tensors), base_index)
     w0, w1 = per_model["weight"][i], per_model["weight"][j]
     total = w0 + w1
     t = 0.5 if abs(total) < 1e-6 else w1 / total  # weights summing to ~0: midpoint, as mergekit
     options = {"row_wise": params["nuslerp_row_wise"], "flatten": params["nuslerp_flatten"]}
-    if base_index is None:
-        return nuslerp(t, tensors[i], tensors[j], **options)
-    base = tensors[base_index]
-    return base + nuslerp(t, tensors[i] - base, tensors[j] - base, **options)
+    v0, v1 = _nuslerp_vectors(tensors, base_index)
+    merged = nuslerp(t, v0, v1, gram_matrix=gram_matrix, **options)
+    return merged if base_index is None else tensors[base_index] + merged
+
+
+def _nuslerp_chunking(method, base_index, per_model: PerModel, params, numel: int) -> ChunkedMerge | None:
+    if not params["nuslerp_flatten"]:  # vectors along the last axis are rows; along dim 0 they span the tensor
+        return None if params["nuslerp_row_wise"] else rowwise(method, base_index, per_model, params, numel)
+    return GramChunks(method, base_index, per_model, params, vectors=lambda c: _nuslerp_vectors(c, base_index),
+                      merge=lambda c, g: _nuslerp(c, base_index=base_index, per_model=per_model, params=params,
+                                                  generator=None, gram_matrix=g))
 
 
 def _model_stock_chunking(method, base_index, per_model: PerModel, params, numel: int) -> ChunkedMerge | None:
@@ -79,6 +112,7 @@ def _gta(
     generator,
     sparsification: Sparsification | None,
     consensus: Consensus | None,
+    prune=None,
 ):
     idx = _non_base(len(tensors), base_index)
     return generalized_task_arithmetic(
@@ -95,6 +129,7 @@ def _gta(
         epsilon=[per_model["epsilon"][i] for i in idx] if "epsilon" in per_model else 0.0,
         gamma=[per_model["gamma"][i] for i in idx] if "gamma" in per_model else 0.0,
         generator=generator,
+        prune=prune,
     )
 
 
@@ -126,6 +161,7 @@ register(
         reference="Shoemake 1985, Animating rotation with quaternion curves",
         genes=(Gene("t", 0.0, 1.0, 0.5, signed=True),),
         kernel="slerp",
+        chunking=_slerp_chunking,
     )
 )
 register(
@@ -143,6 +179,7 @@ register(
         max_non_base=2,
         reference="mergekit nuslerp (spherical interpolation of two models or their task vectors)",
         genes=(WEIGHT_GENE,),
+        chunking=_nuslerp_chunking,
     )
 )
 register(
@@ -176,11 +213,15 @@ def _gta_chunking(method, base_index, per_model: PerModel, params, numel: int, *
     densities = [d for d in per_model["density"] if d is not None]
     if sparsification is None or all(d >= 1 for d in densities):
         return elementwise(method, base_index, per_model, params, numel)  # no pruning: elementwise
+    def merge(chunk, prune):  # pruned by the chunker with the whole tensor's thresholds
+        return _gta(chunk, base_index=base_index, per_model=per_model, params=params, generator=None,
+                    sparsification=None, consensus=consensus, prune=prune)
+
     if sparsification is Sparsification.magnitude and not params["rescale"]:
-        merge = partial(_gta, base_index=base_index, per_model=per_model, params=params, generator=None,
-                        sparsification=None, consensus=consensus)
         return MagnitudeChunks(method, base_index, per_model, params, n_entries=numel, merge_fn=merge)
-    # random draws (DARE, DELLA), breadcrumbs' rank window and the L1 rescale need the whole tensor
+    if sparsification is Sparsification.magnitude_outliers and not params["rescale"]:
+        return RankWindowChunks(method, base_index, per_model, params, n_entries=numel, merge_fn=merge)
+    # random draws (DARE, DELLA) and the L1 rescale need the whole tensor
     return None
 
 
@@ -251,12 +292,25 @@ for _name, _sparsification, _consensus, _normalize, _rescale, _reference in _GTA
     )
 
 
-def _sce(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+def _sce(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator, **whole_stats):
     others = [tensors[i] for i in _non_base(len(tensors), base_index)]
-    return sce(tensors[base_index], others, select_topk=params["select_topk"], int8_mask=params["int8_mask"])
+    return sce(tensors[base_index], others, select_topk=params["select_topk"], int8_mask=params["int8_mask"],
+               **whole_stats)
 
 
-def _multislerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+def _sce_chunking(method, base_index, per_model: PerModel, params, numel: int) -> ChunkedMerge:
+    def task_vectors(c):
+        return torch.stack([c[i] - c[base_index] for i in _non_base(len(c), base_index)], dim=0)
+
+    return VarianceTopKChunks(
+        method, base_index, per_model, params, n_entries=numel, select_topk=params["select_topk"],
+        task_vectors=task_vectors, variance=sce_variance, energy_rows=sce_energy_rows, select_count=sce_select_count,
+        merge=lambda c, mask, energy: _sce(c, base_index=base_index, per_model=per_model, params=params,
+                                           generator=None, mask=mask, energy=energy, numel=numel))
+
+
+def _multislerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator,
+                gram_matrix=None):
     idx = _non_base(len(tensors), base_index)
     return multislerp(
         [tensors[i] for i in idx],
@@ -264,26 +318,64 @@ def _multislerp(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerMo
         base=None if base_index is None else tensors[base_index],
         normalize_weights=params["normalize_weights"],
         eps=params["eps"],
+        gram_matrix=gram_matrix,
     )
 
 
-def _karcher(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
+def _multislerp_vectors(tensors: Sequence[torch.Tensor], base_index) -> list[torch.Tensor]:
+    idx = _non_base(len(tensors), base_index)  # the task vectors multislerp interpolates
+    return [tensors[i] if base_index is None else tensors[i] - tensors[base_index] for i in idx]
+
+
+def _karcher(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator,
+             gram_matrix=None):
     alphas = [1.0 / len(tensors)] * len(tensors)  # mergekit's karcher: equal weights, the base as any input
-    return karcher_mean(tensors, alphas, max_iter=params["max_iter"], tol=params["tol"])
+    return karcher_mean(tensors, alphas, max_iter=params["max_iter"], tol=params["tol"], gram_matrix=gram_matrix)
+
+
+def _gram_chunking(fn, vectors):
+    """Chunking factory of a method ``fn`` that takes the Gram matrix of ``vectors(tensors, base_index)``."""
+
+    def factory(method, base_index, per_model: PerModel, params, numel: int) -> ChunkedMerge:
+        return GramChunks(method, base_index, per_model, params, vectors=lambda c: vectors(c, base_index),
+                          merge=lambda c, g: fn(c, base_index=base_index, per_model=per_model, params=params,
+                                                generator=None, gram_matrix=g))
+
+    return factory
 
 
 def _nearswap(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
     return nearswap(params["t"], tensors[base_index], tensors[1 - base_index])
 
 
-def _arcee_fusion(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator):
-    return arcee_fusion(tensors[base_index], tensors[1 - base_index])
+def _arcee_fusion(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator,
+                  fence=None):
+    return arcee_fusion(tensors[base_index], tensors[1 - base_index], fence=fence)
 
 
-def _ram(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator, plus: bool):
+def _arcee_chunking(method, base_index, per_model: PerModel, params, numel: int) -> ChunkedMerge:
+    return QuantileChunks(
+        method, base_index, per_model, params, n_entries=numel,
+        importance=lambda c: fusion_importance(c[1 - base_index], c[base_index]),
+        ranks=[quantile_rank(q, numel) for q in QUANTILES],
+        merge=lambda c, values: _arcee_fusion(c, base_index=base_index, per_model=per_model, params=params,
+                                              generator=None, fence=fusion_fence(tuple(values))))
+
+
+def _ram(tensors: Sequence[torch.Tensor], *, base_index, per_model: PerModel, params, generator, plus: bool,
+         overlap=None):
     others = [tensors[i] for i in _non_base(len(tensors), base_index)]
-    extra = {"r": params["r"], "alpha": params["alpha"]} if plus else {}
+    extra = {"r": params["r"], "alpha": params["alpha"], "overlap": overlap} if plus else {}
     return ram(tensors[base_index], others, epsilon=params["epsilon"], plus=plus, **extra)
+
+
+def _ramplus_chunking(method, base_index, per_model: PerModel, params, numel: int) -> ChunkedMerge:
+    def count(c):
+        return ram_overlap_counts(c[base_index], [c[i] for i in _non_base(len(c), base_index)], params["epsilon"])
+
+    return CountChunks(method, base_index, per_model, params, count=count,
+                       merge=lambda c, counts: _ram(c, base_index=base_index, per_model=per_model, params=params,
+                                                    generator=None, plus=True, overlap=counts))
 
 
 register(
@@ -297,6 +389,7 @@ register(
         random=False,
         fn=_sce,
         reference="Wan et al. 2024, FuseChat, arXiv 2408.07990",
+        chunking=_sce_chunking,
         genes=(Gene("select_topk", 0.0, 1.0, 1.0),),
     )
 )
@@ -314,6 +407,7 @@ register(
         min_non_base=1,
         reference="Goddard, https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
         genes=(WEIGHT_GENE,),
+        chunking=_gram_chunking(_multislerp, _multislerp_vectors),
     )
 )
 register(
@@ -327,6 +421,7 @@ register(
         random=False,
         fn=_karcher,
         reference="Karcher mean on the hypersphere, arXiv 2603.04972",
+        chunking=_gram_chunking(_karcher, lambda c, base_index: list(c)),
     )
 )
 register(
@@ -355,6 +450,7 @@ register(
         min_inputs=2,
         max_inputs=2,
         reference="Arcee Fusion, https://arcee.ai",
+        chunking=_arcee_chunking,
     )
 )
 _RAM_EPSILON = ParamSpec("epsilon", 1e-5, False, float, doc="task-vector magnitude that counts as a contribution",
@@ -382,6 +478,7 @@ register(
         random=False,
         fn=partial(_ram, plus=True),
         reference="Reinforced Agent Merging Plus (tensor-local), arXiv 2601.13572",
+        chunking=_ramplus_chunking,
         genes=(Gene("r", 0.0, 1.0, 0.1), Gene("alpha", 0.0, 1.0, 0.2)),
     )
 )

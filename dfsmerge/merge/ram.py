@@ -17,7 +17,20 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ram"]
+__all__ = ["ram", "ram_overlap_counts"]
+
+
+def ram_overlap_counts(base: torch.Tensor, tensors: Sequence[torch.Tensor], epsilon: float) -> torch.Tensor:
+    """(2, K) int64: per model, its contributing entries that another model also contributes to (row 0) and that
+    only it contributes to (row 1). Exact integer counts, so sums over row chunks equal the whole tensor's."""
+    tau = torch.stack([t - base for t in tensors], dim=0).reshape(len(tensors), -1)  # (K, N)
+    contributes = tau.abs() > epsilon  # (K, N)
+    counts = contributes.sum(dim=0, keepdim=True)  # (1, N)
+    return _overlap(contributes, counts > 1, counts == 1)
+
+
+def _overlap(contributes: torch.Tensor, shared: torch.Tensor, unique: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(contributes & shared).sum(dim=1), (contributes & unique).sum(dim=1)])  # (2, K)
 
 
 def ram(
@@ -28,6 +41,7 @@ def ram(
     plus: bool = False,
     r: float = 0.1,
     alpha: float = 0.2,
+    overlap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge fine-tunes of ``base`` with RAM (or RAM+ tensor-local with ``plus``); see the module docstring.
 
@@ -37,6 +51,8 @@ def ram(
         epsilon: magnitude above which a task-vector entry contributes (>= 0).
         plus: ``ramplus_tl``: rescale unique entries by ``1 + r * clamp(rho, 0, alpha)``.
         r, alpha: RAM+ rescale strength and cap.
+        overlap: with ``plus``, the whole tensors' :func:`ram_overlap_counts` when ``base`` and ``tensors`` are row
+            chunks of larger tensors (default: counted from them).
 
     Returns:
         (*S) merged tensor.
@@ -53,7 +69,9 @@ def ram(
     tau_kept = tau * contributes
     unique_part = tau_kept * unique  # (K, N)
     if plus:
-        rho = (contributes & shared).sum(dim=1) / (contributes & unique).sum(dim=1).clamp(min=epsilon)  # (K,)
+        if overlap is None:
+            overlap = _overlap(contributes, shared, unique)
+        rho = overlap[0].to(tau.device) / overlap[1].to(tau.device).clamp(min=epsilon)  # (K,)
         unique_part = unique_part * (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)  # (K, N) * (K, 1)
     merged = (unique_part + tau_kept * shared / counts.clamp(min=1)).sum(dim=0, keepdim=True)  # (1, N)
     return base + merged.reshape_as(base)

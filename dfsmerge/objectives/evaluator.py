@@ -27,6 +27,12 @@ class EvalResult:
         infeasible: the candidate's genome decodes to no valid path (not a failure: the search goes on).
         timings: seconds per phase (search worker).
         traceback: the last frames of a failing candidate's exception (search worker).
+        cost: what scoring it took (search worker): ``tokens``, ``forward_tokens`` and ``cached_tokens`` (full-forward
+            token equivalents computed / served by prefix reuse), ``forward_calls``, ``prefix_hits``, ``docs``,
+            ``seconds``.
+        partial: racing: one block's ``{objective key: [sum, documents scored, documents in all, direction]}`` for
+            the task objectives (their ``scores`` are then the block's means).
+        race: a raced candidate's blocks and whether racing stopped it (:meth:`dfsmerge.search.racing.Tally.to_json`).
     """
 
     results: dict
@@ -37,6 +43,9 @@ class EvalResult:
     infeasible: bool = False
     timings: dict = field(default_factory=dict)
     traceback: str | None = None
+    cost: dict = field(default_factory=dict)
+    partial: dict | None = None
+    race: dict | None = None
 
 
 class Evaluator:
@@ -65,6 +74,30 @@ class Evaluator:
         if key is None:
             return self._evaluate(model, description)
         return self.cache.get_or_compute(key, lambda: self._evaluate(model, description))
+
+    def evaluate_block(self, model, block: int, *, description: CandidateDescription | None = None) -> EvalResult:
+        """Racing: score block ``block`` of the task documents (after ``self.suite.race_blocks``); cost objectives
+        are computed whole. ``partial`` holds the block's sums; ``scores`` its means (NaN for an empty block)."""
+        sums = self.suite.evaluate_block(model, block)
+        scores = {k: (s / n if n else math.nan) for k, (s, n, _) in sums.items()}
+        if self.config.cost_objectives:
+            desc = description or describe_model(model)
+            scores.update({o.key: compute_cost(o.name, model, desc) for o in self.config.cost_objectives})
+        values = objective_values(scores, self.config.objectives, self.directions)
+        docs = {p.objective.name: sums[p.objective.key][1] for p in self.suite.prepared}  # a task once
+        return EvalResult(results={}, scores=scores, values=values,
+                          fitness=scalar_fitness(values, self.config.objectives),
+                          partial={k: [*v, self.directions[k]] for k, v in sums.items()},
+                          cost={"docs": sum(docs.values())})
+
+    def documents(self) -> int:
+        """Documents one full evaluation scores (all tasks)."""
+        seen, n = set(), 0
+        for p in self.suite.prepared:
+            if p.objective.name not in seen:
+                seen.add(p.objective.name)
+                n += len(p.native.docs) if p.native is not None else (p.limit or p.n_docs)
+        return n
 
     def _evaluate(self, model, description) -> EvalResult:
         if self._scorer is None and any(p.native is None for p in self.suite.prepared):

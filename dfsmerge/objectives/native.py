@@ -128,27 +128,46 @@ class NativeTask:
     # ---- scoring -------------------------------------------------------------------------------------
     def evaluate(self, model) -> dict[str, float]:
         """Score ``model``; returns ``{metric key: value}`` as lm-eval reports them (filter ``none``)."""
-        before = self.scorer.forward_calls
-        if self.kind in _MC_TYPES:
-            flat = self._loglikelihoods(model)
-            per_doc, pos = [], 0
-            for n in self.n_req:
-                per_doc.append(flat[pos:pos + n])
-                pos += n
-        else:
-            matches = self._exact_matches(model)
-            per_doc = [[g["gold"] if m else g["gold"] + _NO_MATCH] for g, m in zip(self.gen, matches, strict=True)]
-        self.forward_calls += self.scorer.forward_calls - before
-        values: dict[str, list] = defaultdict(list)
-        for doc, res in zip(self.docs, per_doc, strict=True):
-            for metric, v in self.task.process_results(doc, res).items():
-                values[metric].append(v)
+        values = self.per_doc(model)
         agg = self.task.aggregation()
         return {f"{m},none": float(agg[m](v)) for m, v in values.items()}
 
+    def per_doc(self, model, positions=None) -> dict[str, list]:
+        """Each document's metric values (``process_results``), for the documents at ``positions`` of
+        :attr:`docs` (default all), in that order: ``{metric: [value per document]}``."""
+        positions = range(len(self.docs)) if positions is None else positions
+        before = self.scorer.forward_calls
+        if self.kind in _MC_TYPES:
+            starts = self._request_starts()
+            idx = [starts[p] + r for p in positions for r in range(self.n_req[p])]
+            flat = self._loglikelihoods(model, idx)
+            per_doc, pos = [], 0
+            for p in positions:
+                per_doc.append(flat[pos:pos + self.n_req[p]])
+                pos += self.n_req[p]
+        else:
+            matches = self._exact_matches(model, positions)
+            per_doc = [[self.gen[p]["gold"] if m else self.gen[p]["gold"] + _NO_MATCH]
+                       for p, m in zip(positions, matches, strict=True)]
+        self.forward_calls += self.scorer.forward_calls - before
+        values: dict[str, list] = defaultdict(list)
+        for p, res in zip(positions, per_doc, strict=True):
+            for metric, v in self.task.process_results(self.docs[p], res).items():
+                values[metric].append(v)
+        return dict(values)
+
+    def _request_starts(self) -> list[int]:
+        starts, pos = [], 0
+        for n in self.n_req:
+            starts.append(pos)
+            pos += n
+        return starts
+
     # multiple choice ---------------------------------------------------------------------------------
-    def _loglikelihoods(self, model) -> list[tuple[float, bool]]:
-        reqs, sc = self.requests, self.scorer
+    def _loglikelihoods(self, model, idx: list[int] | None = None) -> list[tuple[float, bool]]:
+        """The answers to the requests at ``idx`` of :attr:`requests` (default all), in that order."""
+        reqs = self.requests if idx is None else [self.requests[i] for i in idx]
+        sc = self.scorer
         if not self.prefix_cache:
             return sc.score(model, reqs)
         max_len = sc.window(model)
@@ -163,15 +182,16 @@ class NativeTask:
         keys = sorted(groups, key=len, reverse=True)
         bs = sc.batch_size
         for s in range(0, len(keys), bs):
-            fallback = self._score_prefix_batch(model, keys[s:s + bs], groups, out)
+            fallback = self._score_prefix_batch(model, reqs, keys[s:s + bs], groups, out)
             plain.extend(fallback)
         if plain:
             for i, r in zip(plain, sc.score(model, [reqs[i] for i in plain]), strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
 
-    def _score_prefix_batch(self, model, keys, groups, out) -> list[int]:
-        """Score the choices of a batch of shared contexts; returns request indices it could not score."""
+    def _score_prefix_batch(self, model, reqs, keys, groups, out) -> list[int]:
+        """Score the choices of a batch of shared contexts; returns request indices (into ``reqs``) it could not
+        score."""
         sc, dev = self.scorer, model_device(model)
         pad = sc.pad_token_id
         B, T = len(keys), max(len(k) for k in keys)
@@ -185,7 +205,7 @@ class NativeTask:
         o = sc.forward(model, ids, attention_mask=mask, position_ids=pos, use_cache=True)
         last = F.log_softmax(o.logits[:, -1, :], dim=-1)  # (B, V): predicts each continuation's 1st token
         rows = [(b, i) for b, k in enumerate(keys) for i in groups[k]]
-        long_rows = [(b, i) for b, i in rows if len(self.requests[i][2]) > 1]
+        long_rows = [(b, i) for b, i in rows if len(reqs[i][2]) > 1]
         lp_rest = None
         if long_rows:
             cache = o.cache
@@ -193,12 +213,12 @@ class NativeTask:
             if cache is None or not _select_cache(cache, index):
                 self.prefix_fallbacks += 1
                 return [i for _, i in rows]
-            L = max(len(self.requests[i][2]) - 1 for _, i in long_rows)
+            L = max(len(reqs[i][2]) - 1 for _, i in long_rows)
             R = len(long_rows)
             cin = torch.full((R, L), pad, dtype=torch.long)
             cmask = torch.zeros((R, L), dtype=torch.long)
             for r, (_, i) in enumerate(long_rows):
-                c = self.requests[i][2][:-1]  # the last token is predicted, never input
+                c = reqs[i][2][:-1]  # the last token is predicted, never input
                 cin[r, :len(c)] = torch.tensor(c)
                 cmask[r, :len(c)] = 1
             cin, cmask = cin.to(dev), cmask.to(dev)
@@ -209,7 +229,7 @@ class NativeTask:
             lp_rest = F.log_softmax(o2.logits, dim=-1)  # (R, L, V), in the logits' dtype as the adapter
         row_of = {i: r for r, (_, i) in enumerate(long_rows)}
         for b, i in rows:
-            cont = self.requests[i][2]
+            cont = reqs[i][2]
             first = last[b]  # (V,)
             ll = float(first[cont[0]])
             greedy = int(first.argmax()) == cont[0]
@@ -222,19 +242,21 @@ class NativeTask:
         return []
 
     # exact match of greedy generation -----------------------------------------------------------------
-    def _exact_matches(self, model) -> list[bool]:
-        n = len(self.gen)
-        decided: list[bool | None] = [None] * n
-        forcible = [j for j, g in enumerate(self.gen) if g["target"] is not None]
+    def _exact_matches(self, model, positions=None) -> list[bool]:
+        """Whether greedy generation matches the target, for the documents at ``positions`` (default all, in that
+        order)."""
+        positions = range(len(self.gen)) if positions is None else positions
+        decided: list[bool | None] = [None] * len(self.gen)
+        forcible = [j for j in positions if self.gen[j]["target"] is not None]
         bs = self.scorer.batch_size
         forcible.sort(key=lambda j: -(len(self.gen[j]["prompt"]) + len(self.gen[j]["target"])))
         for s in range(0, len(forcible), bs):
             self._teacher_forced(model, forcible[s:s + bs], decided)
-        rest = [j for j in range(n) if decided[j] is None]
+        rest = [j for j in positions if decided[j] is None]
         rest.sort(key=lambda j: -len(self.gen[j]["prompt"]))
         for s in range(0, len(rest), bs):
             self._greedy(model, rest[s:s + bs], decided)
-        return [bool(d) for d in decided]
+        return [bool(decided[j]) for j in positions]
 
     def _final_text(self, model, g, toks: list[int]) -> str | None:
         """The response if the generation has ended after ``toks`` (EOS or a stop string), else None."""
@@ -247,8 +269,8 @@ class NativeTask:
             return self._cut(g, tok.decode(toks, skip_special_tokens=True))
         return None
 
-    def _prompt(self, model, g) -> list[int]:
-        window = self.scorer.window(model)
+    def _prompt(self, model, g, window: int | None = None) -> list[int]:
+        window = self.scorer.window(model) if window is None else window
         room = window - g["max_gen"]
         if room <= 0:
             raise ConfigError(f"task {self.task.task_name!r}: max_gen_toks={g['max_gen']} is not below the model's "
@@ -270,7 +292,8 @@ class NativeTask:
     def _teacher_forced(self, model, batch: list[int], decided: list) -> None:
         sc, dev = self.scorer, model_device(model)
         pad = sc.pad_token_id
-        seqs = [self._prompt(model, self.gen[j]) + self.gen[j]["target"] for j in batch]
+        window = sc.window(model)  # once per batch: resolving it reads the model's config
+        seqs = [self._prompt(model, self.gen[j], window) + self.gen[j]["target"] for j in batch]
         T = max(len(x) for x in seqs)
         ids = torch.full((len(batch), T), pad, dtype=torch.long)
         for r, x in enumerate(seqs):  # right padding: causal, so the padding never reaches real positions
@@ -278,7 +301,7 @@ class NativeTask:
         pred = sc.forward(model, ids.to(dev)).logits.argmax(-1).cpu()  # (B, T): argmax[t] predicts token t + 1
         for r, j in enumerate(batch):
             g = self.gen[j]
-            p, tgt = len(self._prompt(model, g)), g["target"]
+            p, tgt = len(self._prompt(model, g, window)), g["target"]
             guess = pred[r, p - 1:p + len(tgt)].tolist()  # greedy choice after prompt + target[:k], k = 0..n
             k = next((k for k in range(len(tgt)) if guess[k] != tgt[k]), len(tgt))
             if k == len(tgt):  # greedy reproduced the target; does it stop here?
@@ -298,7 +321,8 @@ class NativeTask:
     def _greedy(self, model, batch: list[int], decided: list) -> None:
         sc, tok, dev = self.scorer, self.scorer.tokenizer, model_device(model)
         gs = [self.gen[j] for j in batch]
-        prompts = [self._prompt(model, g) for g in gs]
+        window = sc.window(model)
+        prompts = [self._prompt(model, g, window) for g in gs]
         pad = sc.pad_token_id
         T = max(len(x) for x in prompts)
         ids = torch.full((len(gs), T), pad, dtype=torch.long)

@@ -289,6 +289,58 @@ class TaskSuite:
         with preserve_rng():
             return self._evaluate(model, tokenizer, scorer)
 
+    # ---- racing: documents in blocks ---------------------------------------------------------------------
+    def race_blocks(self, n_blocks: int, seed: int) -> None:
+        """Split every task's documents into ``n_blocks`` blocks of a fixed shuffle (seeded), for
+        :meth:`evaluate_block`.
+
+        Raises:
+            ConfigError: an objective is not native, or its metric is not a mean of per-document scores.
+        """
+        import numpy as np
+
+        self._blocks: dict[str, list[list[int]]] = {}
+        for p in self.prepared:
+            o = p.objective
+            if p.native is None:
+                raise ConfigError(f"racing.enabled=true but objective {o.name!r} is scored through lm-eval "
+                                  "(native: false); racing needs native: true objectives, or set racing.enabled: "
+                                  "false")
+            metric = p.metric.split(",")[0]
+            agg = p.task.aggregation().get(metric)
+            if getattr(agg, "__name__", "") != "mean":
+                raise ConfigError(f"racing.enabled=true but objective {o.name!r} metric {metric!r} aggregates with "
+                                  f"{getattr(agg, '__name__', agg)!r}, not a mean over documents; racing needs a "
+                                  "mean (acc, acc_norm, exact_match), or set racing.enabled: false")
+            if o.name not in self._blocks:
+                n = len(p.native.docs)
+                order = np.random.default_rng([seed, n]).permutation(n).tolist()
+                k = min(n_blocks, n)
+                self._blocks[o.name] = [order[b * n // k:(b + 1) * n // k] for b in range(k)] + [[]] * (n_blocks - k)
+
+    def evaluate_block(self, model, block: int) -> dict[str, tuple[float, int, int]]:
+        """Score block ``block`` of every task (see :meth:`race_blocks`): ``{objective key: (sum of the
+        per-document values, documents scored, documents in all)}``.
+
+        Raises:
+            ConfigError: a per-document value outside [0, 1] (racing's bounds need it).
+        """
+        out: dict[str, tuple[float, int, int]] = {}
+        with preserve_rng():
+            per_task = {}
+            for p in self.prepared:
+                name = p.objective.name
+                if name not in per_task:
+                    pos = self._blocks[name][block]
+                    per_task[name] = p.native.per_doc(model, pos) if pos else {}
+                metric = p.metric.split(",")[0]
+                vals = [float(v) for v in per_task[name].get(metric, [])]
+                if any(not 0.0 <= v <= 1.0 for v in vals):
+                    raise ConfigError(f"racing: objective {name!r} metric {metric!r} has per-document values outside "
+                                      "[0, 1]; racing's bounds need them in [0, 1]: set racing.enabled: false")
+                out[p.objective.key] = (math.fsum(vals), len(vals), len(p.native.docs))
+        return out
+
     def _evaluate(self, model, tokenizer, scorer) -> dict[str, dict[str, float]]:
         from dfsmerge.objectives.lm_eval_compat import evaluate_tasks
         from dfsmerge.runtime.lm_adapter import DfsLM

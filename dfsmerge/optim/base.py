@@ -211,6 +211,13 @@ class Optimizer(abc.ABC):
         return self._best
 
     @property
+    def elite_size(self) -> int | None:
+        """How many of a generation's best candidates this optimizer's next step depends on (single objective), so
+        racing may stop the others early; None: the non-dominated set (the default: multi-objective selection, or
+        just the best). CMA-ES: its mu."""
+        return None
+
+    @property
     def pending(self) -> bool:
         """Whether a population was asked and not yet told."""
         return self._pending is not None
@@ -407,7 +414,10 @@ def validate_options(name: str, **options: Any) -> OptimizerOptions:
             field = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(cls.Options.model_fields)
-                msgs.append(f"option {field!r} is unknown; allowed options: {allowed}")
+                owners = sorted(n for n, c in OPTIMIZERS.items() if field in c.Options.model_fields)
+                fix = f"a setting of {', '.join(owners)}: remove it or use that optimizer" if owners else "remove it"
+                msgs.append(f"option {field}={err.get('input')!r} is not a setting of {name!r} ({fix}); "
+                            f"{name!r} takes: {allowed}")
             else:
                 msgs.append(f"option {field}={err.get('input')!r}: {err['msg']}")
         raise ConfigError(f"optimizer={name!r}: " + "; ".join(msgs)) from e
@@ -486,7 +496,7 @@ def make_optimizer(
     if n_obj > 1 and not cls.multi_objective:
         raise ConfigError(
             f"optimizer={name!r} is single-objective but the search has n_obj={n_obj} objectives; "
-            "use optimizer: nsga2 (or random), or combine the objectives into one"
+            "use optimizer: nsga2 (or random), or combine: weighted for their weighted sum"
         )
     imask = _mask(integer_mask, dim, "integer_mask")
     bmask = _mask(binary_mask, dim, "binary_mask")

@@ -164,6 +164,11 @@ class CMAES(Optimizer):
             # pycma looks solutions up by identity of content to recover their genotypes: pass its own arrays.
             self._es.tell(list(X), F[:, 0].tolist())
 
+    @property
+    def elite_size(self) -> int:
+        """mu: the candidates whose ranks move the mean (racing may stop the others early)."""
+        return int(self._es.sp.weights.mu)
+
     def _stop(self) -> str | None:
         if self._es.countiter == 0:
             return None

@@ -59,7 +59,20 @@ def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
             "infeasible": sum(1 for r in evals if r.get("infeasible")),
             "cached": sum(1 for r in evals if r.get("cached")), "best": best, "curve": curve,
             "keys": list(evals[0]["values"]) if evals else [], "stages": final_stage,
-            "generations": 1 + max((r.get("generation", 0) for r in evals), default=-1)}
+            "generations": 1 + max((r.get("generation", 0) for r in evals), default=-1),
+            "cost": total_cost(evals),
+            "raced": sum(1 for r in evals if (r.get("race") or {}).get("stopped") and not r.get("cached"))}
+
+
+def total_cost(evals: list[dict[str, Any]]) -> dict[str, float]:
+    """Every candidate's recorded ``cost`` summed (forward tokens, tokens served from the prefix store, documents,
+    seconds, ...)."""
+    out: dict[str, float] = {}
+    for r in evals:
+        for k, v in (r.get("cost") or {}).items():
+            if isinstance(v, int | float):
+                out[k] = out.get(k, 0) + v
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -139,6 +152,7 @@ def plot_pareto(evals: list[dict[str, Any]], keys: list[str], out: Path) -> Path
 def pool_layer_counts(path: dict[str, Any], ps: dict[str, Any] | None = None) -> dict[str, int]:
     """Decoder layer count of each model of a plan dict, read from the checkpoints' configs (``@ps``: the PS
     recipe's first model); models that cannot be read are left out."""
+    from dfsmerge.genome import PS_MODEL_IN_PLAN
     from dfsmerge.io import open_checkpoint
 
     out = {}
@@ -147,7 +161,7 @@ def pool_layer_counts(path: dict[str, Any], ps: dict[str, Any] | None = None) ->
         srcs = (ps.get("slices") or [{}])[0].get("sources") or ps.get("models") or []
         ps_src = srcs[0]["model"] if srcs else None
     for name, ref in path["models"].items():
-        ref = ps_src if ref == "@ps" else ref
+        ref = ps_src if ref == PS_MODEL_IN_PLAN else ref
         try:
             out[name] = int(open_checkpoint(ref).config["num_hidden_layers"])
         except Exception:  # noqa: BLE001 - a model no longer on disk: draw the used layers only
@@ -282,7 +296,27 @@ def write_report(run_dir: str | Path) -> Path:
     lines += [f"- evaluations: {s['n']} ({s['cached']} cached duplicates, {s['failed']} failed, "
               f"{s['infeasible']} infeasible) in {s['generations']} generations",
               f"- best: {describe_best(best)} (eval id {best['id'] if best else '–'}; minimised fitness "
-              f"{_fmt(_fit(best)) if best else '–'})", ""]
+              f"{_fmt(_fit(best)) if best else '–'})"]
+    c = s["cost"]
+    if c:
+        tok = c.get("forward_tokens", 0) + c.get("cached_tokens", 0)
+        lines.append(f"- cost: {_fmt(c.get('forward_tokens', 0))} forward tokens computed, "
+                     f"{_fmt(c.get('cached_tokens', 0))} served from the prefix store "
+                     f"({100 * c.get('cached_tokens', 0) / tok if tok else 0:.1f}%), {int(c.get('docs', 0))} documents "
+                     f"scored, {c.get('seconds', 0):.1f} s of evaluation")
+    state = run / "state" / "state.json"
+    ed = (json.loads(state.read_text()).get("eval_dtype") or {}) if state.is_file() else {}
+    if ed.get("measured"):
+        diff = ed.get("max_score_diff")
+        lines.append(f"- scored in {ed['dtype']} (eval_dtype auto: bfloat16 measured at {ed['speedup']:.2f}x the speed "
+                     f"of float32, scores within {'-' if diff is None else f'{diff:.3g}'} on {ed['candidates']} "
+                     "candidates)")
+    elif ed.get("dtype"):
+        lines.append(f"- scored in {ed['dtype']}")
+    if s["raced"]:
+        lines.append(f"- racing stopped {s['raced']} candidates early: their scores (marked `~`) are estimates on "
+                     "part of the documents")
+    lines.append("")
     if (run / "best").is_dir():
         lines += ["Best candidate files: " + ", ".join(f"[`best/{p.name}`](../best/{p.name})"
                                                        for p in sorted((run / "best").iterdir())), ""]
@@ -296,8 +330,9 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ranked:
         obj = r.get("objectives") or {}
-        lines.append("| " + " | ".join([str(r["id"]), str(r.get("generation")), _fmt(_fit(r)),
-                                        *(_fmt(obj.get(k)) for k in keys),
+        mark = "~" if (r.get("race") or {}).get("stopped") else ""
+        lines.append("| " + " | ".join([str(r["id"]), str(r.get("generation")), mark + _fmt(_fit(r)),
+                                        *(mark + _fmt(obj.get(k)) for k in keys),
                                         _describe(r.get("candidate") or {})]) + " |")
     lines.append("")
     errs = [r for r in evals if r.get("error") and not r.get("infeasible") and not r.get("cached")]

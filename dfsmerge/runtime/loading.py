@@ -8,14 +8,17 @@ from typing import Any
 
 import torch
 
+from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.errors import CheckpointError
+from dfsmerge.io import open_checkpoint
+from dfsmerge.pool import LayerPool
+from dfsmerge.runtime.stitched import StitchedModel
+from dfsmerge.zoo import resolve_zoo_model
 
 
 def resolve_model_ref(ref: str, *, zoo_dir: str | Path | None = None) -> str:
     """A local path or hub id for ``ref`` (``zoo:<name>`` resolved against ``zoo_dir``, building it if missing)."""
     if isinstance(ref, str) and ref.startswith("zoo:"):
-        from dfsmerge.zoo import resolve_zoo_model
-
         return str(resolve_zoo_model(ref, zoo_dir))
     return str(ref)
 
@@ -36,16 +39,11 @@ def load_model_or_plan(ref: str | Path, *, device: str = "cpu", dtype: torch.dty
         CheckpointError: nothing loadable at ``ref``.
     """
     if is_plan_file(ref):
-        from dfsmerge.dfs import PathPlan
-        from dfsmerge.pool import LayerPool
-
         plan = PathPlan.load(ref)
         models = {name: resolve_model_ref(src, zoo_dir=zoo_dir) for name, src in plan.models.items()}
         pool = LayerPool(models, base=plan.base, device=device, dtype=dtype)
-        return pool.stitch(plan), pool.tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dfsmerge.io import open_checkpoint
+        return StitchedModel.from_pool(pool, plan), pool.tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # only a checkpoint load needs transformers
 
     path = open_checkpoint(resolve_model_ref(str(ref), zoo_dir=zoo_dir), allow_pickle=allow_pickle).path
     try:

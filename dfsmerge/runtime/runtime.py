@@ -13,6 +13,7 @@ from torch import nn
 
 from dfsmerge.dfs.genome import Infeasible
 from dfsmerge.errors import DfsmergeError
+from dfsmerge.runtime.prefix import DEFAULT_MEMORY_MB, PrefixStats, PrefixStore
 from dfsmerge.runtime.ps_buffers import PSBuffers
 from dfsmerge.runtime.stitched import StitchedModel
 
@@ -36,16 +37,44 @@ class Runtime:
     """
 
     def __init__(self, pool: LayerPool, *, ps_template: str | None = None, merged_as_base: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, prefix_cache_mb: float | None = DEFAULT_MEMORY_MB):
         from dfsmerge.genome import MERGED
 
         self.pool = pool
         self.buffers: PSBuffers | None = None
+        self.prefix_store = PrefixStore(prefix_cache_mb) if prefix_cache_mb else None
+        self.stats = PrefixStats()  # forward work of the PS-only model (the stitched model counts its own)
         if ps_template is not None:
             self.buffers = PSBuffers({m.name: m.model for m in pool}, ps_template, seed=seed)
+            if self.prefix_store is not None:
+                self.prefix_store.mark_volatile([self.buffers.model])
+            self.buffers.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
             if merged_as_base:
                 pool.add_model(MERGED, self.buffers.model, source="ps-recipe", as_base=True)
         self._stitched: StitchedModel | None = None
+
+    def _count_tokens(self, module, args, kwargs) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+            n = 0 if ids is None else ids.shape[0] * ids.shape[1]
+        else:
+            n = ids.numel()
+        self.stats.calls += 1
+        self.stats.tokens += n
+        self.stats.forward_tokens += n
+
+    def work(self) -> PrefixStats:
+        """Forward work so far, PS-only model and stitched model together."""
+        s = self.stats.snapshot()
+        if self._stitched is not None:
+            t = self._stitched.prefix_stats
+            s.tokens += t.tokens
+            s.forward_tokens += t.forward_tokens
+            s.cached_tokens += t.cached_tokens
+            s.calls += t.calls
+            s.hits += t.hits
+        return s
 
     def prepare(self, candidate: Candidate) -> nn.Module:
         """The model of ``candidate``: the stitched model (DFS part) or the merged model (PS only).
@@ -62,6 +91,8 @@ class Runtime:
             if self.buffers is None:
                 raise ConfigError("candidate has a PS recipe but the runtime has no PS buffers; pass ps_template")
             if candidate.ps != self.buffers.recipe:
+                if self.prefix_store is not None:
+                    self.prefix_store.bump()  # before the weights change: no stored state may outlive them
                 self.buffers.apply(candidate.ps)
         if candidate.path is None:
             if self.buffers is None:
@@ -70,6 +101,7 @@ class Runtime:
         plan = candidate.path
         if self._stitched is None:
             self._stitched = StitchedModel.from_pool(self.pool, plan)
+            self._stitched.prefix_store = self.prefix_store
         else:
             self._stitched.set_plan(self.pool, self.pool.validate_plan(plan))
         return self._stitched

@@ -27,6 +27,7 @@ from torch import nn
 
 from dfsmerge.arch import Architecture, apply_logit_ops, get_architecture
 from dfsmerge.errors import ConfigError
+from dfsmerge.runtime.prefix import PrefixStats, PrefixStore, lineage_of, reindexed, set_lineage
 
 if TYPE_CHECKING:
     from dfsmerge.dfs.plan import PathPlan
@@ -74,6 +75,40 @@ class _HopCache:
         return getattr(self.cache, name)
 
 
+class _RecordingHopCache(_HopCache):
+    """A hop's cache view that also remembers the update it received (replayed when the prefix store serves this
+    step to a later call)."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, cache, hop: int):
+        super().__init__(cache, hop)
+        self.record = None
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        self.record = (key_states, value_states, args, kwargs)
+        return self.cache.update(key_states, value_states, self.hop, *args, **kwargs)
+
+
+_CACHE_CLASS = None
+
+
+def new_cache():
+    """An empty KV cache for a stitched model: a ``DynamicCache`` whose ``batch_select_indices`` keeps the
+    lineage the prefix store keys continuations by."""
+    global _CACHE_CLASS
+    if _CACHE_CLASS is None:
+        from transformers import DynamicCache
+
+        class PathCache(DynamicCache):
+            def batch_select_indices(self, indices):
+                super().batch_select_indices(indices)
+                set_lineage(self, reindexed(lineage_of(self), indices))
+
+        _CACHE_CLASS = PathCache
+    return _CACHE_CLASS()
+
+
 class StitchedModel(nn.Module):
     """A causal LM over a path of resident decoder layers; called like a Hugging Face ``*ForCausalLM``.
 
@@ -100,6 +135,9 @@ class StitchedModel(nn.Module):
         self._base_config = config
         self._set_family(architecture, final_logit_softcapping)
         self._configs: dict[int | None, Any] = {}
+        self.prefix_store: PrefixStore | None = None
+        """Set by the runtime: forward calls resume from stored path prefixes (:mod:`dfsmerge.runtime.prefix`)."""
+        self.prefix_stats = PrefixStats()
         self.set_steps(hops)
         self.train(False)  # an evaluation runtime: no dropout, like the pool's models
 
@@ -132,6 +170,7 @@ class StitchedModel(nn.Module):
         if not hops:
             raise ConfigError("a stitched model needs at least one step; the path is empty")
         self.hops = hops
+        self._keys_for = None  # the prefix store's keys of this path (see _prefix_keys)
         # Registered for .parameters()/.to(); repeated layers are one module, so nothing is duplicated. The
         # ModuleList is filled directly: add_module's checks cost more than the rest of a switch.
         layers = nn.ModuleList()
@@ -158,6 +197,7 @@ class StitchedModel(nn.Module):
         self.norm = pool.final_norm(plan.base)
         self.lm_head = pool.head(plan.base)
         self.rotary_emb = pool.rotary(plan.base)
+        self._keys_for = None
 
     # ---------------------------------------------------------------- HF-like surface
     @property
@@ -220,22 +260,40 @@ class StitchedModel(nn.Module):
         Raises:
             ConfigError: a cache from a different path (more slots than hops).
         """
-        from transformers import DynamicCache
-
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        if self._embed_multiplier != 1.0:
-            h = h * self._embed_multiplier  # Granite: outside the embedding module
-        if use_cache and cache is None:
-            cache = DynamicCache()
+        fresh_cache = use_cache and cache is None
+        if fresh_cache:
+            cache = new_cache()
         if cache is not None and len(getattr(cache, "layers", ())) > len(self.hops):
             raise ConfigError(f"cache holds {len(cache.layers)} slots but the path has "
                               f"{len(self.hops)} hops; a cache belongs to the path that filled it")
+        lineage = b"" if fresh_cache or cache is None else lineage_of(cache)
+        store = self.prefix_store if lineage is not None and input_ids is not None and not output_hidden_states \
+            else None
+        call = keys = None
+        start = 0
+        if store is not None:
+            call = store.call_key(input_ids, attention_mask, position_ids, lineage)
+            keys, volatile = self._prefix_keys(store)
+            start = store.longest(call, keys, need_kv=cache is not None)
+        n_tok = int(input_ids.numel() if input_ids is not None else inputs_embeds.shape[0] * inputs_embeds.shape[1])
+        st = self.prefix_stats
+        st.calls += 1
+        st.hits += start > 0
+        st.tokens += n_tok
+        st.forward_tokens += n_tok * (len(self.hops) - start) / len(self.hops)
+        st.cached_tokens += n_tok * start / len(self.hops)
+        if start == 0:
+            h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+            if self._embed_multiplier != 1.0:
+                h = h * self._embed_multiplier  # Granite: outside the embedding module
+        else:  # only its shape, device and dtype are read below (masks, rotary); replaced before the first step
+            h = store.get(call, keys[start - 1]).hidden
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(h.shape[1], device=h.device) + past).unsqueeze(0)  # (1, T)
-        if self.wpe is not None:
+        if self.wpe is not None and start == 0:
             h = h + self.wpe(position_ids)  # (B, T, D) + (B|1, T, D): GPT-2's learned positions
         masks = self._masks(h, attention_mask, cache, position_ids)
         rotary: dict[str, Any] = {}
@@ -246,21 +304,46 @@ class StitchedModel(nn.Module):
             else:
                 rotary = dict.fromkeys(kinds, self.rotary_emb(h, position_ids))
         states = (h,) if output_hidden_states else None
-        for i, hop in enumerate(self.hops):
+        for i in range(start):  # served from the store: replay the steps' cache updates, take the last output
+            e = store.get(call, keys[i])
+            if cache is not None:
+                k, v, args, kw = e.kv
+                cache.update(k, v, i, *args, **kw)
+            h = e.hidden
+        for i in range(start, len(self.hops)):
+            hop = self.hops[i]
             if hop.scale != 1.0:
                 h = h * hop.scale  # (B, T, D) * () -> (B, T, D)
             extra = {"position_embeddings": rotary[hop.attention_type]} if rotary else {}
-            extra[self._cache_arg] = None if cache is None else _HopCache(cache, i)
+            view = None
+            if cache is not None:
+                view = _RecordingHopCache(cache, i) if store is not None else _HopCache(cache, i)
+            extra[self._cache_arg] = view
             h = hop.layer(h, attention_mask=masks[(hop.attention_type, hop.sliding_window)],
                           position_ids=position_ids, use_cache=use_cache, **extra)
+            if store is not None and (cache is None or view.record is not None):
+                store.put(call, keys[i], h, None if cache is None else view.record, volatile[i])
             if states is not None:
                 states += (h,)
+        if cache is not None and call is not None:
+            set_lineage(cache, call)
         h = self.norm(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = apply_logit_ops(self.lm_head(h), self._logit_ops)  # (B, T, V)
         return StitchedOutput(logits=logits, cache=cache if use_cache else None,
                               hidden_states=states)
+
+    def _prefix_keys(self, store: PrefixStore) -> tuple[list[bytes], list[bool]]:
+        """The store's keys of every prefix of the path (cached per path and store version)."""
+        tag = (id(store), store._version)
+        if self._keys_for is not None and self._keys_for[0] == tag:
+            return self._keys_for[1]
+        context = (self.embed_tokens, self.wpe, float(self._embed_multiplier), self.rotary_emb, id(self._base_config),
+                   self.lm_head.weight.dtype)
+        out = store.path_keys(context, [(h.layer, h.scale, h.attention_type, h.sliding_window) for h in self.hops])
+        self._keys_for = (tag, out)
+        return out
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

@@ -28,10 +28,15 @@ class Backend:
     def set_stage(self, stage: int, fixed_ps_genome: list[float] | None) -> None:
         raise NotImplementedError
 
-    def evaluate(self, genomes: Sequence[np.ndarray], candidates: Sequence[Any] | None = None
-                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+    def set_eval_dtype(self, dtype: str) -> None:
+        """Score in ``dtype`` from now on (``eval_dtype``)."""
+        raise NotImplementedError
+
+    def evaluate(self, genomes: Sequence[np.ndarray], candidates: Sequence[Any] | None = None,
+                 block: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
         """Score ``genomes``; ``candidates`` are their decodings when the caller has them (a backend may use them
-        instead of decoding again). Yields ``(index, result)`` as candidates finish."""
+        instead of decoding again); ``block``: racing, only that block of the documents. Yields ``(index, result)``
+        as candidates finish."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -63,11 +68,14 @@ class LocalBackend(Backend):
         if self._worker is not None:
             self._worker.set_stage(stage, fixed_ps_genome)
 
-    def evaluate(self, genomes: Sequence[np.ndarray], candidates: Sequence[Any] | None = None
-                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+    def set_eval_dtype(self, dtype: str) -> None:
+        self.worker.set_eval_dtype(dtype)
+
+    def evaluate(self, genomes: Sequence[np.ndarray], candidates: Sequence[Any] | None = None,
+                 block: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
         w = self.worker
         for i, x in enumerate(genomes):
-            yield i, w.evaluate(x, None if candidates is None else candidates[i])
+            yield i, w.evaluate(x, None if candidates is None else candidates[i], block=block)
 
 
 class _RayWorker:
@@ -79,12 +87,15 @@ class _RayWorker:
         self.worker = Worker(config_dict)
         self.stage: tuple[int, tuple[float, ...] | None] = (1, None)
 
-    def evaluate(self, stage: int, fixed: tuple[float, ...] | None, x_bytes: bytes) -> dict[str, Any]:
+    def evaluate(self, stage: int, fixed: tuple[float, ...] | None, x_bytes: bytes, block: int | None = None,
+                 dtype: str | None = None) -> dict[str, Any]:
+        if dtype is not None:
+            self.worker.set_eval_dtype(dtype)
         if (stage, fixed) != self.stage:
             self.worker.set_stage(stage, None if fixed is None else list(fixed))
             self.stage = (stage, fixed)
         x = np.frombuffer(x_bytes, dtype=np.float64)
-        return self.worker.evaluate(x)
+        return self.worker.evaluate(x, block=block)
 
     def pid(self) -> int:
         import os
@@ -132,12 +143,16 @@ class RayBackend(Backend):
         self.max_retries = max_retries
         self.retries = 0  # candidates re-run after their actor died
         self._stage: tuple[int, tuple[float, ...] | None] = (1, None)
+        self._dtype: str | None = None
 
     def set_stage(self, stage: int, fixed_ps_genome: list[float] | None) -> None:
         self._stage = (stage, None if fixed_ps_genome is None else tuple(float(v) for v in fixed_ps_genome))
 
-    def evaluate(self, genomes: Sequence[np.ndarray], candidates: Sequence[Any] | None = None
-                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+    def set_eval_dtype(self, dtype: str) -> None:
+        self._dtype = dtype  # sent with every candidate: an actor (re)started later scores in it too
+
+    def evaluate(self, genomes: Sequence[np.ndarray], candidates: Sequence[Any] | None = None,
+                 block: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
         ray = self.ray
         from ray.exceptions import RayActorError
 
@@ -150,7 +165,7 @@ class RayBackend(Backend):
         while queue or inflight:
             while queue and idle:
                 i, actor = queue.pop(0), idle.pop(0)
-                inflight[actor.evaluate.remote(stage, fixed, blobs[i])] = (i, actor)
+                inflight[actor.evaluate.remote(stage, fixed, blobs[i], block, self._dtype)] = (i, actor)
             if not inflight:
                 raise DfsmergeError("ray backend: every actor died; check the actors' logs (out of memory?) and "
                                     "resume with --resume")

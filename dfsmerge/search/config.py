@@ -13,11 +13,23 @@ A config file is either the dfsmerge form::
 or a mergekit-evolve config (``genome:`` + ``tasks:``, as ``mergekit/evo/config.py``), accepted unchanged and
 translated by :func:`translate_mergekit_evolve` (CMA-ES, sigma0 1/6 and 100 evaluations: mergekit-evolve's
 defaults).
+
+The optimizer section holds what every optimizer has (``name``, ``popsize``); its own settings (CMA-ES's
+``sigma0``, NSGA-II's ``crossover_eta``, the LLM's ``model``, ...) are validated by that optimizer's settings model
+(``Optimizer.Options`` in :mod:`dfsmerge.optim`), written beside ``name`` or under ``options``.
+
+Single- or multi-objective is the objectives' word, not the optimizer's: ``combine: weighted`` gives the optimizer
+one number per candidate (the weighted sum, :func:`dfsmerge.objectives.fitness.scalar_fitness`), ``combine: pareto``
+the vector of objective values (one column each). Left out, a run with two or more objectives is Pareto when every
+optimizer it uses takes a vector (nsga2, random) and weighted otherwise (cma, llm); one objective is always a single
+number. ``combine: pareto`` with a single-objective optimizer is an error. The weighted sum is also what ranks the
+"best" candidate of a Pareto run.
 """
 
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,9 +45,12 @@ from pydantic import (
     model_validator,
 )
 
+from dfsmerge.config import format_validation_error, load_yaml
 from dfsmerge.errors import ConfigError
 from dfsmerge.genome import MERGED, MODE_TABLE, Mode, genome_method_error
+from dfsmerge.merge import get_method
 from dfsmerge.objectives.config import ObjectiveConfig
+from dfsmerge.optim import OPTIMIZERS, validate_options
 
 MERGEKIT_EVOLVE_SIGMA0 = 1 / 6  # mergekit-evolve's --sigma0 default
 MERGEKIT_EVOLVE_MAX_EVALS = 100  # mergekit-evolve's --max-fevals default
@@ -77,6 +92,9 @@ class DFSSection(BaseModel):
     repetitions: int = Field(2, ge=1)
     scales: Literal["full", "per_layer", "per_step", "none"] = "per_step"
     scale_bound: float = Field(1.5, gt=0)
+    scale_step: float | None = Field(None, gt=0)
+    """Round log-scales to multiples of this, so neighbouring candidates share path prefixes exactly (prefix
+    reuse); None keeps them continuous."""
     min_length: int = Field(1, ge=1)
     max_length: int | None = Field(None, ge=1)
     max_repeats: int | None = Field(None, ge=1)
@@ -158,8 +176,6 @@ class GenomeSection(BaseModel):
 
 
 def _base_required(method: str) -> bool:
-    from dfsmerge.merge import get_method
-
     return get_method(method).base == "required"
 
 
@@ -191,52 +207,51 @@ Objective = Annotated[
 
 
 class OptimizerSection(BaseModel):
-    """Which optimizer (registry name), its population size, CMA-ES's sigma0 and further options."""
+    """Which optimizer (registry name), its population size and its own settings.
+
+    ``options`` are the named optimizer's settings, checked against its settings model (``Optimizer.Options``:
+    ``CMAOptions`` with ``sigma0``, ``stds``, ``cma_options``; ``NSGA2Options``; ``LLMOptions``; ``random`` has
+    only ``penalty``), so a setting of another optimizer (``sigma0`` on nsga2) is an error naming it. They may be
+    written beside ``name`` (``{name: cma, popsize: 8, sigma0: 0.2}``) and move into ``options``.
+    """
 
     model_config = _FROZEN
 
     name: str = "cma"
     popsize: int | None = Field(None, ge=2)
-    sigma0: float | None = Field(None, gt=0)
-    multi_objective: bool | None = None
-    """Optimise the objectives as a vector (Pareto); default: True for nsga2 with 2+ objectives, else a weighted
-    sum."""
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _flat_options(cls, data: Any) -> Any:
-        """Accept the optimizer's own options beside ``name`` (``{name: llm, model: gpt-4o-mini}``): they move
-        into ``options``; unknown keys stay and are rejected."""
-        from dfsmerge.optim import OPTIMIZERS
-
+        """Move the keys beside ``name`` that are not section fields into ``options`` (the optimizer's settings
+        model then accepts or rejects them)."""
         if not isinstance(data, Mapping) or data.get("name") not in OPTIMIZERS:
             return data
-        opts = OPTIMIZERS[data["name"]].Options
-        known = set(opts.model_fields) | {a for f in opts.model_fields.values()
-                                          for a in getattr(f.validation_alias, "choices", ())}
-        flat = {k: v for k, v in data.items() if k in known and k not in cls.model_fields}
+        # config.yaml of runs before the optimizers' own settings models wrote these two as null
+        data = {k: v for k, v in data.items() if not (k in ("sigma0", "multi_objective") and v is None)}
+        if "multi_objective" in data:
+            v = data["multi_objective"]
+            raise ValueError(f"multi_objective={v!r} is not an optimizer setting: the objectives decide; set "
+                             f"combine: {'pareto' if v else 'weighted'} at the top level of the config instead")
+        flat = {k: v for k, v in data.items() if k not in cls.model_fields}
         if not flat:
             return data
         rest = {k: v for k, v in data.items() if k not in flat}
         return {**rest, "options": {**flat, **dict(rest.get("options") or {})}}
 
     def all_options(self) -> dict[str, Any]:
-        return {**self.options, **({"sigma0": self.sigma0} if self.sigma0 is not None else {})}
+        """The optimizer's settings as given (its settings model fills the rest with defaults)."""
+        return dict(self.options)
 
     @model_validator(mode="after")
     def _check(self):
-        from dfsmerge.optim import OPTIMIZERS, validate_options
-
         if self.name not in OPTIMIZERS:
             raise ValueError(f"name={self.name!r} is unknown; use one of {', '.join(sorted(OPTIMIZERS))}")
         try:
-            validate_options(self.name, **self.all_options())
+            validate_options(self.name, **self.options)
         except ConfigError as e:
             raise ValueError(str(e)) from None
-        if self.multi_objective and not OPTIMIZERS[self.name].multi_objective:
-            raise ValueError(f"multi_objective=true but optimizer {self.name!r} is single-objective; use nsga2 "
-                             "(or random), or set multi_objective: false for a weighted sum")
         return self
 
 
@@ -247,8 +262,6 @@ run's saved config (:func:`resumable_paths`, read by ``check_resume_config``).""
 
 def resumable_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
     """Dotted paths of the fields of ``model`` (and its nested sections) marked :data:`RESUMABLE`."""
-    import typing
-
     out: set[str] = set()
     for name, f in model.model_fields.items():
         if (f.json_schema_extra or {}).get("resumable"):
@@ -299,27 +312,61 @@ class LoggingSection(BaseModel):
     tensorboard: bool = False
 
 
+class PrefixCacheSection(BaseModel):
+    """Prefix reuse (exact; :mod:`dfsmerge.runtime.prefix`): the hidden states after each step of a path are kept
+    for the evaluation's batches, and a candidate whose path starts with stored steps resumes from there. Scores are
+    bit-identical with it on or off; ``memory_mb`` bounds the stored tensors (least recently used go first)."""
+
+    model_config = _FROZEN
+
+    enabled: bool = True
+    memory_mb: float = Field(1024, ge=0)
+
+
+class RacingSection(BaseModel):
+    """Racing (opt-in): each generation's new candidates are scored block by block on a fixed shuffle of each
+    task's documents; after every block a candidate stops when a bound on its final fitness shows it cannot enter
+    the generation's elite (the optimizer's ``elite_size`` best, or the non-dominated set), and keeps its partial
+    estimate (marked ``race.stopped`` in evals.jsonl). ``bound: exact`` stops only candidates that certainly miss
+    (per-document scores in [0, 1]); ``hoeffding`` uses Hoeffding's inequality with failure probability ``delta``
+    per comparison. Needs native task objectives whose metric is a mean of per-document scores in [0, 1]."""
+
+    model_config = _FROZEN
+
+    enabled: bool = False
+    blocks: int = Field(4, ge=2, le=64)
+    bound: Literal["hoeffding", "exact"] = "hoeffding"
+    delta: float = Field(0.05, gt=0, lt=1)
+
+
 class SearchConfig(BaseModel):
     """Everything a search needs. Frozen; build with :func:`load_search_config`.
 
     Args:
         genome: mode, models and genome options.
         objectives: tasks (lm-eval or native), costs and synthetic objectives (at least one).
+        combine: ``weighted`` (the optimizer sees the weighted sum of the objectives) or ``pareto`` (their vector);
+            None: pareto for 2+ objectives when every optimizer of the run takes a vector, else weighted (see the
+            module docstring).
         optimizer, budget: the optimizer and when to stop.
         seed: seeds the optimizer (stage 2 of staged mode uses seed + 1) and random merge methods.
-        device, dtype: where and in which dtype the models live.
+        device, dtype: where the models live, and the dtype of merged outputs (and of scoring, unless eval_dtype).
+        eval_dtype: the dtype candidates are scored in (``auto``: measured on the first generation).
         backend: ``local`` (in-process) or ``ray`` (actors, see :mod:`dfsmerge.search.backends`).
         ray_address: address of an existing Ray cluster (None: start a local one).
         num_workers: Ray actors (None: one per GPU, else one per CPU slot).
         task_paths: directories of custom lm-eval task YAMLs (the zoo's task dir is added when a model is zoo:).
         zoo_dir, zoo_size: where ``zoo:`` models are found (built there with ``zoo_size`` when missing).
         batch_size, allow_benchmark_test_split, builtin_tasks: evaluation settings (see ``EvalConfig``).
+        prefix_cache: exact reuse of shared path prefixes (on by default; scores unchanged).
+        racing: stop hopeless candidates early (opt-in; see :class:`RacingSection`).
     """
 
     model_config = _FROZEN
 
     genome: GenomeSection
     objectives: tuple[Objective, ...] = Field(min_length=1)
+    combine: Literal["weighted", "pareto"] | None = None
     optimizer: OptimizerSection = OptimizerSection()
     budget: BudgetSection = Field(json_schema_extra=RESUMABLE)
     seed: int = Field(0, ge=0)
@@ -335,6 +382,12 @@ class SearchConfig(BaseModel):
     allow_benchmark_test_split: bool = False
     builtin_tasks: bool = True
     logging: LoggingSection = Field(LoggingSection(), json_schema_extra=RESUMABLE)
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype candidates are scored in. ``auto``: on the first generation, the first candidates are scored in
+    ``dtype`` and in bfloat16, and bfloat16 is kept when it is at least 1.25x faster on each of them and every
+    score agrees within 0.02 (the measurement is saved in the run's state, so a resumed run keeps the choice)."""
+    prefix_cache: PrefixCacheSection = Field(PrefixCacheSection(), json_schema_extra=RESUMABLE)
+    racing: RacingSection = RacingSection()
     stage2: Stage2Section | None = None
     """Staged mode only: optimizer and budget of stage 2 (the DFS stage)."""
 
@@ -368,12 +421,27 @@ class SearchConfig(BaseModel):
         if MODE_TABLE[self.genome.mode].stages == 1:
             raise ValueError(f"stage2 is set but genome.mode={self.genome.mode!r} has one stage; use mode: staged "
                              "or remove stage2")
-        o2 = self.stage2.optimizer
-        if o2 is not None and self._multi(o2) != self._multi(self.optimizer):
-            raise ValueError(f"stage2.optimizer ({o2.name!r}) and optimizer ({self.optimizer.name!r}) disagree on "
-                             "multi_objective; both stages must score candidates the same way (set "
-                             "multi_objective the same in both)")
         return self
+
+    @model_validator(mode="after")
+    def _combine(self):
+        if self.combine != "pareto":
+            return self
+        if len(self.objectives) < 2:
+            raise ValueError(f"combine='pareto' needs two or more objectives but there is {len(self.objectives)}; "
+                             "add objectives or remove combine")
+        for where, o in self._optimizers():
+            if not OPTIMIZERS[o.name].multi_objective:
+                raise ValueError(f"combine='pareto' but {where}.name={o.name!r} is single-objective; use nsga2 or "
+                                 "random there, or combine: weighted for the weighted sum")
+        return self
+
+    def _optimizers(self) -> list[tuple[str, OptimizerSection]]:
+        """``(config path, section)`` of every optimizer the run uses (stage 2's own in staged mode)."""
+        out = [("optimizer", self.optimizer)]
+        if MODE_TABLE[self.genome.mode].stages > 1 and self.stage2 is not None and self.stage2.optimizer is not None:
+            out.append(("stage2.optimizer", self.stage2.optimizer))
+        return out
 
     def optimizer_for(self, stage: int) -> OptimizerSection:
         """The optimizer section of ``stage`` (1 or 2; stage 2 exists in staged mode)."""
@@ -387,19 +455,19 @@ class SearchConfig(BaseModel):
             return self.stage2.budget
         return self.budget
 
-    def _multi(self, o: OptimizerSection) -> bool:
-        from dfsmerge.optim import OPTIMIZERS
-
-        multi = o.multi_objective
-        if multi is None:
-            multi = o.name == "nsga2" and OPTIMIZERS["nsga2"].multi_objective
-        return bool(multi) and len(self.objectives) > 1
-
     # ---------------------------------------------------------------- derived
+    @property
+    def multi_objective(self) -> bool:
+        """Whether the optimizers see the objective vector (Pareto) rather than the weighted sum: ``combine``, or
+        by default two or more objectives and only optimizers that take a vector."""
+        if self.combine is not None:
+            return self.combine == "pareto"
+        return len(self.objectives) > 1 and all(OPTIMIZERS[o.name].multi_objective for _, o in self._optimizers())
+
     @property
     def n_obj(self) -> int:
         """Objectives the optimizer sees (1 = weighted sum)."""
-        return len(self.objectives) if self._multi(self.optimizer) else 1
+        return len(self.objectives) if self.multi_objective else 1
 
     @property
     def needs_model(self) -> bool:
@@ -500,8 +568,6 @@ def load_search_config(path_or_data: str | Path | Mapping[str, Any], *, source: 
     Raises:
         ConfigError: every problem found, each naming the field, the value and the fix.
     """
-    from dfsmerge.config import format_validation_error, load_yaml
-
     if isinstance(path_or_data, Mapping):
         data, src, root = dict(path_or_data), source or "search config", None
     else:

@@ -24,7 +24,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,11 +230,14 @@ class Search:
         self.consecutive_failures = 0
         self.stop_reason = ""
         self._stage_best: EvalRecord | None = None
+        self.eval_dtype: dict[str, Any] | None = None  # the scoring dtype once decided (LoopState.eval_dtype)
+        self._last_state: LoopState | None = None
 
     # ---------------------------------------------------------------- helpers
     def _remember(self, rec: EvalRecord) -> None:
-        """Cache a scored record for its key (a failure is not cached: it may not recur)."""
-        if not rec.cached and (rec.ok or rec.infeasible) and rec.key not in self.cache:
+        """Cache a scored record for its key (a failure is not cached: it may not recur; nor is a racing
+        estimate: in another generation the candidate may matter)."""
+        if not rec.cached and not rec.partial and (rec.ok or rec.infeasible) and rec.key not in self.cache:
             self.cache.put(rec.key, rec)
 
     @property
@@ -264,9 +267,11 @@ class Search:
                               binary_mask=np.asarray(binary_mask(space)), **options)
 
     def _checkpoint(self, opt, *, stage: int, offset: int, gen_offset: int, fixed, phase: str, elapsed: float) -> None:
-        self.run.write_state(LoopState(stage=stage, stage_offset=offset, generation_offset=gen_offset, fixed_ps=fixed,
-                                       phase=phase, elapsed_s=elapsed,
-                                       optimizer=None if opt is None else opt.state_dict(), rng=_rng_state()))
+        self._last_state = LoopState(stage=stage, stage_offset=offset, generation_offset=gen_offset, fixed_ps=fixed,
+                                     phase=phase, elapsed_s=elapsed,
+                                     optimizer=None if opt is None else opt.state_dict(), rng=_rng_state(),
+                                     eval_dtype=self.eval_dtype)
+        self.run.write_state(self._last_state)
 
     def _key(self, cand, x: np.ndarray) -> str:
         """The candidate key (with the genome itself when a synthetic objective reads it)."""
@@ -282,6 +287,11 @@ class Search:
     def run_loop(self) -> SearchResult:
         t_session = time.perf_counter()
         st = self.state or LoopState()
+        self.eval_dtype = st.eval_dtype
+        if self.eval_dtype is None and self.config.eval_dtype == "auto" and self.config.dtype != "float32":
+            self.eval_dtype = {"dtype": self.config.dtype, "measured": False}  # already a 16-bit search
+        if self.eval_dtype is not None and self.config.needs_model:
+            self.backend.set_eval_dtype(self.eval_dtype["dtype"])
         elapsed0 = st.elapsed_s
         stages = self._stages
         stage0, offset, gen_offset, fixed = st.stage, st.stage_offset, st.generation_offset, st.fixed_ps
@@ -357,7 +367,8 @@ class Search:
             gen = gen_offset + opt.generation
             self._checkpoint(opt, stage=stage, offset=offset, gen_offset=gen_offset, fixed=fixed, phase="asked",
                              elapsed=elapsed)
-            recs = self._evaluate_generation(X, space, stage, gen, offset + opt.n_evals)
+            recs = self._evaluate_generation(X, space, stage, gen, offset + opt.n_evals,
+                                             elite=(opt.elite_size or 1) if self.config.n_obj == 1 else None)
             F = self._F(recs)  # (n, n_obj)
             opt.tell(X, F)
             fit = np.array([r.fitness for r in recs])
@@ -367,7 +378,8 @@ class Search:
                 metrics["fitness/generation_mean"] = float(fit[np.isfinite(fit)].mean())
             self.trackers.log(gen, {k: v for k, v in metrics.items() if math.isfinite(v)})
 
-    def _evaluate_generation(self, X: np.ndarray, space, stage: int, gen: int, base_id: int) -> list[EvalRecord]:
+    def _evaluate_generation(self, X: np.ndarray, space, stage: int, gen: int, base_id: int,
+                             elite: int | None = 1) -> list[EvalRecord]:
         n = X.shape[0]
         log = _InOrderLog(self, n)
         cands: dict[int, Any] = {}
@@ -399,20 +411,101 @@ class Search:
             else:
                 for i in idx:
                     log.add(i, copy(hit, i))
-        for j, result in self.backend.evaluate([X[todo[k][0]] for k in fresh], [cands[todo[k][0]] for k in fresh]):
+        xs, cs = [X[todo[k][0]] for k in fresh], [cands[todo[k][0]] for k in fresh]
+        pre: dict[int, Any] = {}
+        if self.config.eval_dtype == "auto" and self.eval_dtype is None and self.config.needs_model and fresh:
+            pre = self._choose_eval_dtype(xs, cs)
+        racing = self.config.racing
+        if racing.enabled and self.config.needs_model and fresh:
+            # the measured candidates race like the others (a run resumed after the choice could not reuse their
+            # whole-document results, and racing them keeps both runs' records alike)
+            results = self._race(xs, cs, log.recs, elite)
+        else:
+            rest = [j for j in range(len(xs)) if j not in pre]
+            results = [*pre.items(), *((rest[j], r) for j, r in self.backend.evaluate([xs[i] for i in rest],
+                                                                                       [cs[i] for i in rest]))]
+        for j, result in results:
             key = fresh[j]
             first, *dups = todo[key]
             rec = EvalRecord(id=base_id + first, generation=gen, stage=stage, genome=tuple(X[first].tolist()),
                              candidate=cands[first].to_dict(), key=key, objectives=result.scores,
                              values=result.values, fitness=result.fitness, error=result.error, cached=False,
                              timings=result.timings, time=time.time(), infeasible=result.infeasible,
-                             traceback=result.traceback)
+                             traceback=result.traceback, cost=result.cost, race=result.race)
             self._remember(rec)
             log.add(first, rec)
             for i in dups:
                 log.add(i, copy(rec, i))
         self.progress.end(gen, self._stage_best, len(self.run.evals))
         return log.recs  # type: ignore[return-value]
+
+    def _choose_eval_dtype(self, xs, cs) -> dict[int, Any]:
+        """``eval_dtype: auto``: score the first fresh candidates in ``dtype`` and in bfloat16, keep the faster one
+        if the scores agree (:func:`choose_eval_dtype`), save the choice in the state. Returns the results in the
+        chosen dtype (``{index: result}``): they are this generation's evaluations of those candidates."""
+        k = min(3, len(xs))
+        base, fast = self.config.dtype, "bfloat16"
+        runs = {}
+        for d in (base, fast):
+            self.backend.set_eval_dtype(d)
+            runs[d] = dict(self.backend.evaluate(xs[:k], cs[:k]))
+        self.eval_dtype = choose_eval_dtype(base, fast, [runs[base][j] for j in range(k)],
+                                            [runs[fast][j] for j in range(k)])
+        chosen = self.eval_dtype["dtype"]
+        self.backend.set_eval_dtype(chosen)
+        d = self.eval_dtype["max_score_diff"]
+        self.emit(f"eval_dtype auto: {fast} {self.eval_dtype['speedup']:.2f}x the speed of {base}, scores within "
+                  f"{'(a failure in one dtype)' if d is None else f'{d:.3g}'} on {k} candidates -> scoring in {chosen}")
+        if getattr(self, "_last_state", None) is not None:  # durable before any record scored in it is written
+            self.run.write_state(replace(self._last_state, eval_dtype=self.eval_dtype))
+        return runs[chosen]
+
+    def _race(self, xs, cs, logged: list[EvalRecord | None], elite: int | None) -> list[tuple[int, Any]]:
+        """Score the fresh candidates ``xs`` block by block, stopping those that cannot enter the elite
+        (:func:`dfsmerge.search.racing.run_race`); the generation's records already known (logged before a kill,
+        or cached) race as fixed entries, replayed from their logged blocks. Returns ``(index, result)`` pairs."""
+        from dfsmerge.objectives.evaluator import EvalResult
+        from dfsmerge.objectives.fitness import scalar_fitness
+        from dfsmerge.search.racing import Tally, run_race
+
+        rc, objectives = self.config.racing, self.config.objectives
+        known = []
+        for rec in logged:
+            if rec is None:
+                continue
+            t = Tally.from_json(rec.race) if rec.race is not None else Tally(exact=dict(rec.values))
+            t.error = rec.error if not rec.infeasible else None
+            known.append(t)
+        fresh = [Tally() for _ in xs]
+        tallies = known + fresh
+        todo = list(range(len(known), len(tallies)))
+        failed: dict[int, Any] = {}
+
+        def score_block(indices: list[int], block: int) -> None:
+            sel = [i - len(known) for i in indices]
+            for j, res in self.backend.evaluate([xs[i] for i in sel], [cs[i] for i in sel], block=block):
+                i = sel[j]
+                if res.error is not None or res.partial is None:
+                    fresh[i].error = res.error or "no block result"
+                    failed[i] = res
+                else:
+                    fresh[i].add(res.partial, res.scores, res.values, res.cost, res.timings)
+
+        best = self._stage_best.fitness if self._stage_best is not None else math.inf
+        run_race(tallies, todo, score_block, n_blocks=rc.blocks, bound=rc.bound, delta=rc.delta,
+                 keys=[o.key for o in objectives], weights={o.key: o.weight for o in objectives}, elite=elite,
+                 best_known=best)
+        out = []
+        for i, t in enumerate(fresh):
+            if i in failed:
+                out.append((i, failed[i]))
+                continue
+            values = {o.key: t.values().get(o.key, math.inf) for o in objectives}
+            scores = {**t.exact_scores, **t.estimate()}
+            out.append((i, EvalResult(results={}, scores={o.key: scores.get(o.key) for o in objectives},
+                                      values=values, fitness=scalar_fitness(values, objectives), cost=dict(t.cost),
+                                      timings=dict(t.timings), race=t.to_json(rc.blocks))))
+        return out
 
     def _append(self, rec: EvalRecord) -> None:
         """Write one record, then update the failure count, the stage's best and the progress bar."""
@@ -470,6 +563,40 @@ class Search:
             self.emit(f"warning: report not written ({type(e).__name__}: {e}); run `dfsmerge inspect RUN` to retry")
         return SearchResult(run_dir=self.run.path, n_evals=len(self.run.evals), best=best, pareto=pareto,
                             stop_reason=self.stop_reason, outputs=outputs)
+
+
+#: eval_dtype auto keeps the faster dtype only when it is at least this much faster ...
+EVAL_DTYPE_MIN_SPEEDUP = 1.25
+#: ... and every score of the measured candidates agrees within this (relative above 1)
+EVAL_DTYPE_MAX_SCORE_DIFF = 0.02
+
+
+def choose_eval_dtype(base: str, fast: str, results_base: list, results_fast: list) -> dict[str, Any]:
+    """The ``eval_dtype: auto`` decision from the same candidates scored in ``base`` and in ``fast``: ``fast`` when
+    it is at least :data:`EVAL_DTYPE_MIN_SPEEDUP` faster on every candidate (evaluation seconds, candidate by
+    candidate: the smallest ratio counts, so one slow warm-up or a restarted worker cannot decide it) and every
+    objective's score agrees within :data:`EVAL_DTYPE_MAX_SCORE_DIFF`; else ``base``. A candidate that fails in one
+    dtype only counts as disagreement."""
+    ratios, diff = [], 0.0
+    for a, b in zip(results_base, results_fast, strict=True):
+        if (a.error is None) != (b.error is None):
+            diff = math.inf
+            continue
+        if a.error is not None:
+            continue
+        ta, tb = a.timings.get("eval_s"), b.timings.get("eval_s")
+        if ta and tb:
+            ratios.append(ta / tb)
+        for k, va in a.scores.items():
+            vb = b.scores.get(k)
+            if va is None or vb is None:
+                diff = max(diff, 0.0 if va is vb else math.inf)
+            else:
+                diff = max(diff, abs(va - vb) / max(1.0, abs(va)))
+    speedup = min(ratios) if ratios else 0.0
+    ok = speedup >= EVAL_DTYPE_MIN_SPEEDUP and diff <= EVAL_DTYPE_MAX_SCORE_DIFF
+    return {"dtype": fast if ok else base, "measured": True, "speedup": round(speedup, 4),
+            "max_score_diff": diff if math.isfinite(diff) else None, "candidates": len(results_base)}
 
 
 def run_search(config: SearchConfig | str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,

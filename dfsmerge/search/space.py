@@ -6,10 +6,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
+from dfsmerge.arch import get_architecture
+from dfsmerge.dfs.genome import DFSGenome
 from dfsmerge.errors import ConfigError
 from dfsmerge.genome import MERGED, MODE_TABLE, PS_MODEL_IN_PLAN, GenomeSpace, PSGenome
+from dfsmerge.io import open_checkpoint, resolve_model_path
+from dfsmerge.pool import check_compatible
 from dfsmerge.search.config import SearchConfig
+from dfsmerge.zoo import default_zoo_dir, load_zoo, resolve_zoo_model
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,6 @@ class ResolvedModels:
 def resolve_ref(ref: str, config: SearchConfig) -> str:
     """A path or hub id for a model reference (``zoo:<name>`` resolved, building the zoo when missing)."""
     if ref.startswith("zoo:"):
-        from dfsmerge.zoo import resolve_zoo_model
-
         return str(resolve_zoo_model(ref, config.zoo_dir, size=config.zoo_size, seed=0, progress=False))
     p = Path(ref).expanduser()
     return str(p.resolve()) if p.exists() else ref  # a local directory (absolute), else a hub id
@@ -77,8 +81,6 @@ def resolve_models(config: SearchConfig) -> ResolvedModels:
         if not spec.ps and not dfs:
             raise ConfigError("genome.mode='dfs' needs models (genome.models or genome.dfs.models)")
     if zoo_used:
-        from dfsmerge.zoo import default_zoo_dir, load_zoo
-
         root = Path(config.zoo_dir).expanduser() if config.zoo_dir else default_zoo_dir(config.zoo_size, 0)
         td = str(load_zoo(root).task_dir)
         if td not in task_paths:
@@ -88,8 +90,6 @@ def resolve_models(config: SearchConfig) -> ResolvedModels:
 
 def num_layers_of(paths: Mapping[str, str]) -> dict[str, int]:
     """Decoder layer count of each model, from its config (no tensors are read)."""
-    from dfsmerge.io import open_checkpoint
-
     out = {}
     for name, p in paths.items():
         cfg = open_checkpoint(p, name=name).config
@@ -107,13 +107,7 @@ def check_models(models: ResolvedModels) -> None:
     Raises:
         ArchitectureError: one line naming the model, what is wrong and what is supported.
     """
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    from dfsmerge.arch import get_architecture
-    from dfsmerge.io import open_checkpoint, resolve_model_path
-    from dfsmerge.pool import check_compatible
+    from transformers import AutoConfig  # transformers loads only when a search checks its models
 
     for name, p in {**models.ps, **models.ps_extra, **models.dfs}.items():
         if p != PS_MODEL_IN_PLAN:
@@ -136,8 +130,6 @@ def build_space(config: SearchConfig, models: ResolvedModels | None = None):
     Raises:
         ConfigError: a genome option that does not fit the models (layer granularity, path lengths, ...).
     """
-    from dfsmerge.dfs.genome import DFSGenome
-
     g = config.genome
     spec = MODE_TABLE[g.mode]
     models = models or resolve_models(config)
@@ -162,7 +154,8 @@ def build_space(config: SearchConfig, models: ResolvedModels | None = None):
             pool_layers = {MERGED: ps.num_layers, **{k: layers[k] for k in models.dfs}}
             paths = {MERGED: PS_MODEL_IN_PLAN, **models.dfs}
         dfs = DFSGenome(layers=pool_layers, models=paths, repetitions=d.repetitions, scales=d.scales,
-                        scale_bound=d.scale_bound, min_length=d.min_length, max_length=d.max_length,
+                        scale_bound=d.scale_bound, scale_step=d.scale_step, min_length=d.min_length,
+                        max_length=d.max_length,
                         max_repeats=d.max_repeats, force_first=d.force_first, force_last=d.force_last,
                         repair=d.repair, init_on=d.init_on, init_off=d.init_off, embed_choices=d.embed_choices)
     return GenomeSpace(mode=g.mode, ps=ps, dfs=dfs), models

@@ -17,6 +17,7 @@ on load); every candidate of it already in ``evals.jsonl`` is reused, not re-sco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -67,6 +68,10 @@ class EvalRecord:
         timings: seconds spent per phase (``decode_s``, ``prepare_s``, ``eval_s``, ``total_s``).
         time: wall-clock time the line was written (Unix seconds).
         traceback: the failing candidate's traceback (last frames), when it raised.
+        cost: what scoring it took (``tokens``, ``forward_tokens``, ``cached_tokens``, ``forward_calls``,
+            ``prefix_hits``, ``docs``, ``seconds``; see :class:`dfsmerge.objectives.EvalResult`); empty when cached.
+        race: racing runs: its blocks' sums and whether the race stopped it early (then ``objectives`` are the
+            estimate on ``race.docs`` documents), see :mod:`dfsmerge.search.racing`.
     """
 
     id: int
@@ -84,6 +89,8 @@ class EvalRecord:
     time: float = 0.0
     infeasible: bool = False
     traceback: str | None = None
+    cost: Mapping[str, float] = field(default_factory=dict)
+    race: Mapping[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -101,7 +108,16 @@ class EvalRecord:
             out["infeasible"] = True
         if self.traceback:
             out["traceback"] = self.traceback
+        if self.cost:
+            out["cost"] = dict(self.cost)
+        if self.race is not None:
+            out["race"] = jsonable(dict(self.race))
         return out
+
+    @property
+    def partial(self) -> bool:
+        """Racing stopped it early: its scores are an estimate on part of the documents."""
+        return bool(self.race and self.race.get("stopped"))
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> EvalRecord:
@@ -119,7 +135,7 @@ class EvalRecord:
                  ) -> EvalRecord:
         """This result as a cached line for another genome with the same key (nothing is scored again)."""
         return replace(self, id=id, generation=generation, stage=stage, genome=genome, time=time, cached=True,
-                       timings={}, traceback=None)
+                       timings={}, traceback=None, cost={})
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +151,8 @@ class LoopState:
         elapsed_s: search seconds summed over sessions.
         optimizer: the optimizer's ``state_dict()`` (None at a stage start).
         rng: Python/NumPy/torch global RNG states.
+        eval_dtype: the dtype candidates are scored in, once decided, with the measurement behind an ``auto``
+            choice (``{"dtype": ..., "speedup": ..., "max_score_diff": ..., "candidates": ...}``); None before.
     """
 
     stage: int = 1
@@ -145,12 +163,14 @@ class LoopState:
     elapsed_s: float = 0.0
     optimizer: Mapping[str, Any] | None = None
     rng: Mapping[str, Any] | None = None
+    eval_dtype: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The state as a JSON-able dict (``format`` is added by :meth:`RunDir.write_state`)."""
         return {"stage": self.stage, "stage_offset": self.stage_offset, "generation_offset": self.generation_offset,
                 "fixed_ps": None if self.fixed_ps is None else list(self.fixed_ps), "phase": self.phase,
-                "elapsed_s": self.elapsed_s, "optimizer": self.optimizer, "rng": self.rng}
+                "elapsed_s": self.elapsed_s, "optimizer": self.optimizer, "rng": self.rng,
+                "eval_dtype": self.eval_dtype}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> LoopState:
@@ -159,7 +179,7 @@ class LoopState:
                    generation_offset=int(d.get("generation_offset", 0)),
                    fixed_ps=None if fixed is None else tuple(float(v) for v in fixed),
                    phase=str(d.get("phase", "stage_start")), elapsed_s=float(d.get("elapsed_s", 0.0)),
-                   optimizer=d.get("optimizer"), rng=d.get("rng"))
+                   optimizer=d.get("optimizer"), rng=d.get("rng"), eval_dtype=d.get("eval_dtype"))
 
 
 def atomic_write(path: str | Path, text: str) -> None:
@@ -334,9 +354,13 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
     Raises:
         ConfigError: naming the fields that differ.
     """
-    from dfsmerge.search.config import SearchConfig, resumable_paths
+    from dfsmerge.search.config import SearchConfig, load_search_config, resumable_paths
 
     free = resumable_paths(SearchConfig)
+    # a run written by an older dfsmerge: compare in today's normal form (defaults filled, fields moved); an
+    # unreadable saved config is compared as written (and differs)
+    with contextlib.suppress(Exception):
+        saved = load_search_config(saved).to_dict()
 
     def diff(a: Any, b: Any, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict) and any(p.startswith(prefix) for p in free if prefix):

@@ -92,6 +92,7 @@ class Worker:
                 raise ConfigError(f"objective {o.name!r} (type synthetic) is unknown; use one of "
                                   f"{sorted(SYNTHETIC_OBJECTIVES)}")
         self.runtime = None
+        self.eval_dtype = self.config.dtype if self.config.eval_dtype == "auto" else self.config.eval_dtype
         self.evaluator = None
         self.directions: dict[str, str] = {o.key: "minimize" for o in self.config.synthetic_objectives}
         if self.config.needs_model:
@@ -117,6 +118,8 @@ class Worker:
             tokenizer = _load_tokenizer(self._model_a_path())
         self.evaluator = Evaluator(ev, tokenizer)
         self.directions.update(self.evaluator.directions)
+        if self.config.racing.enabled:
+            self.evaluator.suite.race_blocks(self.config.racing.blocks, self.config.seed)
 
     def _load_runtime(self) -> None:
         from dfsmerge.pool import LayerPool
@@ -125,11 +128,18 @@ class Worker:
         m = self.models
         spec = MODE_TABLE[self.config.genome.mode]
         base = (m.base or next(iter(m.ps))) if m.ps else next(iter(m.dfs))
-        pool = LayerPool(m.pool, base=base, device=_device(self.config.device), dtype=_torch_dtype(self.config.dtype))
+        pool = LayerPool(m.pool, base=base, device=_device(self.config.device), dtype=_torch_dtype(self.eval_dtype))
+        pc = self.config.prefix_cache
         self.runtime = Runtime(pool, ps_template=base if m.ps else None, merged_as_base=spec.merged_is_model_a,
-                               seed=self.config.seed)
+                               seed=self.config.seed, prefix_cache_mb=pc.memory_mb if pc.enabled else None)
         if self.evaluator is not None and self.evaluator.tokenizer is None:
             self.evaluator.tokenizer = pool.tokenizer if _has_tok(pool) else None
+
+    def set_eval_dtype(self, dtype: str) -> None:
+        """Score in ``dtype`` from now on (the resident models are reloaded in it on the next candidate)."""
+        if dtype != self.eval_dtype:
+            self.eval_dtype = dtype
+            self.runtime = None
 
     def set_stage(self, stage: int, fixed_ps_genome: list[float] | None = None) -> None:
         """Staged mode: switch to ``stage`` (2: DFS with the PS recipe decoded from ``fixed_ps_genome`` as model A)."""
@@ -144,8 +154,9 @@ class Worker:
         self._lo, self._span = lo, hi - lo
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, x, candidate=None) -> EvalResult:
-        """Score one genome vector (``candidate``: its decoding, when the caller already has it).
+    def evaluate(self, x, candidate=None, block: int | None = None) -> EvalResult:
+        """Score one genome vector (``candidate``: its decoding, when the caller already has it; ``block``: racing,
+        score only that block of the documents, see :meth:`Evaluator.evaluate_block`).
 
         Returns:
             An :class:`~dfsmerge.objectives.EvalResult` (fitness by
@@ -157,6 +168,8 @@ class Worker:
         objectives = self.config.objectives
         timings: dict[str, float] = {}
         results: dict[str, Any] = {}
+        partial = None
+        cost: dict[str, float] = {}
         try:
             cand = self.space.decode(x) if candidate is None else candidate
             timings["decode_s"] = time.perf_counter() - t0
@@ -174,9 +187,17 @@ class Worker:
                     model = self.runtime.prepare(cand)
                     timings["prepare_s"] = time.perf_counter() - t1
                     t2 = time.perf_counter()
-                    res = self.evaluator.evaluate(model)  # duplicates never get here: the loop's cache has them
+                    work = self.runtime.work()
+                    if block is None:
+                        res = self.evaluator.evaluate(model)  # duplicates never get here: the loop's cache has them
+                        docs = self.evaluator.documents()
+                    else:
+                        res = self.evaluator.evaluate_block(model, block)
+                        docs = res.cost["docs"]
                 timings["eval_s"] = time.perf_counter() - t2
+                cost = {**self.runtime.work().since(work), "docs": docs, "seconds": round(timings["eval_s"], 4)}
                 results = res.results
+                partial = res.partial
                 scores.update(res.scores)
                 values.update(res.values)
             u = (x - self._lo) / self._span if len(x) else x
@@ -190,9 +211,12 @@ class Worker:
         values = {o.key: values.get(o.key, WORST) for o in objectives}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         timings["total_s"] = time.perf_counter() - t0
+        if partial is not None:  # a block's mean may be NaN (an empty block): the loop combines the sums
+            bad = [k for k in bad if k not in partial]
         return EvalResult(results=results, scores={o.key: _clean(scores.get(o.key)) for o in objectives},
                           values=values, fitness=scalar_fitness(values, objectives),
-                          error=f"non-finite objective {bad}" if bad else None, timings=timings)
+                          error=f"non-finite objective {bad}" if bad else None, timings=timings, cost=cost,
+                          partial=partial)
 
     def _failed(self, msg: str, timings, t0, *, infeasible: bool = False, detail: str | None = None) -> EvalResult:
         timings["total_s"] = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import export_plan
 from dfsmerge.pool import LayerPool
+from dfsmerge.runtime.stitched import StitchedModel
 from dfsmerge.testing import FAMILIES, make_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -130,7 +131,7 @@ def _reference(hf: dict, plan: PathPlan, ids: torch.Tensor, mask2d: torch.Tensor
 def test_identity_plan_matches_vanilla(family, tiny_family_models, pools):
     path = tiny_family_models[family]["base"]
     ref = _hf(path)
-    model = _pool(pools, tiny_family_models, family).stitch(PathPlan.identity("A", N_LAYERS))
+    model = StitchedModel.from_pool(_pool(pools, tiny_family_models, family), PathPlan.identity("A", N_LAYERS))
     ids = torch.randint(5, 40, (2, T), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
@@ -154,7 +155,7 @@ def test_random_plan_matches_stepwise_reference(family, seed, tiny_family_models
     mask[1, T - 3:] = 0  # right padding on one row
     with torch.no_grad():
         want = _reference(hf, plan, ids, mask)
-        got = pool.stitch(plan)(ids, attention_mask=mask).logits
+        got = StitchedModel.from_pool(pool, plan)(ids, attention_mask=mask).logits
     keep = mask.bool()
     assert torch.allclose(got[keep], want[keep], atol=1e-5, rtol=1e-5), _report(got[keep], want[keep])
 
@@ -194,7 +195,7 @@ def test_folded_export_reloads_with_runtime_logits(family, tiny_family_models, p
         plan = PathPlan((Step(plan.steps[0].layer, 1.4), *(Step(s.layer) for s in plan.steps[1:])),
                         models=paths, base="A", embed=plan.embed)
     out = export_plan(plan, tmp_path / "folded")
-    _check_reload(out, pool.stitch(plan), trust=False)
+    _check_reload(out, StitchedModel.from_pool(pool, plan), trust=False)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -204,7 +205,7 @@ def test_compact_export_reloads_with_runtime_logits(family, tiny_family_models, 
     pool = _pool(pools, tiny_family_models, family)
     plan = _random_plan(4, paths)
     out = export_plan(plan, tmp_path / "compact", format="compact")
-    _check_reload(out, pool.stitch(plan), trust=True)
+    _check_reload(out, StitchedModel.from_pool(pool, plan), trust=True)
 
 
 def test_qwen2_use_sliding_window_export_keeps_transformers_layer_types(tmp_path):
@@ -220,7 +221,8 @@ def test_qwen2_use_sliding_window_export_keeps_transformers_layer_types(tmp_path
     pool = LayerPool({"A": str(path)})
     ids = torch.randint(5, 40, (1, 2 * T), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        assert torch.allclose(pool.stitch(PathPlan.identity("A", 2))(ids).logits, _hf(path)(ids).logits, atol=1e-5)
+        got = StitchedModel.from_pool(pool, PathPlan.identity("A", 2))(ids).logits
+        assert torch.allclose(got, _hf(path)(ids).logits, atol=1e-5)
     plan = PathPlan((Step(LayerRef("A", 1)), Step(LayerRef("A", 0), 1.3), Step(LayerRef("A", 1), 0.8)),
                     models={"A": str(path)}, base="A")
     for fmt in ("folded", "compact"):
@@ -229,5 +231,5 @@ def test_qwen2_use_sliding_window_export_keeps_transformers_layer_types(tmp_path
         assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
         model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, trust_remote_code=True).eval()
         with torch.no_grad():
-            got, want = model(ids).logits, pool.stitch(plan)(ids).logits
+            got, want = model(ids).logits, StitchedModel.from_pool(pool, plan)(ids).logits
         assert _rel(got, want) <= 1e-5, _report(got, want)

@@ -19,6 +19,7 @@ from dfsmerge.export import export_plan
 from dfsmerge.pool import LayerPool
 from dfsmerge.realmodels import real_model_dir
 from dfsmerge.recipe import run_merge
+from dfsmerge.runtime.stitched import StitchedModel
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 TEXT = ["The capital of France is Paris. The capital of Italy is", "12 + 7 = 19\n3 + 5 ="]
@@ -76,7 +77,7 @@ def test_layout_is_read_from_transformers(pool):
 
 def test_identity_plan_equals_vanilla(gemma, pool, vanilla):
     ids, mask, pos = _batch(gemma)
-    model = pool.stitch(PathPlan.identity("G", 18))
+    model = StitchedModel.from_pool(pool, PathPlan.identity("G", 18))
     with torch.no_grad():
         want = vanilla(ids, attention_mask=mask, position_ids=pos).logits
         got = model(ids, attention_mask=mask, position_ids=pos).logits
@@ -95,7 +96,7 @@ def test_repeated_sliding_and_full_layer_export_folded(gemma, pool, tmp_path):
     assert cfg["num_hidden_layers"] == 20
     assert cfg["layer_types"][6:8] == ["sliding_attention", "full_attention"]
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    runtime = pool.stitch(plan)
+    runtime = StitchedModel.from_pool(pool, plan)
     ids, mask, pos = _batch(gemma)
     with torch.no_grad():
         want = runtime(ids, attention_mask=mask, position_ids=pos).logits

@@ -101,7 +101,7 @@ def test_folded_matches_runtime(family, seed, sources, pools, tmp_path):
     assert cfg["num_hidden_layers"] == len(plan.steps) and cfg["model_type"] == family
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert len(model.model.layers) == len(plan.steps)
-    _check_against_runtime(model, pools[family].stitch(plan))
+    _check_against_runtime(model, StitchedModel.from_pool(pools[family], plan))
 
 
 def test_folded_layer_types_follow_path(sources, tmp_path):
@@ -123,7 +123,7 @@ def test_tied_base_with_foreign_embedding_is_untied(tmp_path):
     out = export_plan(plan, tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    _check_against_runtime(model, LayerPool({"A": str(a), "B": str(b)}).stitch(plan))
+    _check_against_runtime(model, StitchedModel.from_pool(LayerPool({"A": str(a), "B": str(b)}), plan))
 
 
 def test_fold_formula_on_tensors(sources, tmp_path):
@@ -157,7 +157,7 @@ def test_embedding_absorbs_first_scale_small_hidden_states(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(export_plan(plan, tmp_path / "out")), dtype=torch.float32)
     ids, _ = _inputs()
     with torch.no_grad():
-        want = LayerPool({"A": str(a)}).stitch(plan)(ids).logits
+        want = StitchedModel.from_pool(LayerPool({"A": str(a)}), plan)(ids).logits
         rel = _rel(model(ids).logits, want)
     assert rel < 1e-4, f"relative max diff {rel:.3g}"
 
@@ -193,7 +193,7 @@ def test_compact_matches_runtime(family, seed, sources, pools, tmp_path):
         AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, trust_remote_code=True).eval()
     assert type(model).__name__ == "DfsCompactForCausalLM"
-    _check_against_runtime(model, pools[family].stitch(plan))
+    _check_against_runtime(model, StitchedModel.from_pool(pools[family], plan))
     with torch.no_grad():  # its own KV-cache slot per hop
         o = model(torch.tensor([[5, 6, 7]]), use_cache=True)
     assert len(o.cache.layers) == len(plan.steps)
@@ -205,7 +205,7 @@ def test_other_families_folded_and_compact(family, tmp_path):
     a = make_tiny_checkpoint(family, tmp_path / "A", seed=0, num_layers=N_LAYERS, hidden=64)
     b = make_tiny_checkpoint(family, tmp_path / "B", seed=1, num_layers=N_LAYERS, hidden=64)
     plan = random_plan(0, a, b)
-    ref = LayerPool({"A": str(a), "B": str(b)}).stitch(plan)
+    ref = StitchedModel.from_pool(LayerPool({"A": str(a), "B": str(b)}), plan)
     folded = export_plan(plan, tmp_path / "folded")
     _check_against_runtime(AutoModelForCausalLM.from_pretrained(str(folded), dtype=torch.float32).eval(), ref)
     compact = export_plan(plan, tmp_path / "compact", format="compact")
@@ -352,7 +352,7 @@ def test_export_best_dfs_candidate(run_dir, pools, tmp_path):
     assert "| acc | 0.5 |" in card and "embed(A) -> A[0] -> B[1] x1.25 -> A[1] x0.8 -> head(A)" in card
     plan = PathPlan.load(out / "dfsmerge_plan.yaml")
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    _check_against_runtime(model, pools["llama"].stitch(plan))
+    _check_against_runtime(model, StitchedModel.from_pool(pools["llama"], plan))
 
 
 def test_export_joint_candidate_materializes_ps(run_dir, sources, tmp_path):
@@ -368,7 +368,7 @@ def test_export_joint_candidate_materializes_ps(run_dir, sources, tmp_path):
     ref_plan = PathPlan(plan.steps, models={"merged": str(merged), "B": str(b)}, base="merged")
     pool = LayerPool({"merged": str(merged), "B": str(b)})
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    _check_against_runtime(model, pool.stitch(ref_plan))
+    _check_against_runtime(model, StitchedModel.from_pool(pool, ref_plan))
     text = (out / "mergekit.yaml").read_text()
     docs = list(yaml.safe_load_all(text))
     assert docs[0]["name"] == "ps_merged" and docs[1]["slices"][0]["sources"][0]["model"] == "ps_merged"
@@ -449,7 +449,7 @@ def test_sharded_output_and_dtype(sources, pools, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    _check_against_runtime(model, pools["qwen2"].stitch(plan))
+    _check_against_runtime(model, StitchedModel.from_pool(pools["qwen2"], plan))
     bf = export_plan(plan, tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((bf / "config.json").read_text())["dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(bf / "model.safetensors").values()} == {torch.bfloat16}
@@ -470,7 +470,7 @@ def test_tied_base_stays_tied_or_head_written(family, format, tmp_path):
     assert torch.equal(tensors[emb], load_file(a / "model.safetensors")[emb])
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                  trust_remote_code=format == "compact").eval()
-    _check_against_runtime(model, LayerPool({"A": str(a)}).stitch(plan))
+    _check_against_runtime(model, StitchedModel.from_pool(LayerPool({"A": str(a)}), plan))
 
 
 def test_ps_marker_without_recipe_refused(sources, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.export import export_plan
+from dfsmerge.runtime.stitched import StitchedModel
 from dfsmerge.testing import make_tiny_checkpoint
 
 MC, GEN = "dfsx_mc", "dfsx_gen"
@@ -71,7 +72,8 @@ def test_hflm_on_export_scores_as_dfslm_on_plan(tmp_path):
 
     a, b, plan, out, tasks = _setup(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(a))
-    ref = _evaluate(DfsLM(LayerPool({"A": str(a), "B": str(b)}).stitch(plan).eval(), tok, batch_size=4), tasks)
+    stitched = StitchedModel.from_pool(LayerPool({"A": str(a), "B": str(b)}), plan).eval()
+    ref = _evaluate(DfsLM(stitched, tok, batch_size=4), tasks)
     got = _evaluate(HFLM(pretrained=str(out), batch_size=4, device="cpu", dtype="float32"), tasks)
 
     for task in (MC, GEN):

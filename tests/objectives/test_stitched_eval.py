@@ -9,6 +9,7 @@ from objectives_helpers import GEN_TASK, MC_TASK, run_lm_eval, strip_stderr
 
 from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
 from dfsmerge.runtime.lm_adapter import DfsLM
+from dfsmerge.runtime.stitched import StitchedModel
 
 pytest.importorskip("dfsmerge.pool")
 
@@ -23,7 +24,7 @@ def pool(tiny_ckpt):
 def _identity(pool):
     from dfsmerge.dfs.plan import PathPlan
 
-    return pool.stitch(PathPlan.identity("A", 2)).eval()
+    return StitchedModel.from_pool(pool, PathPlan.identity("A", 2)).eval()
 
 
 def test_identity_plan_adapter_equals_hflm_on_vanilla(pool, tiny_model, task_dir):
@@ -52,7 +53,7 @@ def test_native_equals_adapter_on_stitched(pool, tiny_model, task_dir, path):
     else:
         plan = PathPlan((Step(LayerRef("A", 0)), Step(LayerRef("A", 1), 0.8), Step(LayerRef("A", 1), 1.1)),
                         models={"A": "A"}, base="A")
-        model = pool.stitch(plan).eval()
+        model = StitchedModel.from_pool(pool, plan).eval()
     objs = [ObjectiveConfig(name=MC_TASK, split="validation"), ObjectiveConfig(name=GEN_TASK)]
     cfg = EvalConfig(objectives=tuple(objs), task_paths=(str(task_dir),), batch_size=4)
     harness = TaskSuite(cfg, tok).evaluate(model, tok)

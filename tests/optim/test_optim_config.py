@@ -26,7 +26,8 @@ OK = dict(dim=3, bounds=(0.0, 1.0), seed=0, popsize=4)
         ("nsga2", {"binary_mask": [True, False]}, r"binary_mask has shape \(2,\).*boolean array of shape \(3,\)"),
         ("nsga2", {"binary_mask": np.ones(3, bool), "integer_mask": np.ones(3, bool)}, r"gene 0 is in both"),
         ("random", {"bounds": (0.2, 0.8), "integer_mask": np.ones(3, bool)}, r"containing no integer"),
-        ("cma", {"sigma": 0.3}, r"option 'sigma' is unknown; allowed options: penalty, sigma0, stds, cma_options"),
+        ("cma", {"sigma": 0.3}, r"option sigma=0.3 is not a setting of 'cma' \(remove it\); 'cma' takes: penalty, "
+                                r"sigma0, stds, cma_options"),
         ("cma", {"sigma0": -1.0}, r"option sigma0=-1.0: Input should be greater than 0"),
         ("nsga2", {"crossover_prob": 2.0}, r"option crossover_prob=2.0"),
         ("random", {"penalty": float("nan")}, r"penalty=nan must be finite"),
@@ -64,7 +65,8 @@ def test_validate_options_without_building():
     from dfsmerge.optim import validate_options
 
     assert validate_options("nsga2", crossover_eta=5.0).crossover_eta == 5.0
-    with pytest.raises(ConfigError, match=r"optimizer='nsga2': option 'sigma0' is unknown"):
+    with pytest.raises(ConfigError, match=r"optimizer='nsga2': option sigma0=0.3 is not a setting of 'nsga2' \(a "
+                                          r"setting of cma: remove it or use that optimizer\)"):
         validate_options("nsga2", sigma0=0.3)
     with pytest.raises(ConfigError, match=r"cma_options.bounds is set by dfsmerge"):
         validate_options("cma", cma_options={"bounds": [0, 1]})

@@ -444,7 +444,7 @@ def test_local_backend_answers_as_vanilla_transformers_and_serves_over_http(chat
 
     rng_before = torch.get_rng_state()
     local = make_optimizer("llm", dim=6, bounds=(LO, HI), seed=1, popsize=4, backend="local", model=str(chat_model),
-                           max_tokens=12, max_retries=0)
+                           max_tokens=12, max_retries=0, constrain=False)
     local.options.preflight()
     (tmp_path / "local").mkdir()
     pops_local = run(local, tmp_path / "local")
@@ -460,6 +460,102 @@ def test_local_backend_answers_as_vanilla_transformers_and_serves_over_http(chat
     assert [c["response"] for c in _log(tmp_path / "http", "call")] == [c["response"] for c in calls]
     for a, b in zip(pops_local, pops_http, strict=True):
         assert np.array_equal(a, b)
+
+
+def _list_regex(dim: int, digits: int, int_digits: int) -> str:
+    """Reference for the constrained answer: the regular expression of the list after the prefill."""
+    num = rf"-?[0-9]{{1,{int_digits}}}" + (rf"(\.[0-9]{{1,{digits}}})?" if digits else "")
+    return rf"(?:{num}, ){{{dim - 1}}}{num}\]"
+
+
+@pytest.mark.parametrize(("dim", "digits", "int_digits"), [(1, 0, 1), (3, 2, 1), (4, 3, 2)])
+def test_number_list_grammar_accepts_exactly_the_regex_prefixes(dim, digits, int_digits):
+    import regex
+
+    from dfsmerge.optim.llm import NumberListGrammar
+
+    g = NumberListGrammar(dim, digits, int_digits)
+    pattern = regex.compile(_list_regex(dim, digits, int_digits))
+    rng = random.Random(dim * 100 + digits)
+    alphabet = "0123456789.-, ]x"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(3000)]
+    # near-valid strings: random numbers in the format, with a random suffix edit
+    for _ in range(2000):
+        nums = [("-" if rng.random() < 0.3 else "") + str(rng.randint(0, 10 ** (int_digits + 1)))
+                + (f".{rng.randint(0, 10 ** (digits + 1))}" if rng.random() < 0.7 else "")
+                for _ in range(rng.randint(1, dim + 1))]
+        text = ", ".join(nums) + rng.choice(["]", "", ",", ", ", "]]"])
+        texts.append(text[: rng.randint(0, len(text))] if rng.random() < 0.5 else text)
+    for text in texts:
+        state = g.run(text)
+        assert (state is not None) == bool(pattern.fullmatch(text, partial=True)), text
+        assert g.done(state) == bool(pattern.fullmatch(text)), text
+
+
+@pytest.fixture(scope="module")
+def digit_chat_model(chat_model, tmp_path_factory) -> Path:
+    """chat_model with a character tokenizer that has ``]`` (in place of ``?``) and decodes without spaces."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dfsmerge.testing import _VOCAB
+
+    path = tmp_path_factory.mktemp("digits") / "m"
+    shutil.copytree(chat_model, path)
+    for f in path.glob("tokenizer*"):
+        f.unlink()
+    tk = Tokenizer(models.WordLevel(vocab={("]" if t == "?" else t): i for i, t in enumerate(_VOCAB)},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(str(path))
+    return path
+
+
+def test_local_backend_constrained_answer_is_greedy_under_the_grammar(digit_chat_model, tmp_path):
+    import regex
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(digit_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(digit_chat_model, dtype=torch.float32).eval()
+    prefill, dim, digits = '{"mean": [', 3, 2
+    pattern = regex.compile(_list_regex(dim, digits, 1))  # bounds [-2, 3]: one integer digit
+
+    def reference(messages):  # greedy over the full vocabulary, best token that keeps the answer a regex prefix
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        new: list[int] = []
+        for _ in range(40):
+            with torch.no_grad():
+                logits = model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1]
+            answer = tok.decode(new)
+            if pattern.fullmatch(answer):
+                break
+            nxt = next(t for t in torch.argsort(logits, descending=True, stable=True).tolist()
+                       if t != tok.eos_token_id and pattern.fullmatch(answer + tok.decode([t]), partial=True))
+            new.append(nxt)
+        return prefill + tok.decode(new)
+
+    opt = make_optimizer("llm", dim=dim, bounds=(LO, HI), seed=2, popsize=4, backend="local",
+                         model=str(digit_chat_model), max_tokens=40, max_retries=0, digits=digits)
+    opt.bind_run_dir(tmp_path)
+    for _ in range(3):
+        X = opt.ask()
+        opt.tell(X, _sphere(X))
+    calls = _log(tmp_path, "call")
+    assert len(calls) == 2
+    for c in calls:
+        assert c["response"] == reference(c["messages"])
+        assert parse_mean(c["response"], dim).shape == (dim,)
+    assert [p["source"] for p in _log(tmp_path, "proposal")] == ["start", "llm", "llm"]
+    with pytest.raises(ConfigError, match="prefill"):
+        make_optimizer("llm", dim=dim, bounds=(LO, HI), backend="local", model=str(digit_chat_model), prefill="")
 
 
 def test_local_backend_preflight_needs_a_chat_template(tmp_path):

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
 from dfsmerge.pool import LayerPool
+from dfsmerge.runtime.stitched import StitchedModel
 from dfsmerge.testing import FAMILIES
 
 
@@ -42,7 +43,7 @@ def family_pools(tiny_family_ckpts):
 def test_identity_plan_matches_hf(family, pad, tiny_family_ckpts, family_pools):
     a, _ = tiny_family_ckpts[family]
     ref = _hf(a)
-    model = family_pools[family].stitch(PathPlan.identity("A", 3))
+    model = StitchedModel.from_pool(family_pools[family], PathPlan.identity("A", 3))
     ids = torch.randint(5, 40, (2, 11), generator=torch.Generator().manual_seed(0))
     mask = _mask(2, 11, pad)
     with torch.no_grad():
@@ -63,7 +64,8 @@ def test_gemma2_sliding_window_longer_than_window(tiny_family_ckpts, family_pool
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         want = ref(ids, attention_mask=mask, position_ids=pos).logits
-        got = pool.stitch(PathPlan.identity("A", 3))(ids, attention_mask=mask, position_ids=pos).logits
+        model = StitchedModel.from_pool(pool, PathPlan.identity("A", 3))
+        got = model(ids, attention_mask=mask, position_ids=pos).logits
     keep = mask.bool()
     assert torch.allclose(got[keep], want[keep], atol=1e-5, rtol=0), _report(got[keep], want[keep])
 
@@ -104,7 +106,7 @@ def test_random_plan_matches_stepwise_reference(seed, llama_pair):
     mask[1, 7:] = 0  # right padding on one row
     with torch.no_grad():
         want = _reference_forward(hf, plan, ids, mask)
-        got = pool.stitch(plan)(ids, attention_mask=mask).logits
+        got = StitchedModel.from_pool(pool, plan)(ids, attention_mask=mask).logits
     keep = mask.bool()
     assert torch.allclose(got[keep], want[keep], atol=1e-5, rtol=1e-5), _report(got[keep], want[keep])
 
@@ -117,7 +119,7 @@ def test_embedding_from_another_model(llama_pair):
     ids = torch.randint(5, 40, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = _reference_forward(hf, plan, ids, torch.ones(1, 6))
-        got = pool.stitch(plan)(ids).logits
+        got = StitchedModel.from_pool(pool, plan)(ids).logits
     assert torch.allclose(got, want, atol=1e-5), _report(got, want)
 
 
@@ -127,7 +129,7 @@ def test_greedy_with_cache_equals_full_recompute(family, tiny_family_ckpts, fami
     plan = PathPlan((Step(LayerRef("A", 0)), Step(LayerRef("B", 1), 0.9), Step(LayerRef("A", 1), 1.2),
                      Step(LayerRef("A", 1), 0.8), Step(LayerRef("B", 2)), Step(LayerRef("A", 2))),
                     models={"A": "A", "B": "B"}, base="A")
-    model = pool.stitch(plan)
+    model = StitchedModel.from_pool(pool, plan)
     ids = torch.randint(5, 40, (2, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding
@@ -147,7 +149,7 @@ def test_cache_logits_match_recompute_each_step(llama_pair):
     """Stronger than token equality: the logits of each cached step equal a full recompute."""
     pool = LayerPool({"A": str(llama_pair["A"]), "B": str(llama_pair["B"])})
     plan = _random_plan(random.Random(5), 4, 6)
-    model = pool.stitch(plan)
+    model = StitchedModel.from_pool(pool, plan)
     ids = torch.randint(5, 40, (1, 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = model(ids, use_cache=True)
@@ -162,7 +164,7 @@ def test_cache_logits_match_recompute_each_step(llama_pair):
 
 def test_sampling_reproducible_and_top_k_one_is_greedy(llama_pair):
     pool = LayerPool({"A": str(llama_pair["A"])})
-    model = pool.stitch(PathPlan.identity("A", 4))
+    model = StitchedModel.from_pool(pool, PathPlan.identity("A", 4))
     ids = torch.randint(5, 40, (2, 4), generator=torch.Generator().manual_seed(6))
     s1 = model.generate(ids, max_new_tokens=6, do_sample=True, temperature=1.3, top_p=0.9,
                         generator=torch.Generator().manual_seed(0))
@@ -176,7 +178,7 @@ def test_sampling_reproducible_and_top_k_one_is_greedy(llama_pair):
 
 def test_generate_stops_at_eos_and_pads(llama_pair):
     pool = LayerPool({"A": str(llama_pair["A"])})
-    model = pool.stitch(PathPlan.identity("A", 4))
+    model = StitchedModel.from_pool(pool, PathPlan.identity("A", 4))
     ids = torch.randint(5, 40, (2, 4), generator=torch.Generator().manual_seed(7))
     free = model.generate(ids, max_new_tokens=5)
     eos = int(free[0, 5])  # the second generated token of row 0
@@ -190,7 +192,7 @@ def test_generate_stops_at_eos_and_pads(llama_pair):
 def test_switching_plans_copies_no_weights(llama_pair):
     pool = LayerPool({"A": str(llama_pair["A"]), "B": str(llama_pair["B"])})
     ptrs = {n: p.data_ptr() for m in pool for n, p in m.model.named_parameters(prefix=m.name)}
-    model = pool.stitch(PathPlan.identity("A", 4))
+    model = StitchedModel.from_pool(pool, PathPlan.identity("A", 4))
     plan = _random_plan(random.Random(9), 4, 8)
     model.set_plan(pool, plan)
     assert [h.layer for h in model.hops] == [pool.layer(s.layer) for s in plan.steps]
@@ -200,8 +202,8 @@ def test_switching_plans_copies_no_weights(llama_pair):
 
 def test_cache_from_other_path_is_rejected(llama_pair):
     pool = LayerPool({"A": str(llama_pair["A"])})
-    long = pool.stitch(PathPlan.identity("A", 4))
-    short = pool.stitch(PathPlan((Step(LayerRef("A", 0)),), models={"A": "A"}, base="A"))
+    long = StitchedModel.from_pool(pool, PathPlan.identity("A", 4))
+    short = StitchedModel.from_pool(pool, PathPlan((Step(LayerRef("A", 0)),), models={"A": "A"}, base="A"))
     ids = torch.randint(5, 40, (1, 3))
     cache = long(ids, use_cache=True).cache
     with pytest.raises(ConfigError, match="hops"):
@@ -212,7 +214,7 @@ def test_cache_from_other_path_is_rejected(llama_pair):
 def test_identity_greedy_generation_matches_hf_generate(family, tiny_family_ckpts, family_pools):
     a, _ = tiny_family_ckpts[family]
     ref = _hf(a)
-    model = family_pools[family].stitch(PathPlan.identity("A", 3))
+    model = StitchedModel.from_pool(family_pools[family], PathPlan.identity("A", 3))
     ids = torch.randint(5, 40, (2, 6), generator=torch.Generator().manual_seed(11))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
@@ -242,7 +244,7 @@ def test_mistral_sliding_window_forward_and_generation_match_hf(mistral_window8)
     ref = _hf(mistral_window8)
     pool = LayerPool({"A": str(mistral_window8)})
     assert pool.attention_type(LayerRef("A", 0)) == "sliding_attention"
-    model = pool.stitch(PathPlan.identity("A", 2))
+    model = StitchedModel.from_pool(pool, PathPlan.identity("A", 2))
     ids = torch.randint(5, 40, (2, 20), generator=torch.Generator().manual_seed(12))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -286,5 +288,5 @@ def test_gemma2_cross_type_plan_matches_reference_with_per_layer_masks(tiny_fami
         want = hf["A"].lm_head(hf["A"].model.norm(h))
         cap = hf["A"].config.final_logit_softcapping
         want = torch.tanh(want / cap) * cap
-        got = pool.stitch(plan)(ids).logits
+        got = StitchedModel.from_pool(pool, plan)(ids).logits
     assert torch.allclose(got, want, atol=1e-5), _report(got, want)

@@ -3,10 +3,13 @@ fix), overrides, objective kinds, and mergekit-evolve configs accepted unchanged
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from dfsmerge.errors import ConfigError
+from dfsmerge.optim import OPTIMIZERS, validate_options
 from dfsmerge.search import load_search_config, run_search
 from dfsmerge.search.config import SyntheticObjectiveConfig, translate_mergekit_evolve
 from tests.search.conftest import MC_TASK, read_evals
@@ -33,7 +36,37 @@ def test_cross_field_errors(make_config):
     with pytest.raises(ConfigError) as e:
         load_search_config(d)
     msg = str(e.value)
-    assert "needs base_model" in msg and "'sigma0' is unknown" in msg and "budget has no limit" in msg, msg
+    assert "needs base_model" in msg and "sigma0=0.3 is not a setting of 'random'" in msg, msg
+    assert "budget has no limit" in msg, msg
+
+
+@pytest.mark.parametrize("where", ["flat", "options"])
+@pytest.mark.parametrize("name", ["nsga2", "random", "llm"])
+def test_sigma0_belongs_to_cma(make_config, name, where):
+    """sigma0 is a setting of CMA-ES's own model: on another optimizer it is a one-line error naming it and the fix;
+    on cma it reaches CMAOptions, beside name or under options."""
+    d = make_config("ps", name)
+    d["optimizer"] = {"name": name, **({"sigma0": 0.2} if where == "flat" else {"options": {"sigma0": 0.2}})}
+    with pytest.raises(ConfigError) as e:
+        load_search_config(d)
+    msg = str(e.value)
+    assert "\n" not in msg and f"sigma0=0.2 is not a setting of {name!r}" in msg and "a setting of cma" in msg, msg
+    d["optimizer"]["name"] = "cma"
+    cfg = load_search_config(d)
+    assert cfg.optimizer.options == {"sigma0": 0.2}
+    assert validate_options("cma", **cfg.optimizer.all_options()).sigma0 == 0.2
+    assert load_search_config(cfg.to_dict()) == cfg
+
+
+def test_optimizer_settings_of_old_run_configs(make_config):
+    """config.yaml files written before the optimizers' own settings models carry sigma0/multi_objective: null;
+    they still load. A set multi_objective names its replacement."""
+    d = make_config("ps", "nsga2")
+    d["optimizer"] = {"name": "nsga2", "popsize": 4, "sigma0": None, "multi_objective": None, "options": {}}
+    assert load_search_config(d).optimizer.options == {}
+    d["optimizer"]["multi_objective"] = False
+    with pytest.raises(ConfigError, match="multi_objective=False is not an optimizer setting.*set combine: weighted"):
+        load_search_config(d)
 
 
 def test_layer_granularity_checked_against_the_models(make_config, tmp_path):
@@ -51,10 +84,48 @@ def test_objective_kinds_and_n_obj(make_config):
     assert [o.key for o in cfg.objectives] == ["some_task", "cost/hops", "synthetic/sphere"]
     assert isinstance(cfg.objectives[2], SyntheticObjectiveConfig)
     assert cfg.n_obj == 3
-    assert load_search_config({**d, "optimizer": {"name": "cma"}}).n_obj == 1
-    assert load_search_config({**d, "optimizer": {"name": "nsga2", "multi_objective": False}}).n_obj == 1
-    with pytest.raises(ConfigError, match="single-objective"):
-        load_search_config({**d, "optimizer": {"name": "cma", "multi_objective": True}})
+
+
+def test_multi_objective_is_the_objectives_word(make_config):
+    """combine decides; left out, 2+ objectives are a Pareto vector when every optimizer of the run takes one
+    (whatever its name), else the weighted sum; one objective is one number."""
+    three = ["some_task", {"type": "cost", "name": "hops"}, {"type": "synthetic", "name": "sphere", "weight": 0.5}]
+    for name in OPTIMIZERS:
+        d = make_config("ps", name, objectives=three)
+        d["optimizer"] = {"name": name, **({"model": "some-model"} if name == "llm" else {})}
+        cfg = load_search_config(d)
+        assert cfg.multi_objective == OPTIMIZERS[name].multi_objective and cfg.n_obj == (3 if cfg.multi_objective
+                                                                                        else 1), name
+        assert load_search_config({**d, "combine": "weighted"}).n_obj == 1
+        assert load_search_config({**d, "objectives": three[:1]}).n_obj == 1
+        if OPTIMIZERS[name].multi_objective:
+            assert load_search_config({**d, "combine": "pareto"}).n_obj == 3
+        else:
+            with pytest.raises(ConfigError) as e:
+                load_search_config({**d, "combine": "pareto"})
+            assert f"combine='pareto' but optimizer.name={name!r} is single-objective" in str(e.value)
+    with pytest.raises(ConfigError, match="combine='pareto' needs two or more objectives"):
+        load_search_config({**make_config("ps", "nsga2", objectives=three[:1]), "combine": "pareto"})
+    staged = make_config("staged", "nsga2", objectives=three, stage2={"optimizer": {"name": "cma"}})
+    assert load_search_config(staged).n_obj == 1  # stage 2's CMA-ES takes one number, so both stages sum
+    with pytest.raises(ConfigError, match="stage2.optimizer.name='cma' is single-objective"):
+        load_search_config({**staged, "combine": "pareto"})
+    assert load_search_config({**staged, "stage2": {"optimizer": {"name": "random"}}}).n_obj == 3
+
+
+def test_shipped_configs_keep_their_objectives_count():
+    """The configs under configs/ behave as before optimizers stopped deciding multi-objective: only the NSGA-II
+    one is Pareto; every CMA-ES sigma0 reaches its settings."""
+    root = Path(__file__).resolve().parents[2] / "configs"
+    files = [f for f in sorted(root.rglob("*.yaml")) if "tasks" not in f.parts]
+    assert files
+    for f in files:
+        cfg = load_search_config(f)
+        want = len(cfg.objectives) if f.name == "nsga2.yaml" else 1
+        assert cfg.n_obj == want, f
+        raw = yaml.safe_load(f.read_text()).get("optimizer") or {}
+        if "sigma0" in raw:
+            assert cfg.optimizer.options["sigma0"] == raw["sigma0"], f
 
 
 def test_overrides_and_round_trip(make_config):
@@ -104,7 +175,8 @@ def test_mergekit_evolve_config_runs_unchanged(tiny_models, mc_task_dir, tmp_pat
     cfg_file = tmp_path / "evolve.yaml"
     cfg_file.write_text(text)
     cfg = load_search_config(cfg_file)
-    assert cfg.genome.mode == "ps" and cfg.optimizer.name == "cma" and abs(cfg.optimizer.sigma0 - 1 / 6) < 1e-12
+    assert cfg.genome.mode == "ps" and cfg.optimizer.name == "cma"
+    assert abs(cfg.optimizer.options["sigma0"] - 1 / 6) < 1e-12
     assert cfg.budget.max_evals == 100 and cfg.objectives[0].limit == 8
     assert translate_mergekit_evolve(yaml.safe_load(text))["objectives"][0]["metric"] == "acc,none"
     rc = main(["search", str(cfg_file), "--out", str(tmp_path / "run"), "--task-path", str(mc_task_dir),
@@ -122,11 +194,6 @@ def test_mergekit_evolve_config_runs_unchanged(tiny_models, mc_task_dir, tmp_pat
 def test_stage2_section_checked(make_config):
     d = make_config("ps", "cma", stage2={"budget": {"max_evals": 4}})
     with pytest.raises(ConfigError, match=r"stage2 is set but genome.mode='ps' has one stage; use mode: staged"):
-        load_search_config(d)
-    d = make_config("staged", "nsga2", objectives=[{"type": "synthetic", "name": "sphere"},
-                                                    {"type": "cost", "name": "hops"}],
-                    stage2={"optimizer": {"name": "cma"}})
-    with pytest.raises(ConfigError, match=r"stage2.optimizer \('cma'\) and optimizer \('nsga2'\) disagree"):
         load_search_config(d)
     d = make_config("staged", "cma", stage2={"optimizer": {"name": "cma", "popsize": 1}})
     with pytest.raises(ConfigError, match="popsize"):

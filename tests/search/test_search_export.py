@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dfsmerge.cli import main
+from dfsmerge.runtime.stitched import StitchedModel
 from dfsmerge.search import load_search_config, run_search
 
 
@@ -62,5 +63,5 @@ def test_best_candidate_exports_and_matches_the_runtime(mode, make_config, tmp_p
     else:
         plan = PathPlan.from_dict(path)
         models = {k: (str(merged) if v == "@ps" else v) for k, v in plan.models.items()}
-        ref = LayerPool(models, base=plan.base).stitch(plan)(ids).logits
+        ref = StitchedModel.from_pool(LayerPool(models, base=plan.base), plan)(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

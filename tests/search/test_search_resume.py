@@ -55,11 +55,34 @@ KILLER = textwrap.dedent('''
 
 KILLS = [("after_append", 3), ("before_state", 2), ("partial", 3), ("after_state", 4), ("before_append", 6),
          ("after_state", 2)]
-VOLATILE = {"time", "timings"}
+VOLATILE = {"time", "timings", "cost"}  # cost is measured work (a fresh process starts with an empty prefix
+# store), not a result
 
 
 def _strip(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k not in VOLATILE}
+
+
+def search_with_kills(cfg_path: Path, ref: Path, run: Path, kills, *, timeout: int = 300) -> list[int]:
+    """Run the search of ``cfg_path`` uninterrupted into ``ref``; then into ``run`` under the KILLER at each
+    ``(where, k)`` of ``kills`` in turn (resuming after the first) and once more to the end. Returns the number of
+    evals.jsonl lines seen after each kill."""
+    run_search(load_search_config(cfg_path), ref, progress=False)
+    killer = run.parent / "killer.py"
+    killer.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    seen = []
+    for i, (where, k) in enumerate(kills):
+        args = [sys.executable, str(killer), where, str(k), "search", str(cfg_path), "--out", str(run), "--quiet"]
+        p = subprocess.run(args + (["--resume"] if i else []), env=env, capture_output=True, text=True,
+                           timeout=timeout)
+        assert p.returncode == -9, f"kill point {where}@{k} was not reached (rc={p.returncode}): {p.stderr[-2000:]}"
+        text = (run / "evals.jsonl").read_text() if (run / "evals.jsonl").exists() else ""
+        seen.append(text.count("\n"))
+    p = subprocess.run([sys.executable, "-m", "dfsmerge.cli", "search", str(cfg_path), "--out", str(run),
+                        "--quiet", "--resume"], env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return seen
 
 
 def test_sigkill_resume_equals_uninterrupted(make_config, tmp_path):
@@ -70,22 +93,8 @@ def test_sigkill_resume_equals_uninterrupted(make_config, tmp_path):
                            stage2={"optimizer": {"name": "cma", "popsize": 3, "sigma0": 0.4}})
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_dict))
-    ref = tmp_path / "ref"
-    run_search(load_search_config(cfg_path), ref, progress=False)
-    killer = tmp_path / "killer.py"
-    killer.write_text(KILLER)
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    seen = []
-    for i, (where, k) in enumerate(KILLS):
-        args = [sys.executable, str(killer), where, str(k), "search", str(cfg_path), "--out", str(run), "--quiet"]
-        p = subprocess.run(args + (["--resume"] if i else []), env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == -9, f"kill point {where}@{k} was not reached (rc={p.returncode}): {p.stderr[-2000:]}"
-        text = (run / "evals.jsonl").read_text() if (run / "evals.jsonl").exists() else ""
-        seen.append(text.count("\n"))
-    p = subprocess.run([sys.executable, "-m", "dfsmerge.cli", "search", str(cfg_path), "--out", str(run),
-                        "--quiet", "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    seen = search_with_kills(cfg_path, ref, run, KILLS)
     got, want = read_evals(run), read_evals(ref)
     assert [r["id"] for r in got] == list(range(len(got)))  # no gap, no duplicate
     assert [_strip(r) for r in got] == [_strip(r) for r in want]
