@@ -57,6 +57,13 @@ def variant_config(base: dict, variant: str, *, scale_step: float, bf16: bool) -
 
 
 def run_one(name: str, cfg: dict, run: Path, seed: int, max_evals: int | None, env: dict) -> dict:
+    """Run one search (or read the numbers of a finished one from ``RUN/bench.json``: rerunning the table reruns
+    only what is missing, and a finished run's wall time is the one measured when it ran)."""
+    done = run / "bench.json"
+    if done.is_file():
+        res = json.loads(done.read_text())
+        recs = [json.loads(line) for line in (run / "evals.jsonl").open()]
+        return {**res, "scores": [(r["key"], r["objectives"]) for r in recs]}
     run.parent.mkdir(parents=True, exist_ok=True)
     path = run.parent / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -70,12 +77,13 @@ def run_one(name: str, cfg: dict, run: Path, seed: int, max_evals: int | None, e
     wall = time.perf_counter() - t0
     recs = [json.loads(line) for line in (run / "evals.jsonl").open()]
     cost = [r.get("cost") or {} for r in recs]
-    return {"evals": len(recs), "wall_s": wall,
-            "forward_tokens": sum(c.get("forward_tokens", 0) for c in cost),
-            "cached_tokens": sum(c.get("cached_tokens", 0) for c in cost),
-            "docs": sum(c.get("docs", 0) for c in cost),
-            "stopped": sum(1 for r in recs if (r.get("race") or {}).get("stopped")),
-            "scores": [(r["key"], r["objectives"]) for r in recs]}
+    res = {"evals": len(recs), "wall_s": wall,
+           "forward_tokens": sum(c.get("forward_tokens", 0) for c in cost),
+           "cached_tokens": sum(c.get("cached_tokens", 0) for c in cost),
+           "docs": sum(c.get("docs", 0) for c in cost),
+           "stopped": sum(1 for r in recs if (r.get("race") or {}).get("stopped"))}
+    done.write_text(json.dumps(res))
+    return {**res, "scores": [(r["key"], r["objectives"]) for r in recs]}
 
 
 def test_score(name: str, run: Path, zoo: Path | None, env: dict) -> float:

@@ -328,8 +328,9 @@ class RacingSection(BaseModel):
     task's documents; after every block a candidate stops when a bound on its final fitness shows it cannot enter
     the generation's elite (the optimizer's ``elite_size`` best, or the non-dominated set), and keeps its partial
     estimate (marked ``race.stopped`` in evals.jsonl). ``bound: exact`` stops only candidates that certainly miss
-    (per-document scores in [0, 1]); ``hoeffding`` uses Hoeffding's inequality with failure probability ``delta``
-    per comparison. Needs native task objectives whose metric is a mean of per-document scores in [0, 1]."""
+    (per-document scores in [0, 1]); ``hoeffding`` uses Hoeffding's inequality, every bound of a generation holding
+    at once with probability at least ``1 - delta``. Needs native task objectives whose metric is a mean of
+    per-document scores in [0, 1]."""
 
     model_config = _FROZEN
 

@@ -13,8 +13,10 @@ Bounds on a task score that is the mean of N per-document values in [0, 1], afte
 
 - ``exact``: the remaining documents score between 0 and 1: ``[s / N, (s + N - n) / N]``. A candidate is stopped
   only when it certainly misses the elite.
-- ``hoeffding``: the remaining documents' mean lies within ``m +- sqrt(ln(2 / delta) / (2 n))`` of the observed mean
-  ``m = s / n`` with probability at least ``1 - delta`` (Hoeffding's inequality; documents are in a fixed random order).
+- ``hoeffding``: the remaining documents' mean lies within ``m +- sqrt(ln(2 / delta') / (2 n))`` of the observed
+  mean ``m = s / n`` with probability at least ``1 - delta'`` (Hoeffding's inequality; documents are in a fixed random
+  order), with ``delta' = delta / ((blocks - 1) * candidates)`` so that every bound of a generation holds at once
+  with probability at least ``1 - delta``.
 
 Everything here is pure (tested on constructed rankings in tests/search/test_racing.py); the loop drives it.
 """
@@ -195,6 +197,8 @@ def run_race(tallies: list[Tally], todo: list[int], score_block: Callable[[list[
         a, b = fitness_interval(lo, hi, weights)
         return [a], [b]
 
+    # one failure probability for the whole generation (Bonferroni over every comparison round of every candidate)
+    delta = delta / max(1, (n_blocks - 1) * len(todo))
     for blk in range(n_blocks):
         alive = [i for i in todo if not tallies[i].stopped and tallies[i].error is None
                  and len(tallies[i].blocks) <= blk]
