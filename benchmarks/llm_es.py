@@ -22,13 +22,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_table import ROOT, SKILLS, dfsmerge, score  # noqa: E402 - the toy table's CLI helpers, one home
+from toy_table import ROOT, SKILLS, dfsmerge, score, timed_search  # noqa: E402 - the toy table's CLI helpers, one home
 
 OPTIMIZERS = ("llm", "cma", "random")
 OBJECTIVE = "zoo_math_b"  # what the searches optimise (validation split); scored here on test
@@ -87,13 +86,7 @@ def run_one(zoo: Path, work: Path, config: str, opt: str, seed: int, args, env: 
     done = run / "bench.json"  # this row's result, kept so a rerun (e.g. with more seeds) reuses finished rows
     if done.exists():
         return json.loads(done.read_text())
-    cmd = ["search", str(path), "--out", str(run), "--seed", str(seed), "--zoo-dir", str(zoo), "--quiet"]
-    if (run / "evals.jsonl").exists():
-        cmd.append("--resume")
-    t0 = time.perf_counter()
-    dfsmerge(*cmd, env=env)
-    wall = time.perf_counter() - t0
-    evals = [json.loads(line) for line in (run / "evals.jsonl").open()]
+    wall, evals = timed_search(path, run, "--seed", str(seed), "--zoo-dir", str(zoo), env=env)
     best_val = min(r["fitness"] for r in evals if r["fitness"] is not None)
     out = run / "export"
     dfsmerge("export", str(run), "--candidate", "best", "--out", str(out), "--force", env=env)

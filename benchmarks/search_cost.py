@@ -29,13 +29,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_table import ROOT, dfsmerge  # noqa: E402 - the toy table's CLI helper, one home
+from toy_table import ROOT, dfsmerge, score, timed_search  # noqa: E402 - the toy table's CLI helpers, one home
 
 TOY = {"dfs": "dfs.yaml", "staged": "staged.yaml", "joint": "joint.yaml"}
 REAL_TASKS = ("real_arith", "real_capitals")
@@ -67,15 +66,8 @@ def run_one(name: str, cfg: dict, run: Path, seed: int, max_evals: int | None, e
     run.parent.mkdir(parents=True, exist_ok=True)
     path = run.parent / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    args = ["search", str(path), "--out", str(run), "--seed", str(seed), "--quiet"]
-    if max_evals:
-        args += ["--max-evals", str(max_evals)]
-    if (run / "evals.jsonl").exists():
-        args.append("--resume")
-    t0 = time.perf_counter()
-    dfsmerge(*args, env=env)
-    wall = time.perf_counter() - t0
-    recs = [json.loads(line) for line in (run / "evals.jsonl").open()]
+    wall, recs = timed_search(path, run, "--seed", str(seed), *(["--max-evals", str(max_evals)] if max_evals else []),
+                              env=env)
     cost = [r.get("cost") or {} for r in recs]
     res = {"evals": len(recs), "wall_s": wall,
            "forward_tokens": sum(c.get("forward_tokens", 0) for c in cost),
@@ -94,9 +86,7 @@ def test_score(name: str, run: Path, zoo: Path | None, env: dict) -> float:
                        str(ROOT / "configs/real/tasks"), "--split", "test", "--native", "--json", env=env)
         r = json.loads(res[res.index("{"):])["results"]
         return 100.0 * sum(r[t]["exact_match,none" if t == "real_arith" else "acc,none"] for t in REAL_TASKS) / 2
-    res = dfsmerge("eval", str(out), "--zoo", str(zoo), "--tasks", "zoo_math_b", "--split", "test", "--native",
-                   "--batch-size", "64", "--json", env=env)
-    return 100.0 * json.loads(res[res.index("{"):])["results"]["zoo_math_b"]["exact_match,none"]
+    return score(str(out), zoo, env)["zoo_math_b"]
 
 
 def main() -> None:

@@ -96,19 +96,24 @@ def frankenmerge_row(zoo: Path, work: Path, env: dict) -> Path:
     return out
 
 
+def timed_search(config: Path, run: Path, *extra: str, env: dict) -> tuple[float, list[dict]]:
+    """`dfsmerge search CONFIG --out RUN --quiet EXTRA...` (``--resume`` when RUN already holds evaluations):
+    its wall seconds and the run's evals.jsonl lines."""
+    args = ["search", str(config), "--out", str(run), "--quiet", *extra]
+    if (run / "evals.jsonl").exists():
+        args.append("--resume")
+    t0 = time.perf_counter()
+    dfsmerge(*args, env=env)
+    wall = time.perf_counter() - t0
+    return wall, [json.loads(line) for line in (run / "evals.jsonl").open()]
+
+
 def search_row(zoo: Path, work: Path, config: str, seed: int, max_evals: int | None, env: dict
                ) -> tuple[Path, int, float]:
     run = work / f"run-{Path(config).stem}"
-    args = ["search", str(ROOT / "configs/toy" / config), "--out", str(run), "--seed", str(seed),
-            "--zoo-dir", str(zoo), "--quiet"]
-    if max_evals:
-        args += ["--max-evals", str(max_evals)]
-    t0 = time.perf_counter()
-    if (run / "evals.jsonl").exists():
-        args.append("--resume")
-    dfsmerge(*args, env=env)
-    wall = time.perf_counter() - t0
-    n_evals = sum(1 for _ in (run / "evals.jsonl").open())
+    extra = ["--seed", str(seed), "--zoo-dir", str(zoo)] + (["--max-evals", str(max_evals)] if max_evals else [])
+    wall, evals = timed_search(ROOT / "configs/toy" / config, run, *extra, env=env)
+    n_evals = len(evals)
     out = run / "export"
     dfsmerge("export", str(run), "--candidate", "best", "--out", str(out), "--force", env=env)
     return out, n_evals, wall

@@ -27,6 +27,7 @@ character could violate it).
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -93,6 +94,7 @@ class NativeTask:
         memoize_doc_fields(task, self.docs)
         if self.kind in _MC_TYPES:
             self.n_req = [len(x) for x in insts]
+            self.req_start = list(accumulate(self.n_req, initial=0))  # document d's first request
             self.requests = self.scorer.encode_requests([i.arguments for x in insts for i in x])
         else:
             self._prepare_generation(insts)
@@ -138,8 +140,7 @@ class NativeTask:
         positions = range(len(self.docs)) if positions is None else positions
         before = self.scorer.forward_calls
         if self.kind in _MC_TYPES:
-            starts = self._request_starts()
-            idx = [starts[p] + r for p in positions for r in range(self.n_req[p])]
+            idx = [self.req_start[p] + r for p in positions for r in range(self.n_req[p])]
             flat = self._loglikelihoods(model, idx)
             per_doc, pos = [], 0
             for p in positions:
@@ -155,13 +156,6 @@ class NativeTask:
             for metric, v in self.task.process_results(self.docs[p], res).items():
                 values[metric].append(v)
         return dict(values)
-
-    def _request_starts(self) -> list[int]:
-        starts, pos = [], 0
-        for n in self.n_req:
-            starts.append(pos)
-            pos += n
-        return starts
 
     # multiple choice ---------------------------------------------------------------------------------
     def _loglikelihoods(self, model, idx: list[int] | None = None) -> list[tuple[float, bool]]:

@@ -32,7 +32,7 @@ import contextlib
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -75,8 +75,8 @@ class PrefixStats:
     calls: int = 0
     hits: int = 0
 
-    def snapshot(self) -> PrefixStats:
-        return PrefixStats(self.tokens, self.forward_tokens, self.cached_tokens, self.calls, self.hits)
+    def __add__(self, other: PrefixStats) -> PrefixStats:
+        return PrefixStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def since(self, before: PrefixStats) -> dict[str, float]:
         return {"tokens": self.tokens - before.tokens,
@@ -104,11 +104,8 @@ class PrefixStore:
         self.budget = int(memory_mb * 2**20)
         self.entries: OrderedDict[tuple[bytes, bytes], _Entry] = OrderedDict()
         self.bytes = 0
-        self.stats = PrefixStats()
-        self._version = 0
-        self._volatile: set[int] = set()
-        self._ids: dict[int, int] = {}  # id(module) -> short stable number (ids are only compared, never reused
-        #                                while the module lives: the pool keeps every module resident)
+        self.version = 0  # of the volatile modules' weights (bump)
+        self._volatile: set[int] = set()  # id() of modules rewritten in place (resident: an id is never reused)
 
     # ---- keys ---------------------------------------------------------------------------------------------
     def mark_volatile(self, modules: Iterable[nn.Module]) -> None:
@@ -121,7 +118,7 @@ class PrefixStore:
 
     def bump(self) -> None:
         """The volatile modules' weights changed: new version, and drop every entry that read them."""
-        self._version += 1
+        self.version += 1
         for k in [k for k, e in self.entries.items() if e.volatile]:
             self.bytes -= self.entries.pop(k).nbytes
 
@@ -129,7 +126,7 @@ class PrefixStore:
         if m is None:
             return None, False
         volatile = id(m) in self._volatile
-        return (id(m), self._version if volatile else 0), volatile
+        return (id(m), self.version if volatile else 0), volatile
 
     def call_key(self, input_ids: torch.Tensor, attention_mask, position_ids, lineage: bytes | None) -> bytes:
         return _digest(b"call", input_ids, attention_mask, position_ids, lineage or b"")
@@ -189,10 +186,6 @@ class PrefixStore:
         while self.bytes > self.budget:
             _, e = self.entries.popitem(last=False)
             self.bytes -= e.nbytes
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.bytes = 0
 
 
 def lineage_of(cache: Any) -> bytes | None:

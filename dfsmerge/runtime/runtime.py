@@ -65,16 +65,9 @@ class Runtime:
         self.stats.forward_tokens += n
 
     def work(self) -> PrefixStats:
-        """Forward work so far, PS-only model and stitched model together."""
-        s = self.stats.snapshot()
-        if self._stitched is not None:
-            t = self._stitched.prefix_stats
-            s.tokens += t.tokens
-            s.forward_tokens += t.forward_tokens
-            s.cached_tokens += t.cached_tokens
-            s.calls += t.calls
-            s.hits += t.hits
-        return s
+        """Forward work so far, PS-only model and stitched model together (a new object: compare with
+        :meth:`PrefixStats.since`)."""
+        return self.stats + (PrefixStats() if self._stitched is None else self._stitched.prefix_stats)
 
     def prepare(self, candidate: Candidate) -> nn.Module:
         """The model of ``candidate``: the stitched model (DFS part) or the merged model (PS only).

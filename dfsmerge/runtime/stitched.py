@@ -336,7 +336,7 @@ class StitchedModel(nn.Module):
 
     def _prefix_keys(self, store: PrefixStore) -> tuple[list[bytes], list[bool]]:
         """The store's keys of every prefix of the path (cached per path and store version)."""
-        tag = (id(store), store._version)
+        tag = (id(store), store.version)
         if self._keys_for is not None and self._keys_for[0] == tag:
             return self._keys_for[1]
         context = (self.embed_tokens, self.wpe, float(self._embed_multiplier), self.rotary_emb, id(self._base_config),

@@ -493,7 +493,7 @@ class Search:
 
         best = self._stage_best.fitness if self._stage_best is not None else math.inf
         run_race(tallies, todo, score_block, n_blocks=rc.blocks, bound=rc.bound, delta=rc.delta,
-                 keys=[o.key for o in objectives], weights={o.key: o.weight for o in objectives}, elite=elite,
+                 objectives=objectives, elite=elite,
                  best_known=best)
         out = []
         for i, t in enumerate(fresh):

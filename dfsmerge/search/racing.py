@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dfsmerge.objectives.fitness import WORST
+from dfsmerge.objectives.config import ObjectiveConfig
+from dfsmerge.objectives.fitness import WORST, scalar_fitness
 
 
 def score_interval(s: float, n: int, total: int, bound: str, delta: float) -> tuple[float, float]:
@@ -133,18 +134,6 @@ class Tally:
                    exact={k: (WORST if v is None else float(v)) for k, v in d["exact"].items()})
 
 
-def fitness_interval(lo: Mapping[str, float], hi: Mapping[str, float], weights: Mapping[str, float]
-                     ) -> tuple[float, float]:
-    """Bounds of the weighted sum (the scalar fitness) from per-objective value bounds."""
-    a = b = 0.0
-    for k, w in weights.items():
-        if not (math.isfinite(lo.get(k, WORST)) and math.isfinite(hi.get(k, WORST))):
-            return WORST, WORST
-        a += w * (lo[k] if w >= 0 else hi[k])
-        b += w * (hi[k] if w >= 0 else lo[k])
-    return a, b
-
-
 def losers(optimistic: Sequence[Sequence[float]], pessimistic: Sequence[Sequence[float]], alive: Iterable[int],
            elite: int | None) -> set[int]:
     """The alive candidates that cannot enter the elite (everything minimised).
@@ -175,27 +164,29 @@ def losers(optimistic: Sequence[Sequence[float]], pessimistic: Sequence[Sequence
 
 
 def run_race(tallies: list[Tally], todo: list[int], score_block: Callable[[list[int], int], None], *,
-             n_blocks: int, bound: str, delta: float, keys: Sequence[str], weights: Mapping[str, float],
-             elite: int | None, best_known: float) -> None:
+             n_blocks: int, bound: str, delta: float, objectives: Sequence[ObjectiveConfig], elite: int | None,
+             best_known: float) -> None:
     """Race the candidates ``todo`` (indices into ``tallies``; the others are known: complete, or replayed from
     their logged blocks) through ``n_blocks`` blocks, in place.
 
     Args:
         score_block: ``score_block(indices, block)`` adds block ``block``'s result to each of those tallies (and
             sets ``error`` on a failure).
-        keys: the objectives the optimizer sees (one vector entry each when ``elite`` is None), else the scalar
-            fitness from ``weights``.
+        objectives: what the optimizer sees: one vector entry per objective when ``elite`` is None, else their
+            scalar fitness (:func:`~dfsmerge.objectives.fitness.scalar_fitness`; weights are positive, so the
+            bounds of the values bound it).
         best_known: the best fitness of complete candidates outside this generation: a stopped candidate whose
             estimate beats every complete candidate is scored to the end (racing never picks the best).
     """
+    keys = [o.key for o in objectives]
+
     def bounds(t: Tally, upto: int | None) -> tuple[list[float], list[float]]:
         if t.error is not None:
             return [WORST] * (len(keys) if elite is None else 1), [WORST] * (len(keys) if elite is None else 1)
         lo, hi = t.value_bounds(bound, delta, upto)
         if elite is None:
             return [lo.get(k, WORST) for k in keys], [hi.get(k, WORST) for k in keys]
-        a, b = fitness_interval(lo, hi, weights)
-        return [a], [b]
+        return [scalar_fitness(lo, objectives)], [scalar_fitness(hi, objectives)]
 
     # one failure probability for the whole generation (Bonferroni over every comparison round of every candidate)
     delta = delta / max(1, (n_blocks - 1) * len(todo))
@@ -218,7 +209,7 @@ def run_race(tallies: list[Tally], todo: list[int], score_block: Callable[[list[
         if best is None:
             break
         rescue = [i for i in todo if tallies[i].stopped and tallies[i].error is None
-                  and bounds_estimate(tallies[i], weights) < best]
+                  and scalar_fitness(tallies[i].values(), objectives) < best]
         if not rescue:
             break
         for i in rescue:
@@ -227,16 +218,4 @@ def run_race(tallies: list[Tally], todo: list[int], score_block: Callable[[list[
             need = [i for i in rescue if len(tallies[i].blocks) <= blk and tallies[i].error is None]
             if need:
                 score_block(need, blk)
-
-
-def bounds_estimate(t: Tally, weights: Mapping[str, float]) -> float:
-    """The scalar fitness of a candidate's partial estimate."""
-    vals = t.values()
-    total = 0.0
-    for k, w in weights.items():
-        v = vals.get(k, WORST)
-        if not math.isfinite(v):
-            return WORST
-        total += w * v
-    return total
 

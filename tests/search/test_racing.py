@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import yaml
 
+from dfsmerge.objectives.config import ObjectiveConfig
 from dfsmerge.search import load_search_config, run_search
 from dfsmerge.search.racing import Tally, run_race, score_interval
 from tests.search.conftest import MC_TASK, read_evals
 from tests.search.test_search_resume import _strip, search_with_kills
 
 
-def _race(docs: np.ndarray, *, elite, bound="exact", delta=0.05, blocks=4, keys=("t",), best_known=math.inf):
+def _race(docs: np.ndarray, *, elite, bound="exact", delta=0.05, blocks=4, best_known=math.inf):
     """Race candidates whose per-document 0/1 scores are ``docs`` (P, n_tasks, N); every objective maximised."""
     P, K, N = docs.shape
     tallies = [Tally() for _ in range(P)]
@@ -32,7 +33,7 @@ def _race(docs: np.ndarray, *, elite, bound="exact", delta=0.05, blocks=4, keys=
 
     names = [f"t{k}" for k in range(K)]
     run_race(tallies, list(range(P)), score_block, n_blocks=blocks, bound=bound, delta=delta,
-             keys=names if elite is None else keys, weights=dict.fromkeys(names, 1.0), elite=elite,
+             objectives=[ObjectiveConfig(name=n) for n in names], elite=elite,
              best_known=best_known)
     return tallies, calls
 
