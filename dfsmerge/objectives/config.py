@@ -99,6 +99,8 @@ class EvalConfig(BaseModel):
         max_gen_toks: default generation budget for tasks that set none.
         builtin_tasks: also search lm-eval's built-in tasks for names not found in ``task_paths`` (indexing them
             takes ~20 s once).
+        share_prompts: native tasks run the prompt prefix all their documents share once per batch
+            (:class:`dfsmerge.objectives.native.NativeTask`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -110,6 +112,7 @@ class EvalConfig(BaseModel):
     fewshot_random_seed: int = 1234
     max_gen_toks: int = Field(default=256, ge=1)
     builtin_tasks: bool = True
+    share_prompts: bool = True
 
     @property
     def task_objectives(self) -> tuple[ObjectiveConfig, ...]:

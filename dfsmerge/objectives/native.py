@@ -12,6 +12,12 @@ through the harness, with the same numbers.
   budget); the undecided rest is decoded greedily with a KV cache, dropping a row as soon as its text cannot
   become the target any more.
 
+Documents whose prompts start with the same tokens (a task description, the same few-shot examples, a BOS and a
+marker) share them: per batch that prefix is run once, for one row, and every document of the batch continues from
+its KV cache (``share_prompts``; with the search's prefix store on, the prefix's call is served from the store after
+its first run). Scores agree with the unshared computation up to float rounding (the shared tokens are computed in
+a batch of one instead of inside each padded batch).
+
 Prompts are built by lm-eval itself (the task's YAML, Jinja templates, few-shot sampler, delimiters) once, at
 preparation; they are tokenised once too, by the :class:`dfsmerge.runtime.lm_adapter.Scorer` the lm-eval adapter
 uses, which also runs every forward pass. lm-eval's task objects are read through
@@ -54,6 +60,26 @@ def _select_cache(cache, index: torch.Tensor) -> bool:
     return True
 
 
+MIN_SHARED_TOKENS = 8
+"""A shared prompt prefix shorter than this is not run on its own: the extra one-row pass and the batch's cached,
+masked pass cost more than they save (measured on the toy zoo, 2 shared tokens of ~10 per document: searches took
+1.3-1.4x the wall time)."""
+
+
+def _common_prefix(prompts: list[list[int]], min_tokens: int = MIN_SHARED_TOKENS) -> list[int]:
+    """The tokens every prompt starts with, leaving every prompt at least one token of its own (its last token's
+    logits are read); empty when shorter than ``min_tokens`` (not worth a forward pass of its own)."""
+    if not prompts:
+        return []
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return list(first[:n]) if n >= min_tokens else []
+
+
 class NativeTask:
     """A task prepared for native scoring.
 
@@ -64,16 +90,19 @@ class NativeTask:
         batch_size: documents per forward pass.
         max_gen_toks: generation budget when the task sets none.
         prefix_cache: run a document's prompt once for all its choices (multiple choice).
+        share_prompts: run the prompt prefix every document of the task shares (at least
+            :data:`MIN_SHARED_TOKENS`) once per batch.
 
     Raises:
         ConfigError: the task needs a feature the native evaluator does not support.
     """
 
     def __init__(self, task, *, limit: int | None, tokenizer, batch_size: int = 16, max_gen_toks: int = 256,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, share_prompts: bool = True) -> None:
         self.task = task
         self.kind = task.OUTPUT_TYPE
         self.prefix_cache = prefix_cache
+        self.share_prompts = share_prompts
         self.forward_calls = 0
         self.prefix_fallbacks = 0  # batches the prefix cache could not serve (cache not re-indexable)
         if self.kind not in _MC_TYPES + ("generate_until",):
@@ -96,8 +125,11 @@ class NativeTask:
             self.n_req = [len(x) for x in insts]
             self.req_start = list(accumulate(self.n_req, initial=0))  # document d's first request
             self.requests = self.scorer.encode_requests([i.arguments for x in insts for i in x])
+            prompts = [r[1] for r in self.requests]
         else:
             self._prepare_generation(insts)
+            prompts = [g["prompt"] for g in self.gen]
+        self.shared: list[int] = _common_prefix(prompts) if share_prompts and prefix_cache else []
 
     # ---- preparation of generation tasks -------------------------------------------------------------
     def _prepare_generation(self, insts) -> None:
@@ -188,15 +220,18 @@ class NativeTask:
         score."""
         sc, dev = self.scorer, model_device(model)
         pad = sc.pad_token_id
-        B, T = len(keys), max(len(k) for k in keys)
+        B = len(keys)
+        cache, P = self._shared_cache(model, B)
+        T = max(len(k) for k in keys) - P
         ids = torch.full((B, T), pad, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
-        for b, k in enumerate(keys):  # left padding: every context ends at column T - 1
-            ids[b, T - len(k):] = torch.tensor(k)
-            mask[b, T - len(k):] = 1
+        for b, k in enumerate(keys):  # left padding: every context ends at column T - 1 (after the shared prefix)
+            ids[b, T - len(k) + P:] = torch.tensor(k[P:])
+            mask[b, T - len(k) + P:] = 1
         ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        o = sc.forward(model, ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        pos = P + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        seen = torch.cat([torch.ones((B, P), dtype=torch.long, device=dev), mask], dim=1)  # (B, P + T)
+        o = sc.forward(model, ids, attention_mask=seen, position_ids=pos, cache=cache, use_cache=True)
         last = F.log_softmax(o.logits[:, -1, :], dim=-1)  # (B, V): predicts each continuation's 1st token
         rows = [(b, i) for b, k in enumerate(keys) for i in groups[k]]
         long_rows = [(b, i) for b, i in rows if len(reqs[i][2]) > 1]
@@ -216,9 +251,9 @@ class NativeTask:
                 cin[r, :len(c)] = torch.tensor(c)
                 cmask[r, :len(c)] = 1
             cin, cmask = cin.to(dev), cmask.to(dev)
-            ctx_len = mask.sum(-1)[index]  # (R,)
+            ctx_len = P + mask.sum(-1)[index]  # (R,)
             cpos = ctx_len[:, None] + torch.arange(L, device=dev)[None, :]  # (R, L)
-            full_mask = torch.cat([mask[index], cmask], dim=1)  # (R, T + L)
+            full_mask = torch.cat([seen[index], cmask], dim=1)  # (R, P + T + L)
             o2 = sc.forward(model, cin, attention_mask=full_mask, position_ids=cpos, cache=cache, use_cache=True)
             lp_rest = F.log_softmax(o2.logits, dim=-1)  # (R, L, V), in the logits' dtype as the adapter
         row_of = {i: r for r, (_, i) in enumerate(long_rows)}
@@ -234,6 +269,22 @@ class NativeTask:
                 greedy = greedy and bool((lp.argmax(-1) == tgt).all())
             out[i] = (ll, greedy)
         return []
+
+    def _shared_cache(self, model, rows: int):
+        """``(cache, P)``: the KV cache of the task's shared prompt prefix (P tokens) re-indexed to ``rows`` rows,
+        or ``(None, 0)`` when there is none or the model's cache cannot be re-indexed."""
+        if not self.shared:
+            return None, 0
+        dev = model_device(model)
+        P = len(self.shared)
+        ids = torch.tensor([self.shared], dtype=torch.long, device=dev)
+        o = self.scorer.forward(model, ids, attention_mask=torch.ones_like(ids),
+                                position_ids=torch.arange(P, device=dev)[None, :], use_cache=True)
+        cache = o.cache
+        if cache is None or not _select_cache(cache, torch.zeros(rows, dtype=torch.long, device=dev)):
+            self.prefix_fallbacks += 1
+            return None, 0
+        return cache, P
 
     # exact match of greedy generation -----------------------------------------------------------------
     def _exact_matches(self, model, positions=None) -> list[bool]:
@@ -287,15 +338,23 @@ class NativeTask:
         sc, dev = self.scorer, model_device(model)
         pad = sc.pad_token_id
         window = sc.window(model)  # once per batch: resolving it reads the model's config
-        seqs = [self._prompt(model, self.gen[j], window) + self.gen[j]["target"] for j in batch]
+        prompts = [self._prompt(model, self.gen[j], window) for j in batch]
+        truncated = any(len(x) < len(self.gen[j]["prompt"]) for x, j in zip(prompts, batch, strict=True))
+        B = len(batch)
+        cache, P = (None, 0) if truncated else self._shared_cache(model, B)
+        seqs = [x[P:] + self.gen[j]["target"] for x, j in zip(prompts, batch, strict=True)]
         T = max(len(x) for x in seqs)
-        ids = torch.full((len(batch), T), pad, dtype=torch.long)
+        ids = torch.full((B, T), pad, dtype=torch.long)
         for r, x in enumerate(seqs):  # right padding: causal, so the padding never reaches real positions
             ids[r, :len(x)] = torch.tensor(x)
-        pred = sc.forward(model, ids.to(dev)).logits.argmax(-1).cpu()  # (B, T): argmax[t] predicts token t + 1
+        kw = {}
+        if P:
+            kw = dict(cache=cache, use_cache=True, attention_mask=torch.ones((B, P + T), dtype=torch.long, device=dev),
+                      position_ids=(P + torch.arange(T, device=dev))[None, :].repeat(B, 1))
+        pred = sc.forward(model, ids.to(dev), **kw).logits.argmax(-1).cpu()  # (B, T): [t] predicts token P + t + 1
         for r, j in enumerate(batch):
             g = self.gen[j]
-            p, tgt = len(self._prompt(model, g, window)), g["target"]
+            p, tgt = len(prompts[r]) - P, g["target"]
             guess = pred[r, p - 1:p + len(tgt)].tolist()  # greedy choice after prompt + target[:k], k = 0..n
             k = next((k for k in range(len(tgt)) if guess[k] != tgt[k]), len(tgt))
             if k == len(tgt):  # greedy reproduced the target; does it stop here?

@@ -266,7 +266,7 @@ class TaskSuite:
                     raise ConfigError(f"objective {obj.name!r} is native but no tokenizer was given; pass the "
                                       "tokenizer of model A to prepare_tasks")
                 pt.native = NativeTask(task, limit=pt.limit, tokenizer=tokenizer, batch_size=config.batch_size,
-                                       max_gen_toks=config.max_gen_toks)
+                                       max_gen_toks=config.max_gen_toks, share_prompts=config.share_prompts)
             self.prepared.append(pt)
 
     def directions(self) -> dict[str, str]:

@@ -32,14 +32,18 @@ class PSBuffers:
         seed: seed of random merge methods (DARE/DELLA), per tensor derived from (seed, tensor name).
         use_kernels: ``True``: the fused kernels on CUDA tensors, the merge library elsewhere; ``"always"``: the
             fused entry point on every device (its PyTorch reference off CUDA; for tests); ``False``: the library.
+        keep_mb: keep copies of merged weights up to this many MiB, so a recipe applied again (racing scores a
+            candidate block by block, between the other candidates' blocks) is copied back instead of merged again;
+            0: never. Copies are kept first come, first served until :meth:`forget`.
 
     Attributes:
         model: the merged ``*ForCausalLM`` (a copy of ``template``'s structure; its tensors are overwritten by
             :meth:`apply`).
+        merges: recipes merged so far; restores: recipes copied back from a kept copy.
     """
 
     def __init__(self, sources: Mapping[str, nn.Module], template: str, *, seed: int = 0,
-                 use_kernels: bool | str = True):
+                 use_kernels: bool | str = True, keep_mb: float = 0):
         if template not in sources:
             raise ConfigError(f"PSBuffers: template={template!r} is not one of the sources {list(sources)}")
         self.sources = dict(sources)
@@ -54,6 +58,14 @@ class PSBuffers:
         self._dst = self._tensors(self.model)
         self._src = {k: self._tensors(m) for k, m in self.sources.items()}
         self.recipe: PSRecipe | None = None
+        self.keep_bytes = int(keep_mb * 2**20)
+        self._bytes = sum(t.numel() * t.element_size() for t in self._dst.values())  # one kept copy
+        self._kept: dict[PSRecipe, list[torch.Tensor]] = {}
+        self.merges = self.restores = 0
+
+    def forget(self) -> None:
+        """Drop every kept copy (their recipes will not come back: a race is over)."""
+        self._kept.clear()
 
     def _tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         sd = dict(model.named_parameters(remove_duplicate=False))
@@ -75,6 +87,14 @@ class PSBuffers:
         missing = [m for m in g.inputs if m not in self._src]
         if missing:
             raise ConfigError(f"PS recipe uses models {missing} that are not loaded; sources are {list(self._src)}")
+        kept = self._kept.get(recipe)
+        if kept is not None:
+            with torch.no_grad():
+                for name, t in zip(self.names, kept, strict=True):
+                    self._dst[name].copy_(t)
+            self.recipe = recipe
+            self.restores += 1
+            return self.model
         base_index = g.inputs.index(g.base_model) if g.base_model is not None else None
         fused = self._fused()
         with torch.no_grad():
@@ -94,6 +114,9 @@ class PSBuffers:
                                           global_params=glob, seed=self.seed, name=name)
                     out.copy_(merged)
         self.recipe = recipe
+        self.merges += 1
+        if (len(self._kept) + 1) * self._bytes <= self.keep_bytes:
+            self._kept[recipe] = [self._dst[n].detach().clone() for n in self.names]
         return self.model
 
     def _fused(self):

@@ -34,10 +34,12 @@ class Runtime:
         ps_template: the model whose architecture the merged copy takes (enables PS; usually the base model).
         merged_as_base: add the merged model to the pool as model A (joint/staged modes).
         seed: seed of random merge methods.
+        prefix_cache_mb: the prefix store's budget (None or 0: no prefix reuse).
+        keep_merged_mb: merged weights kept for recipes applied again (:class:`PSBuffers`' ``keep_mb``).
     """
 
     def __init__(self, pool: LayerPool, *, ps_template: str | None = None, merged_as_base: bool = False,
-                 seed: int = 0, prefix_cache_mb: float | None = DEFAULT_MEMORY_MB):
+                 seed: int = 0, prefix_cache_mb: float | None = DEFAULT_MEMORY_MB, keep_merged_mb: float = 0):
         from dfsmerge.genome import MERGED
 
         self.pool = pool
@@ -45,7 +47,8 @@ class Runtime:
         self.prefix_store = PrefixStore(prefix_cache_mb) if prefix_cache_mb else None
         self.stats = PrefixStats()  # forward work of the PS-only model (the stitched model counts its own)
         if ps_template is not None:
-            self.buffers = PSBuffers({m.name: m.model for m in pool}, ps_template, seed=seed)
+            self.buffers = PSBuffers({m.name: m.model for m in pool}, ps_template, seed=seed,
+                                     keep_mb=keep_merged_mb)
             if self.prefix_store is not None:
                 self.prefix_store.mark_volatile([self.buffers.model])
             self.buffers.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)

@@ -315,12 +315,15 @@ class LoggingSection(BaseModel):
 class PrefixCacheSection(BaseModel):
     """Prefix reuse (exact; :mod:`dfsmerge.runtime.prefix`): the hidden states after each step of a path are kept
     for the evaluation's batches, and a candidate whose path starts with stored steps resumes from there. Scores are
-    bit-identical with it on or off; ``memory_mb`` bounds the stored tensors (least recently used go first)."""
+    bit-identical with it on or off; ``memory_mb`` bounds the stored tensors (least recently used go first).
+    ``share_prompts``: native tasks run the prompt prefix all their documents share (a task description, the same
+    few-shot examples) once per batch instead of once per document; scores agree up to float rounding."""
 
     model_config = _FROZEN
 
-    enabled: bool = True
-    memory_mb: float = Field(1024, ge=0)
+    enabled: bool = Field(True, json_schema_extra=RESUMABLE)  # exact: results unchanged
+    memory_mb: float = Field(1024, ge=0, json_schema_extra=RESUMABLE)
+    share_prompts: bool = True
 
 
 class RacingSection(BaseModel):
@@ -328,16 +331,19 @@ class RacingSection(BaseModel):
     task's documents; after every block a candidate stops when a bound on its final fitness shows it cannot enter
     the generation's elite (the optimizer's ``elite_size`` best, or the non-dominated set), and keeps its partial
     estimate (marked ``race.stopped`` in evals.jsonl). ``bound: exact`` stops only candidates that certainly miss
-    (per-document scores in [0, 1]); ``hoeffding`` uses Hoeffding's inequality, every bound of a generation holding
-    at once with probability at least ``1 - delta``. Needs native task objectives whose metric is a mean of
-    per-document scores in [0, 1]."""
+    (per-document scores in [0, 1]); ``kl`` (Chernoff's bound in its Kullback-Leibler form, tight near 0 and 1) and
+    ``hoeffding`` (Hoeffding-Serfling) are confidence bounds, every bound of a generation holding at once with
+    probability at least ``1 - delta`` (see :mod:`dfsmerge.search.racing`). Needs native task objectives whose
+    metric is a mean of per-document scores in [0, 1]. ``keep_merged_mb``: in modes with a PS part, each candidate's
+    merged weights are kept (up to this many MiB) between its blocks and copied back instead of merged again."""
 
     model_config = _FROZEN
 
     enabled: bool = False
     blocks: int = Field(4, ge=2, le=64)
-    bound: Literal["hoeffding", "exact"] = "hoeffding"
+    bound: Literal["kl", "hoeffding", "exact"] = "kl"
     delta: float = Field(0.05, gt=0, lt=1)
+    keep_merged_mb: float = Field(2048, ge=0, json_schema_extra=RESUMABLE)  # memory only: results unchanged
 
 
 class SearchConfig(BaseModel):
@@ -387,7 +393,7 @@ class SearchConfig(BaseModel):
     """The dtype candidates are scored in. ``auto``: on the first generation, the first candidates are scored in
     ``dtype`` and in bfloat16, and bfloat16 is kept when it is at least 1.25x faster on each of them and every
     score agrees within 0.02 (the measurement is saved in the run's state, so a resumed run keeps the choice)."""
-    prefix_cache: PrefixCacheSection = Field(PrefixCacheSection(), json_schema_extra=RESUMABLE)
+    prefix_cache: PrefixCacheSection = PrefixCacheSection()
     racing: RacingSection = RacingSection()
     stage2: Stage2Section | None = None
     """Staged mode only: optimizer and budget of stage 2 (the DFS stage)."""

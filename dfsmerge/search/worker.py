@@ -92,6 +92,7 @@ class Worker:
                 raise ConfigError(f"objective {o.name!r} (type synthetic) is unknown; use one of "
                                   f"{sorted(SYNTHETIC_OBJECTIVES)}")
         self.runtime = None
+        self._last_block: int | None = None  # racing: the block of the previous evaluation (a new race starts at 0)
         self.eval_dtype = self.config.dtype if self.config.eval_dtype == "auto" else self.config.eval_dtype
         self.evaluator = None
         self.directions: dict[str, str] = {o.key: "minimize" for o in self.config.synthetic_objectives}
@@ -112,7 +113,8 @@ class Worker:
         objs = self.config.model_objectives
         ev = EvalConfig(objectives=objs, task_paths=self.models.task_paths, batch_size=self.config.batch_size,
                         allow_benchmark_test_split=self.config.allow_benchmark_test_split,
-                        builtin_tasks=self.config.builtin_tasks)
+                        builtin_tasks=self.config.builtin_tasks,
+                        share_prompts=self.config.prefix_cache.share_prompts)
         tokenizer = None
         if any(o.type == "task" for o in objs):
             tokenizer = _load_tokenizer(self._model_a_path())
@@ -129,9 +131,10 @@ class Worker:
         spec = MODE_TABLE[self.config.genome.mode]
         base = (m.base or next(iter(m.ps))) if m.ps else next(iter(m.dfs))
         pool = LayerPool(m.pool, base=base, device=_device(self.config.device), dtype=_torch_dtype(self.eval_dtype))
-        pc = self.config.prefix_cache
+        pc, rc = self.config.prefix_cache, self.config.racing
         self.runtime = Runtime(pool, ps_template=base if m.ps else None, merged_as_base=spec.merged_is_model_a,
-                               seed=self.config.seed, prefix_cache_mb=pc.memory_mb if pc.enabled else None)
+                               seed=self.config.seed, prefix_cache_mb=pc.memory_mb if pc.enabled else None,
+                               keep_merged_mb=rc.keep_merged_mb if rc.enabled else 0)
         if self.evaluator is not None and self.evaluator.tokenizer is None:
             self.evaluator.tokenizer = pool.tokenizer if _has_tok(pool) else None
 
@@ -183,6 +186,9 @@ class Worker:
                 t1 = time.perf_counter()
                 import torch
 
+                if block == 0 and self._last_block not in (None, 0) and self.runtime.buffers is not None:
+                    self.runtime.buffers.forget()  # a new race: the last one's merged weights never come back
+                self._last_block = block
                 with torch.no_grad():
                     model = self.runtime.prepare(cand)
                     timings["prepare_s"] = time.perf_counter() - t1

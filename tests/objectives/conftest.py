@@ -10,17 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from objectives_helpers import GEN_MAX_TOKS, GEN_TASK, GEN_UNTIL, MC_TASK, PPL_TASK, reference_greedy
-
-
-def _write_task(task_dir: Path, name: str, body: str, rows: dict[str, list[dict]]) -> None:
-    files = {}
-    for split, docs in rows.items():
-        path = task_dir / f"{name}_{split}.jsonl"
-        path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-        files[split] = str(path)
-    data_files = "".join(f"    {split}: {p}\n" for split, p in files.items())
-    (task_dir / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{data_files}{body}")
+from objectives_helpers import write_task as _write_task
 
 
 def _save_round_trip_tokenizer(out_dir: Path) -> None:

@@ -44,6 +44,7 @@ def test_prefix_cache_runs_each_prompt_once(tiny_model, task_dir):
     suite = _suite(task_dir, tok, [ObjectiveConfig(name=MC_TASK, split="validation", native=True)])
     native = suite.prepared[0].native
     n_docs, n_req = len(native.docs), len(native.requests)
+    assert native.shared == []  # BOS "q: " is too short to be run on its own
     native.evaluate(model)
     cached = native.forward_calls
     # a prefill and a continuation pass per batch of 4 documents, versus one pass per 4 (ctx + choice) rows

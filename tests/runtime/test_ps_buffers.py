@@ -178,3 +178,37 @@ def test_fused_entry_point_path_equals_merge_library(kind, ps_ckpts, ps_pool):
     for name, want in lib.items():
         diff = (fused[name] - want).abs()
         assert torch.allclose(fused[name], want, atol=1e-6, rtol=1e-5), f"{name}: max diff {diff.max():.3g}"
+
+
+def test_kept_merges_are_copied_back_bit_for_bit(ps_ckpts, ps_pool):
+    # racing applies each candidate's recipe once per block, between the other candidates' blocks: a kept copy is
+    # restored instead of merged again, and gives exactly the weights a fresh merge gives (dare_ties: random masks)
+    genome = PSGenome({"B": ps_ckpts["B"], "C": ps_ckpts["C"]}, "dare_ties", 4, base_model="A",
+                      extra_models={"A": ps_ckpts["A"]}, layer_granularity=1)
+    rng = np.random.default_rng(3)
+    recipes = [genome.decode(rng.uniform(0.2, 1.0, genome.dim)) for _ in range(3)]
+    sources = {m.name: m.model for m in ps_pool}
+    fresh = PSBuffers(sources, "A", seed=7)
+    want = [{n: t.clone() for n, t in fresh.apply(r).named_parameters()} for r in recipes]
+    kept = PSBuffers(sources, "A", seed=7, keep_mb=64)
+    ptrs = {n: t.data_ptr() for n, t in kept._dst.items()}
+    for _ in range(3):  # three blocks, round robin over the candidates
+        for r, w in zip(recipes, want, strict=True):
+            got = dict(kept.apply(r).named_parameters())
+            assert all(torch.equal(got[n], w[n]) for n in w)
+    assert (kept.merges, kept.restores) == (3, 6)
+    assert all(t.data_ptr() == ptrs[n] for n, t in kept._dst.items())
+    kept.forget()
+    kept.apply(recipes[0])
+    assert kept.merges == 4
+
+    size = sum(t.numel() * t.element_size() for t in kept._dst.values())
+    small = PSBuffers(sources, "A", seed=7, keep_mb=1.5 * size / 2**20)  # room for one copy: first come, first kept
+    for _ in range(2):
+        for r in recipes:
+            small.apply(r)
+    assert (small.merges, small.restores) == (5, 1)
+    none = PSBuffers(sources, "A", seed=7)
+    for r in recipes * 2:
+        none.apply(r)
+    assert (none.merges, none.restores) == (6, 0)

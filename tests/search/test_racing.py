@@ -65,7 +65,7 @@ def test_racing_saves_documents_on_a_spread_out_generation():
     P, N = 12, 200
     rates = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65] + [0.05] * 6)
     docs = (rng.uniform(size=(P, 1, N)) < rates[:, None, None]).astype(float)
-    for bound in ("exact", "hoeffding"):
+    for bound in ("exact", "hoeffding", "kl"):
         tallies, _ = _race(docs, elite=6, bound=bound)
         stopped = [i for i, t in enumerate(tallies) if t.stopped]
         assert stopped and set(stopped) <= set(range(6, 12)), (bound, stopped)
@@ -73,13 +73,14 @@ def test_racing_saves_documents_on_a_spread_out_generation():
         assert scored < P * N * (0.95 if bound == "exact" else 0.7), (bound, scored)
 
 
+@pytest.mark.parametrize("bound", ["hoeffding", "kl"])
 @pytest.mark.parametrize("seed", range(10))
-def test_hoeffding_keeps_the_elite_on_clear_gaps(seed):
+def test_confidence_bounds_keep_the_elite_on_clear_gaps(seed, bound):
     rng = np.random.default_rng(100 + seed)
     P, N = 12, 400
     rates = np.concatenate([rng.uniform(0.6, 0.9, 4), rng.uniform(0.0, 0.2, 8)])
     docs = (rng.uniform(size=(P, 1, N)) < rates[:, None, None]).astype(float)
-    tallies, _ = _race(docs, elite=4, bound="hoeffding")
+    tallies, _ = _race(docs, elite=4, bound=bound)
     assert all(not tallies[i].stopped for i in range(4))
     assert sum(t.stopped for t in tallies[4:]) >= 4
 
@@ -119,6 +120,62 @@ def test_score_interval_contains_every_completion():
         n = int(rng.integers(0, N + 1))
         lo, hi = score_interval(x[:n].sum(), n, N, "exact", 0.05)
         assert lo - 1e-12 <= x.mean() <= hi + 1e-12
+
+
+def _bernoulli_kl(p, q):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(p > 0, p * np.log(p / q), 0.0)
+        b = np.where(p < 1, (1 - p) * np.log((1 - p) / (1 - q)), 0.0)
+    return a + b
+
+
+def test_kl_interval_ends_where_the_chernoff_bound_reaches_its_level():
+    # each end is the exact interval's, the Hoeffding-Serfling one's (at delta / 2), or the point where
+    # n * kl(m, q) = ln(4 / delta) (computed here with numpy, independently of the bisection)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        N = int(rng.integers(20, 500))
+        n = int(rng.integers(1, N))
+        s = float(rng.binomial(n, rng.uniform() ** 3))
+        delta = float(rng.uniform(1e-5, 0.2))
+        lo, hi = score_interval(s, n, N, "kl", delta)
+        m = s / n
+        ex_lo, ex_hi = s / N, (s + N - n) / N
+        eps = math.sqrt((1 - (n - 1) / N) * math.log(4 / delta) / (2 * n))
+        level = math.log(4 / delta) / n
+        for end, cap, side in ((lo, max(ex_lo, m - eps), -1), (hi, min(ex_hi, m + eps), 1)):
+            assert (end - cap) * side <= 1e-12
+            if abs(end - cap) > 1e-9:  # the Chernoff limit is the binding one
+                assert _bernoulli_kl(np.float64(m), np.float64(end)) == pytest.approx(level, rel=1e-6, abs=1e-9)
+            # the limit is tight: a little farther out, kl exceeds the level (or [0, 1] ends)
+            beyond = end + side * 1e-6
+            if 0 < beyond < 1 and abs(end - cap) > 1e-9:
+                assert _bernoulli_kl(np.float64(m), np.float64(beyond)) > level
+
+
+@pytest.mark.parametrize("bound", ["hoeffding", "kl"])
+def test_confidence_bounds_cover_the_final_score(bound):
+    # the first n documents of a random order (sampling without replacement, as the race's fixed shuffle): the
+    # final mean lies inside the interval in at least 1 - delta of the draws, for 0/1 and for continuous scores
+    rng = np.random.default_rng(2)
+    delta, misses, trials = 0.1, 0, 3000
+    for t in range(trials):
+        N = int(rng.integers(10, 300))
+        rate = rng.uniform() ** 2 if t % 4 < 2 else rng.uniform(0.2, 0.8)
+        pop = (rng.uniform(size=N) < rate).astype(float) if t % 2 else rng.beta(rate + 0.05, 1.0, size=N)
+        order = rng.permutation(N)
+        n = int(rng.integers(1, N)) if t % 4 < 2 else int(rng.integers(int(0.6 * N), N))  # late blocks too
+        lo, hi = score_interval(float(pop[order[:n]].sum()), n, N, bound, delta)
+        misses += not (lo - 1e-12 <= pop.mean() <= hi + 1e-12)
+    assert misses <= delta * trials, misses
+
+
+def test_kl_is_tighter_than_hoeffding_for_weak_candidates():
+    # the point of the kl bound: a candidate near 0 is bounded far more tightly (a search's weak candidates)
+    for n, s in ((75, 0), (75, 1), (150, 2)):
+        _, hi_h = score_interval(s, n, 300, "hoeffding", 0.001)
+        _, hi_k = score_interval(s, n, 300, "kl", 0.001)
+        assert hi_k < 0.75 * hi_h, (n, s, hi_k, hi_h)
 
 
 # ---------------------------------------------------------------- searches
@@ -213,6 +270,35 @@ def test_racing_search_marks_partial_candidates(mc_config, tmp_path):
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     assert f"racing stopped {len(stopped)} candidates early" in report
     assert f"{sum(r['cost']['docs'] for r in recs if 'cost' in r)} documents scored" in report
+
+
+def test_racing_keeps_each_candidates_merge_between_blocks(mc_config, tmp_path, monkeypatch):
+    # joint mode: each candidate is merged once, its weights copied back for its later blocks; the records equal a
+    # run that merges again for every block
+    import dfsmerge.merge
+
+    calls = []
+    real = dfsmerge.merge.merge_tensor
+
+    def counting(*a, **k):
+        calls.append(k.get("name"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(dfsmerge.merge, "merge_tensor", counting)
+    runs, merged = {}, {}
+    for keep in (0, 2048):
+        calls.clear()
+        cfg = load_search_config(mc_config("joint", racing={"enabled": True, "blocks": 3, "bound": "kl", "delta": 0.5,
+                                                            "keep_merged_mb": keep}, eval_dtype="float32"))
+        run_search(cfg, tmp_path / f"k{keep}", progress=False)
+        runs[keep] = [_strip(r) for r in read_evals(tmp_path / f"k{keep}")]
+        merged[keep] = len(calls)
+    assert runs[0] == runs[2048]
+    fresh = [r for r in runs[0] if not r["cached"]]
+    blocks = sum(len(r["race"]["blocks"]) for r in fresh)
+    per_merge = merged[2048] // len(fresh)  # tensors merged per candidate
+    assert merged[2048] == per_merge * len(fresh)
+    assert merged[0] == per_merge * blocks > merged[2048]
 
 
 def test_racing_refuses_lm_eval_objectives(mc_config, tmp_path):
