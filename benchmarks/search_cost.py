@@ -3,11 +3,13 @@
 For each config (toy zoo: configs/toy/dfs.yaml, staged.yaml, joint.yaml; real: configs/real/dfs.yaml over
 SmolLM2-135M) and seed, the same search runs three times through the `dfsmerge` command line:
 
-- ``plain``: ``prefix_cache.enabled: false``, no racing;
-- ``prefix``: prefix reuse on (exact: the script checks that every candidate's scores equal plain's);
-- ``all``: prefix reuse and racing (Hoeffding bound, delta 0.05, 4 blocks) on, and ``eval_dtype: bfloat16`` where
-  ``--bf16`` names the config (the real model: ~1.9x faster forward passes on this CPU), else ``auto`` (which keeps
-  float32 on the toy zoo: bfloat16 measures slower there). ``plain`` and ``prefix`` score in float32.
+- ``plain``: ``prefix_cache: {enabled: false, share_prompts: false}``, no racing;
+- ``prefix``: path prefix reuse on (exact: the script checks that every candidate's scores equal plain's);
+- ``all``: path prefix reuse, shared prompts (they share fewer than 8 tokens here, so never run on their own: see
+  benchmarks/shared_prompts.py) and racing (kl bound, delta 0.05 per generation, 4 blocks) on, and
+  ``eval_dtype: bfloat16`` where ``--bf16`` names the config (the real model: ~1.9x faster forward passes on this
+  CPU), else ``auto`` (which keeps float32 on the toy zoo: bfloat16 measures slower there). The others score in
+  float32.
 
 Every variant uses the same genome, with the DFS log-scales on a grid (``genome.dfs.scale_step``, 0.05) so
 neighbouring candidates can share path prefixes at all (with continuous scales no two candidates share a step), and
@@ -47,10 +49,10 @@ def variant_config(base: dict, variant: str, *, scale_step: float, bf16: bool) -
     dfs["scale_step"] = scale_step
     for o in (cfg.get("optimizer") or {}, (cfg.get("stage2") or {}).get("optimizer") or {}):
         o.pop("sigma0", None)  # the genome's own start step sizes (DFSGenome.initial_stds): few flips, small scales
-    cfg["prefix_cache"] = {"enabled": variant != "plain"}
+    cfg["prefix_cache"] = {"enabled": variant != "plain", "share_prompts": variant == "all"}
     cfg["eval_dtype"] = "float32"
     if variant == "all":
-        cfg["racing"] = {"enabled": True, "bound": "hoeffding", "delta": 0.05, "blocks": 4}
+        cfg["racing"] = {"enabled": True, "bound": "kl", "delta": 0.05, "blocks": 4}
         cfg["eval_dtype"] = "bfloat16" if bf16 else "auto"
     return cfg
 
@@ -140,11 +142,12 @@ def write(rows, args) -> None:
              "| config | seed | evals | plain: fwd tokens / wall s / test | prefix: fwd tokens (x fewer) / wall s / "
              "test, scores identical | all: fwd tokens (x fewer) / wall s (x less) / test, stopped | docs all/plain |",
              "|---|---|---|---|---|---|---|"]
+
+    def ratio(x, y):
+        return f"{x / y:.2f}x" if y else "-"
+
     for name, seed, r in rows:
         p, q, a = r["plain"], r["prefix"], r["all"]
-
-        def ratio(x, y):
-            return f"{x / y:.2f}x" if y else "-"
         lines.append(
             f"| {name} | {seed} | {p['evals']} | {p['forward_tokens']:.0f} / {p['wall_s']:.0f} / {p['test']:.1f} | "
             f"{q['forward_tokens']:.0f} ({ratio(p['forward_tokens'], q['forward_tokens'])}) / {q['wall_s']:.0f} / "
