@@ -16,7 +16,9 @@ neighbouring candidates can share path prefixes at all (with continuous scales n
 CMA-ES starting from the genome's own step sizes (no ``sigma0``: about half an indicator flip per candidate, scale
 genes 0.05/sqrt(L)), so the first generations stay near the source path, as configs/real/dfs.yaml does.
 Reported per run: forward tokens (full-forward equivalents computed, from evals.jsonl's
-``cost``), tokens served from the prefix store, documents scored, search wall time, and the best candidate's score
+``cost``), tokens served from the prefix store, documents scored, search wall time (the whole ``dfsmerge search``
+process: on the toy zoo ~8-10 s of it are imports, model checks and task preparation, the same in every variant),
+eval seconds (the candidates' own scoring time, evals.jsonl's ``cost.seconds`` summed), and the best candidate's score
 on the TEST split (the searches optimise the validation split), exported with ``dfsmerge export`` and scored with
 ``dfsmerge eval`` as benchmarks/toy_table.py does.
 
@@ -75,6 +77,7 @@ def run_one(name: str, cfg: dict, run: Path, seed: int, max_evals: int | None, e
            "forward_tokens": sum(c.get("forward_tokens", 0) for c in cost),
            "cached_tokens": sum(c.get("cached_tokens", 0) for c in cost),
            "docs": sum(c.get("docs", 0) for c in cost),
+           "eval_s": sum(c.get("seconds", 0) for c in cost),
            "stopped": sum(1 for r in recs if (r.get("race") or {}).get("stopped"))}
     done.write_text(json.dumps(res))
     return {**res, "scores": [(r["key"], r["objectives"]) for r in recs]}
@@ -139,8 +142,9 @@ def write(rows, args) -> None:
              f"{f' --max-evals {args.max_evals}' if args.max_evals else ''} --real-max-evals {args.real_max_evals}`"
              f" (1 thread per search; forward tokens are full-forward equivalents; test = the best candidate's "
              "TEST-split score, %).", "",
-             "| config | seed | evals | plain: fwd tokens / wall s / test | prefix: fwd tokens (x fewer) / wall s / "
-             "test, scores identical | all: fwd tokens (x fewer) / wall s (x less) / test, stopped | docs all/plain |",
+             "| config | seed | evals | plain: fwd tokens / wall s / eval s / test | prefix: fwd tokens (x fewer) / "
+             "wall s / eval s (x less) / test, scores identical | all: fwd tokens (x fewer) / wall s (x less) / eval s "
+             "(x less) / test, stopped | docs all/plain |",
              "|---|---|---|---|---|---|---|"]
 
     def ratio(x, y):
@@ -149,11 +153,14 @@ def write(rows, args) -> None:
     for name, seed, r in rows:
         p, q, a = r["plain"], r["prefix"], r["all"]
         lines.append(
-            f"| {name} | {seed} | {p['evals']} | {p['forward_tokens']:.0f} / {p['wall_s']:.0f} / {p['test']:.1f} | "
+            f"| {name} | {seed} | {p['evals']} | {p['forward_tokens']:.0f} / {p['wall_s']:.0f} / {p['eval_s']:.1f} / "
+            f"{p['test']:.1f} | "
             f"{q['forward_tokens']:.0f} ({ratio(p['forward_tokens'], q['forward_tokens'])}) / {q['wall_s']:.0f} / "
-            f"{q['test']:.1f}, {'yes' if r['identical'] else 'NO'} | "
+            f"{q['eval_s']:.1f} ({ratio(p['eval_s'], q['eval_s'])}) / {q['test']:.1f}, "
+            f"{'yes' if r['identical'] else 'NO'} | "
             f"{a['forward_tokens']:.0f} ({ratio(p['forward_tokens'], a['forward_tokens'])}) / {a['wall_s']:.0f} "
-            f"({ratio(p['wall_s'], a['wall_s'])}) / {a['test']:.1f}, {a['stopped']} | "
+            f"({ratio(p['wall_s'], a['wall_s'])}) / {a['eval_s']:.1f} ({ratio(p['eval_s'], a['eval_s'])}) / "
+            f"{a['test']:.1f}, {a['stopped']} | "
             f"{a['docs'] / p['docs'] if p['docs'] else 0:.2f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
