@@ -166,7 +166,9 @@ class CMAES(Optimizer):
 
     @property
     def elite_size(self) -> int:
-        """mu: the candidates whose ranks move the mean (racing may stop the others early)."""
+        """mu: the candidates whose ranks move the mean (racing may stop the others early). The others still count
+        a little: active CMA's negative weights (``CMA_active``, on by default) and pycma's flat-fitness check read
+        their values, which a race replaces by partial estimates, so a raced search can take another trajectory."""
         return int(self._es.sp.weights.mu)
 
     def _stop(self) -> str | None:
