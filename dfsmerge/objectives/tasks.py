@@ -211,6 +211,18 @@ def _guard_test_split(obj: ObjectiveConfig, split: str | None, test_split: str |
             "'validation' (or another held-in split), or set allow_benchmark_test_split: true if you mean it")
 
 
+def block_ends(n: int, k: int, batch: int) -> list[int]:
+    """Where ``k`` racing blocks over ``n`` documents end: near equal, each end moved to the nearest multiple of
+    ``batch`` when every block stays non-empty, so scoring block by block runs no more (partial) batches than scoring
+    all at once (a partial batch costs about as much as a full one on small models: a toy joint search with racing,
+    batches of 16, took 7% more time per document than without with even blocks, 0-4% with aligned ones)."""
+    even = [(b + 1) * n // k for b in range(k)]
+    aligned = [min(n, round(e / batch) * batch) for e in even[:-1]] + [n]
+    if all(lo < hi for lo, hi in zip([0, *aligned[:-1]], aligned, strict=True)):
+        return aligned
+    return even
+
+
 class TaskSuite:
     """All task objectives of a search, loaded and validated once (see :func:`prepare_tasks`).
 
@@ -316,7 +328,9 @@ class TaskSuite:
                 n = len(p.native.docs)
                 order = np.random.default_rng([seed, n]).permutation(n).tolist()
                 k = min(n_blocks, n)
-                self._blocks[o.name] = [order[b * n // k:(b + 1) * n // k] for b in range(k)] + [[]] * (n_blocks - k)
+                ends = block_ends(n, k, self.config.batch_size)
+                self._blocks[o.name] = ([order[lo:hi] for lo, hi in zip([0, *ends[:-1]], ends, strict=True)]
+                                        + [[]] * (n_blocks - k))
 
     def evaluate_block(self, model, block: int) -> dict[str, tuple[float, int, int]]:
         """Score block ``block`` of every task (see :meth:`race_blocks`): ``{objective key: (sum of the

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from dfsmerge.objectives.config import ObjectiveConfig
+from dfsmerge.objectives.tasks import block_ends
 from dfsmerge.search import load_search_config, run_search
 from dfsmerge.search.racing import Tally, run_race, score_interval
 from tests.search.conftest import MC_TASK, read_evals
@@ -110,6 +111,27 @@ def test_a_stopped_estimate_better_than_the_best_is_completed():
     assert len(stopped_plain[1].blocks) == 4  # it was scored to the end after the race
     full = _full_fitness(docs)
     assert full[1] < full[0]
+
+
+def test_block_ends_on_batch_boundaries_by_hand():
+    # 300 documents, 4 blocks, batches of 16: even ends 75, 150, 225 move to 5, 9 and 14 batches
+    assert block_ends(300, 4, 16) == [80, 144, 224, 300]
+    assert block_ends(300, 4, 25) == [75, 150, 225, 300]  # already on batch boundaries
+    assert block_ends(40, 4, 16) == [10, 20, 30, 40]  # aligned ends 16, 16, 32 would leave a block empty: even split
+
+
+@pytest.mark.parametrize("n", [1, 4, 7, 40, 60, 99, 300, 1069])
+@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("batch", [1, 16, 25, 64])
+def test_block_ends_split_every_document_once_and_add_no_batches_when_aligned(n, k, batch):
+    k = min(k, n)
+    ends = block_ends(n, k, batch)
+    starts = [0, *ends[:-1]]
+    assert len(ends) == k and ends[-1] == n and all(lo < hi for lo, hi in zip(starts, ends, strict=True))
+    if ends != [(b + 1) * n // k for b in range(k)]:  # moved: every inner end on a batch boundary
+        assert all(e % batch == 0 for e in ends[:-1])
+    if all(e % batch == 0 for e in ends[:-1]):
+        assert sum(math.ceil((hi - lo) / batch) for lo, hi in zip(starts, ends, strict=True)) == math.ceil(n / batch)
 
 
 def test_score_interval_contains_every_completion():
