@@ -8,8 +8,8 @@ SmolLM2-135M) and seed, the same search runs three times through the `dfsmerge` 
 - ``all``: path prefix reuse, shared prompts (they share fewer than 8 tokens here, so never run on their own: see
   benchmarks/shared_prompts.py) and racing (kl bound, delta 0.05 per generation, 4 blocks) on, and
   ``eval_dtype: bfloat16`` where ``--bf16`` names the config (the real model: ~1.9x faster forward passes on this
-  CPU), else ``auto`` (which keeps float32 on the toy zoo: bfloat16 measures slower there). The others score in
-  float32.
+  CPU), else ``auto`` (a timing on the first generation decides; the table's dtype column says which). The others
+  score in float32.
 
 Every variant uses the same genome, with the DFS log-scales on a grid (``genome.dfs.scale_step``, 0.05) so
 neighbouring candidates can share path prefixes at all (with continuous scales no two candidates share a step), and
@@ -66,7 +66,7 @@ def run_one(name: str, cfg: dict, run: Path, seed: int, max_evals: int | None, e
     if done.is_file():
         res = json.loads(done.read_text())
         recs = [json.loads(line) for line in (run / "evals.jsonl").open()]
-        return {**res, "scores": [(r["key"], r["objectives"]) for r in recs]}
+        return {**res, "dtype": scored_dtype(run, cfg), "scores": [(r["key"], r["objectives"]) for r in recs]}
     run.parent.mkdir(parents=True, exist_ok=True)
     path = run.parent / f"{run.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -80,7 +80,15 @@ def run_one(name: str, cfg: dict, run: Path, seed: int, max_evals: int | None, e
            "eval_s": sum(c.get("seconds", 0) for c in cost),
            "stopped": sum(1 for r in recs if (r.get("race") or {}).get("stopped"))}
     done.write_text(json.dumps(res))
-    return {**res, "scores": [(r["key"], r["objectives"]) for r in recs]}
+    return {**res, "dtype": scored_dtype(run, cfg), "scores": [(r["key"], r["objectives"]) for r in recs]}
+
+
+def scored_dtype(run: Path, cfg: dict) -> str:
+    """The dtype the run's candidates were scored in (``eval_dtype: auto`` decides by a timing, kept in the state)."""
+    if cfg.get("eval_dtype", "auto") != "auto":
+        return cfg["eval_dtype"]
+    state = json.loads((run / "state/state.json").read_text())
+    return (state.get("eval_dtype") or {}).get("dtype", cfg.get("dtype", "float32"))
 
 
 def test_score(name: str, run: Path, zoo: Path | None, env: dict) -> float:
@@ -129,7 +137,10 @@ def main() -> None:
                 cfg = variant_config(base, v, scale_step=step, bf16=name in bf16)
                 run = work / f"{name}-s{seed}-{v}"
                 res[v] = run_one(name, cfg, run, seed, budget, env)
-                res[v]["test"] = test_score(name, run, zoo, env)
+                if "test" not in res[v]:  # kept with the run's numbers: a rerun of the table rescores nothing
+                    res[v]["test"] = test_score(name, run, zoo, env)
+                    done = json.loads((run / "bench.json").read_text())
+                    (run / "bench.json").write_text(json.dumps({**done, "test": res[v]["test"]}))
                 print(f"{name} seed {seed} {v}: {json.dumps({k: x for k, x in res[v].items() if k != 'scores'})}",
                       flush=True)
             res["identical"] = res["prefix"]["scores"] == res["plain"]["scores"]
@@ -144,7 +155,7 @@ def write(rows, args) -> None:
              "TEST-split score, %).", "",
              "| config | seed | evals | plain: fwd tokens / wall s / eval s / test | prefix: fwd tokens (x fewer) / "
              "wall s / eval s (x less) / test, scores identical | all: fwd tokens (x fewer) / wall s (x less) / eval s "
-             "(x less) / test, stopped | docs all/plain |",
+             "(x less) / test, stopped, dtype | docs all/plain |",
              "|---|---|---|---|---|---|---|"]
 
     def ratio(x, y):
@@ -160,7 +171,7 @@ def write(rows, args) -> None:
             f"{'yes' if r['identical'] else 'NO'} | "
             f"{a['forward_tokens']:.0f} ({ratio(p['forward_tokens'], a['forward_tokens'])}) / {a['wall_s']:.0f} "
             f"({ratio(p['wall_s'], a['wall_s'])}) / {a['eval_s']:.1f} ({ratio(p['eval_s'], a['eval_s'])}) / "
-            f"{a['test']:.1f}, {a['stopped']} | "
+            f"{a['test']:.1f}, {a['stopped']}, {a['dtype']} | "
             f"{a['docs'] / p['docs'] if p['docs'] else 0:.2f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
