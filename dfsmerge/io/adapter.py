@@ -59,12 +59,37 @@ def adapter_source(ref: str | Path) -> tuple[Path, str | None] | None:
     return None
 
 
+_MAX_CONFIG = 1 << 20  # PEFT writes about a kilobyte; an adapter from the internet is read only up to this
+
+
+def _bad_config(adapter_dir: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"adapter {str(adapter_dir)!r}: {ADAPTER_CONFIG} {what}; re-save the adapter with PEFT")
+
+
 def _read_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / ADAPTER_CONFIG
+    if path.stat().st_size > _MAX_CONFIG:
+        raise _bad_config(adapter_dir, f"is {path.stat().st_size} bytes (a PEFT config is a few kilobytes)")
     try:
-        cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"adapter {str(adapter_dir)!r}: {ADAPTER_CONFIG} is not valid JSON ({e}); "
-                              "re-save the adapter") from None
+        cfg = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise _bad_config(adapter_dir, f"is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(cfg, dict):
+        raise _bad_config(adapter_dir, f"holds a {type(cfg).__name__}, not an object")
+    for key in ("r", "lora_alpha"):
+        v = cfg.get(key, 8)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1e9:
+            raise _bad_config(adapter_dir, f"has {key}={v!r}; it must be a positive number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict) or not all(isinstance(k, str) and len(k) < 1024 and isinstance(v, int | float)
+                                                and not isinstance(v, bool) and 0 < v < 1e9 for k, v in pat.items()):
+            raise _bad_config(adapter_dir, f"has a {key} that is not {{module pattern: positive number}}")
+        for k in pat:
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise _bad_config(adapter_dir, f"has {key} key {k[:80]!r}, not a regular expression ({e})") from None
     kind = cfg.get("peft_type", "LORA")
     if str(kind).upper() != "LORA":
         raise CheckpointError(f"adapter {str(adapter_dir)!r}: peft_type={kind!r} is not supported; only LoRA "
@@ -152,7 +177,13 @@ def apply_adapter(adapter_dir: str | Path, out_dir: str | Path, base_path: str |
     base_ref = base_ref or str(base_path)
     reader = CheckpointReader(base_path, allow_pickle=allow_pickle, name=base_ref)
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-    with safe_open(str(adapter_dir / _WEIGHTS), framework="pt") as h:
+    try:
+        h = safe_open(str(adapter_dir / _WEIGHTS), framework="pt")  # checks header size and offsets vs. the file
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors on a corrupt file
+        raise CheckpointError(f"adapter {str(adapter_dir)!r}: {_WEIGHTS} is not a valid safetensors file "
+                              f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); it is corrupt or "
+                              "truncated, download it again") from None
+    with h:
         lora, full = _adapter_index(list(h.keys()))
         targets = {f"{mod}.weight": mod for mod in lora}
         unknown = [t for t in list(targets) + list(full) if t not in reader]
@@ -164,6 +195,11 @@ def apply_adapter(adapter_dir: str | Path, out_dir: str | Path, base_path: str |
             for name in reader.keys():  # noqa: SIM118 - a reader, not a dict
                 t = reader.get_tensor(name)
                 if name in full:
+                    shape = tuple(h.get_slice(full[name]).get_shape())
+                    resized = name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight")
+                    if shape != tuple(t.shape) and not (resized and shape[1:] == tuple(t.shape[1:])):
+                        raise CheckpointError(f"adapter {str(adapter_dir)!r}: saved tensor {name} has shape {shape} "
+                                              f"but the base's has {tuple(t.shape)}; use the adapter's own base")
                     new = h.get_tensor(full[name]).to(t.dtype)
                     if name.endswith("embed_tokens.weight") and new.shape != t.shape:
                         config["vocab_size"] = new.shape[0]
@@ -191,6 +227,12 @@ def _apply_lora(h, entry: dict[str, str], weight: torch.Tensor, scaling: float, 
     if "A" not in entry or "B" not in entry:
         raise CheckpointError(f"adapter {str(adapter)!r}: {name} has only one LoRA factor; the adapter file is "
                               "incomplete, re-save it")
+    # shapes from the header first: factors of the wrong sizes would make a product of any size
+    sa, sb = tuple(h.get_slice(entry["A"]).get_shape()), tuple(h.get_slice(entry["B"]).get_shape())
+    want = tuple(weight.shape)[::-1] if "embedding" in entry or fan_in_fan_out else tuple(weight.shape)
+    if len(sa) != 2 or len(sb) != 2 or sb[1] != sa[0] or (sb[0], sa[1]) != want:
+        raise CheckpointError(f"adapter {str(adapter)!r}: LoRA factors of {name} have shapes A {sa} and B {sb}, "
+                              f"which do not make the base tensor's {tuple(weight.shape)}; use the adapter's own base")
     a, b = h.get_tensor(entry["A"]).float(), h.get_tensor(entry["B"]).float()
     delta = b @ a  # (out, r) @ (r, in) -> (out, in); embeddings: (D, r) @ (r, V) -> (D, V)
     if "embedding" in entry or fan_in_fan_out:

@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dfsmerge.errors import CheckpointError, OutputExistsError
+from dfsmerge.errors import CheckpointError, DfsmergeError, OutputExistsError
 
-__all__ = ["cache_root", "cached_gguf_checkpoint", "convert_gguf", "file_sha256", "gguf_model_type", "is_gguf"]
+__all__ = ["cache_root", "cached_gguf_checkpoint", "check_gguf_file", "convert_gguf", "file_sha256", "gguf_model_type",
+           "is_gguf"]
 
 _DONE = ".dfsmerge-gguf.json"  # written last: a directory without it is an interrupted conversion
 
@@ -45,20 +46,185 @@ def file_sha256(path: str | Path, *, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# GGUF value types (gguf.GGUFValueType) -> fixed byte size; 8 = string, 9 = array
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_MAX_KEY = 1 << 16  # a metadata key is a short dotted name
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_HEADER_CHUNK = 1 << 20
+
+
+class _Cursor:
+    """Bounded reads over a file: every declared size is checked against the bytes left before it is used."""
+
+    def __init__(self, f, size: int, path: Path):
+        self.f, self.size, self.path, self.pos = f, size, path, 0
+
+    def bad(self, what: str) -> CheckpointError:
+        return CheckpointError(f"model {str(self.path)!r}: not a valid GGUF file ({what}, at byte {self.pos} of "
+                               f"{self.size}); it is corrupt or truncated, download it again")
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or n > self.size - self.pos:
+            raise self.bad(f"{what} needs {n} bytes, {self.size - self.pos} left")
+        b = self.f.read(n)
+        self.pos += n
+        return b
+
+    def skip(self, n: int, what: str) -> None:
+        if n < 0 or n > self.size - self.pos:
+            raise self.bad(f"{what} declares {n} bytes, {self.size - self.pos} left")
+        self.pos += n
+        self.f.seek(self.pos)
+
+    def u(self, n: int, what: str) -> int:
+        return int.from_bytes(self.take(n, what), "little")
+
+    def string(self, what: str, *, keep: int | None) -> str | None:
+        """A GGUF string (u64 length + bytes); read when at most ``keep`` bytes, else skipped."""
+        n = self.u(8, f"{what} length")
+        if keep is not None and n <= keep:
+            return self.take(n, what).decode("utf-8", errors="replace")
+        if keep is not None and what == "key":
+            raise self.bad(f"a metadata key of {n} bytes")
+        self.skip(n, what)
+        return None
+
+
+def check_gguf_file(path: str | Path) -> dict[str, Any]:
+    """Validate a GGUF file's header against the file's size before any library reads it (GGUF files come from the
+    internet: a crafted count, string length or shape must not make a reader loop or allocate at its word).
+
+    Every count is bounded by the bytes that are left (each entry takes at least its fixed part), tensor ranks by
+    GGML's 4, every tensor's data range must lie inside the file; nothing is allocated beyond a key or a short
+    string value, so a check costs O(header) time and no memory whatever the file declares.
+
+    Returns:
+        ``{"version", "n_tensors", "n_kv", "architecture", "alignment", "data_offset"}``.
+
+    Raises:
+        CheckpointError: naming the first inconsistency.
+    """
+    from gguf import GGML_QUANT_SIZES
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb", buffering=_HEADER_CHUNK) as f:
+        c = _Cursor(f, size, path)
+        if (c.take(4, "magic") if size >= 4 else b"") != b"GGUF":
+            raise c.bad("no GGUF magic number")
+        version = c.u(4, "version")
+        if version not in (2, 3):
+            raise c.bad(f"version {version}; dfsmerge reads GGUF versions 2 and 3")
+        n_tensors, n_kv = c.u(8, "tensor count"), c.u(8, "metadata count")
+        # each metadata entry takes >= 8 (key length) + 4 (type) + 1 bytes, each tensor entry >= 8 + 4 + 4 + 8
+        if n_kv * 13 > size - c.pos:
+            raise c.bad(f"{n_kv} metadata entries declared, the file holds at most {(size - c.pos) // 13}")
+        if n_tensors * 24 > size - c.pos:
+            raise c.bad(f"{n_tensors} tensors declared, the file holds at most {(size - c.pos) // 24}")
+        arch, alignment = None, 32
+        for _ in range(n_kv):
+            key = c.string("key", keep=_MAX_KEY)
+            vtype = c.u(4, f"type of {key!r}")
+            if vtype == _ARRAY:
+                etype, count = c.u(4, f"{key!r} element type"), c.u(8, f"{key!r} length")
+                if etype == _STRING:
+                    if count * 8 > size - c.pos:
+                        raise c.bad(f"{key!r} declares {count} strings")
+                    for _ in range(count):
+                        c.string(key, keep=None)
+                elif etype in _SCALAR:
+                    c.skip(count * _SCALAR[etype], key)
+                else:
+                    raise c.bad(f"{key!r} is an array of unknown type {etype}")
+            elif vtype == _STRING:
+                v = c.string(key, keep=4096)
+                if key == "general.architecture":
+                    arch = v
+            elif vtype in _SCALAR:
+                raw = c.take(_SCALAR[vtype], key)
+                if key == "general.alignment":
+                    alignment = int.from_bytes(raw, "little")
+            else:
+                raise c.bad(f"metadata {key!r} has unknown type {vtype}")
+        if alignment <= 0 or alignment > 1 << 20 or alignment & (alignment - 1):
+            raise c.bad(f"general.alignment={alignment} is not a power of two up to 1 MiB")
+        tensors, n_elements = [], 0
+        for _ in range(n_tensors):
+            name = c.string("tensor name", keep=_MAX_KEY) or "?"
+            n_dims = c.u(4, f"rank of {name!r}")
+            if n_dims > _MAX_DIMS:
+                raise c.bad(f"tensor {name!r} has rank {n_dims} (GGML allows {_MAX_DIMS})")
+            dims = [c.u(8, f"shape of {name!r}") for _ in range(n_dims)]
+            ttype, offset = c.u(4, f"type of {name!r}"), c.u(8, f"offset of {name!r}")
+            if ttype not in GGML_QUANT_SIZES:
+                raise c.bad(f"tensor {name!r} has unknown type {ttype}")
+            block, nbytes_block = GGML_QUANT_SIZES[ttype]
+            n = 1
+            for d in dims:
+                n *= d
+            if n % block:
+                raise c.bad(f"tensor {name!r} of shape {dims} is not a whole number of {block}-element blocks")
+            tensors.append((name, offset, n // block * nbytes_block))
+            n_elements += n
+        data = c.pos + (-c.pos) % alignment
+        for name, offset, nbytes in tensors:
+            if data + offset + nbytes > size:
+                raise CheckpointError(f"model {str(path)!r}: GGUF tensor {name!r} ends at byte {data + offset + nbytes}"
+                                      f" of a {size}-byte file (truncated or corrupt); download it again")
+    return {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "architecture": arch, "alignment": alignment,
+            "data_offset": data, "n_elements": n_elements}
+
+
+def _check_declared_size(path: Path, config: dict[str, Any], n_elements: int) -> None:
+    """The model the metadata describe (built on the meta device: no memory) must be backed by the file's tensors:
+    transformers allocates the model from the metadata before it reads a tensor, so a crafted file declaring a huge
+    model (or one whose hyperparameters are missing and default to a 7B) would allocate it all."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params > 2 * n_elements:
+        raise CheckpointError(f"model {str(path)!r}: the GGUF metadata describe a {model_type} of {n_params:,} "
+                              f"parameters but the file's tensors hold {n_elements:,} values; it is corrupt or "
+                              "crafted (missing or wrong hyperparameters), download it again")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def gguf_model_type(path: str | Path) -> str:
     """The transformers ``model_type`` a GGUF file converts to, read from its metadata (no tensor is read).
 
     Raises:
         CheckpointError: not a GGUF file, or an architecture transformers cannot read from GGUF.
     """
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     try:
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        header = check_gguf_file(path)  # before the gguf package trusts any declared size
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        with _quiet_transformers():  # its warnings about a crafted file's gaps would precede our one-line error
+            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        _check_declared_size(Path(path), parsed["config"], header["n_elements"])
     except ImportError as e:
         raise CheckpointError(f"model {str(path)!r}: reading GGUF needs the gguf package ({e}); "
                               "pip install gguf") from None
-    except (ValueError, KeyError, OSError) as e:
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an untrusted file: whatever the reader trips on is the file's fault
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"model {str(path)!r}: transformers cannot read this GGUF file ({msg}); "
                               "convert it with llama.cpp's tools or use the original checkpoint") from None
@@ -119,7 +285,14 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: Any = None, fo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_checkpoint(path, tmp, dtype=dtype)
+        try:
+            _write_checkpoint(path, tmp, dtype=dtype)
+        except (DfsmergeError, OSError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - a valid header over bad content: the file's fault, in one line
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"model {str(path)!r}: the GGUF file's content cannot be converted "
+                                  f"({type(e).__name__}: {msg}); it is corrupt, download it again") from None
         (tmp / _DONE).write_text(json.dumps({"source": path.name, "model_type": model_type}) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -174,6 +174,7 @@ class ShardedWriter:
         self._shards: list[_ShardStream | _PlannedShard] = []
         self._current: _ShardStream | _PlannedShard | None = None
         self.total_size = 0
+        self._pending = 0  # bytes of the tensor being added (a full disk's message counts it)
 
     def check_target(self) -> None:
         if self.out_dir.exists() and not self.force:
@@ -206,9 +207,22 @@ class ShardedWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self._commit()
+            try:
+                self._commit()
+            except OSError as e:  # the index and side files, the rename
+                self.abort()
+                self._raise_if_full(e)
+                raise
         else:
             self.abort()
+            self._raise_if_full(exc)
+
+    def _raise_if_full(self, exc: BaseException | None) -> None:
+        from dfsmerge.io.diskspace import disk_full_error, is_disk_full
+
+        if exc is not None and is_disk_full(exc):  # the target is untouched: say how much the shards alone need
+            raise disk_full_error(self.out_dir, self.total_size + self._pending, at_least=True,
+                                  fix="nothing was written there; free space and run the command again") from None
 
     def abort(self) -> None:
         for s in self._shards:
@@ -221,6 +235,7 @@ class ShardedWriter:
     # -- content --------------------------------------------------------------------------------
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         n = tensor.numel() * tensor.element_size()
+        self._pending = n
         if self.manifest is not None:
             shard = next((s for s in self._shards if not s.complete), None)
             if shard is None:

@@ -6,10 +6,68 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dfsmerge.objectives.subset import SubsetConfig
+
 Direction = Literal["maximize", "minimize"]
 
 #: Cost objectives (all minimised), see :mod:`dfsmerge.objectives.cost`.
 COST_NAMES = ("hops", "params", "flops", "latency")
+
+
+class GenKwargs(BaseModel):
+    """Generation settings of an objective that override its task's ``generation_kwargs`` (lm-eval's ``--gen_kwargs``,
+    applied as ``simple_evaluate`` applies them). Decoding is greedy: ``do_sample`` may only be false.
+
+    Args:
+        max_gen_toks: generation budget (tokens).
+        until: stop strings (replace the task's).
+        do_sample: ``false`` (greedy), the only decoding the adapter and the native scorer run.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_gen_toks: int | None = Field(default=None, ge=1)
+    until: tuple[str, ...] | None = None
+    do_sample: Literal[False] | None = None
+
+    @field_validator("until", mode="before")
+    @classmethod
+    def _one_stop(cls, v):
+        return (v,) if isinstance(v, str) else v
+
+    @classmethod
+    def parse(cls, args: str | list[str] | None) -> GenKwargs | None:
+        """``--gen_kwargs`` as the ``lm_eval`` command line takes it: ``key=value`` pairs separated by commas or given
+        as several arguments, values read as Python literals when they are (``until=["\\n", "."]``)."""
+        import ast
+
+        if not args:
+            return None
+        out: dict = {}
+        for arg in [args] if isinstance(args, str) else args:
+            depth, start, parts = 0, 0, []
+            for i, ch in enumerate(arg):  # split on commas outside brackets and quotes
+                depth += 1 if ch in "[(" else -1 if ch in "])" else 0
+                if ch == "," and depth == 0:
+                    parts.append(arg[start:i])
+                    start = i + 1
+            parts.append(arg[start:])
+            for part in filter(None, (p.strip() for p in parts)):
+                key, sep, value = part.partition("=")
+                if not sep:
+                    raise ValueError(f"gen_kwargs entry {part!r} is not key=value; use e.g. max_gen_toks=64")
+                try:
+                    out[key.strip()] = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    out[key.strip()] = value
+        return cls(**out)
+
+    def as_task_kwargs(self) -> dict:
+        """The set fields as a ``generation_kwargs`` update (``until`` as a list, as task YAMLs give it)."""
+        out = self.model_dump(exclude_none=True)
+        if "until" in out:
+            out["until"] = list(out["until"])
+        return out
 
 
 class ObjectiveConfig(BaseModel):
@@ -31,6 +89,15 @@ class ObjectiveConfig(BaseModel):
         split: dataset split to score (default: the task's ``test_split``, else ``validation_split``).
         num_fewshot: few-shot examples (default: the task's own setting, else 0).
         native: score with the native evaluator (faster; multiple choice and exact-match generation only).
+        subset: score search candidates on a few documents and estimate the full-set score
+            (:class:`dfsmerge.objectives.subset.SubsetConfig`; native objectives whose metric is a mean of
+            per-document values in [0, 1]).
+        apply_chat_template: render each request through the tokenizer's chat template (lm-eval's
+            ``--apply_chat_template``; the adapter and the native scorer build the same prompts).
+        system_instruction: a system message put before each prompt (lm-eval's ``--system_instruction``).
+        fewshot_as_multiturn: few-shot examples as alternating user/assistant turns (needs apply_chat_template;
+            default: on with a chat template, as the ``lm_eval`` command line).
+        gen_kwargs: generation settings overriding the task's (:class:`GenKwargs`; generate_until tasks only).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -44,6 +111,11 @@ class ObjectiveConfig(BaseModel):
     split: str | None = None
     num_fewshot: int | None = Field(default=None, ge=0)
     native: bool = False
+    subset: SubsetConfig | None = None
+    apply_chat_template: bool = False
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool | None = None
+    gen_kwargs: GenKwargs | None = None
 
     @field_validator("weight")
     @classmethod
@@ -76,6 +148,12 @@ class ObjectiveConfig(BaseModel):
                 raise ValueError(f"cost objective name={self.name!r} is unknown; use one of {', '.join(COST_NAMES)}")
             if self.direction == "maximize":
                 raise ValueError(f"cost objective {self.name!r} has direction=maximize; costs are minimised")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError(f"objective {self.name!r} has fewshot_as_multiturn=true but apply_chat_template=false; "
+                             "multi-turn few-shot needs a chat template: set apply_chat_template: true")
+        if self.subset is not None and (self.type != "task" or not self.native):
+            raise ValueError(f"objective {self.name!r} has a subset but is not a native task objective; subset "
+                             "fitness needs per-document scores: set native: true, or drop subset")
         return self
 
     @property
@@ -84,6 +162,13 @@ class ObjectiveConfig(BaseModel):
         if self.type == "cost":
             return f"cost/{self.name}"
         return self.name if self.metric is None else f"{self.name}/{self.metric}"
+
+    @property
+    def chat_args(self) -> dict:
+        """lm-eval's prompt options of this objective (``evaluate``'s / ``build_all_requests``' keyword names)."""
+        multiturn = self.apply_chat_template if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
+        return dict(apply_chat_template=self.apply_chat_template, system_instruction=self.system_instruction,
+                    fewshot_as_multiturn=multiturn)
 
 
 class EvalConfig(BaseModel):

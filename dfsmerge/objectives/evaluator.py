@@ -7,11 +7,12 @@ import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+from dfsmerge.errors import ConfigError
 from dfsmerge.objectives.cache import ResultCache
 from dfsmerge.objectives.config import EvalConfig, ObjectiveConfig
 from dfsmerge.objectives.cost import CandidateDescription, compute_cost, describe_model
 from dfsmerge.objectives.fitness import objective_values, scalar_fitness
-from dfsmerge.objectives.tasks import TaskSuite
+from dfsmerge.objectives.tasks import TaskSuite, preserve_rng
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class EvalResult:
         partial: racing: one block's ``{objective key: [sum, documents scored, documents in all, direction]}`` for
             the task objectives (their ``scores`` are then the block's means).
         race: a raced candidate's blocks and whether racing stopped it (:meth:`dfsmerge.search.racing.Tally.to_json`).
+        responses: subset fitness: ``{objective key: [per-document value]}`` of the documents scored.
+        estimate: subset fitness: how ``scores`` were estimated from a few documents
+            (:class:`dfsmerge.search.subset_fitness.SubsetFitness`); None for scores on every document.
     """
 
     results: dict
@@ -46,6 +50,8 @@ class EvalResult:
     cost: dict = field(default_factory=dict)
     partial: dict | None = None
     race: dict | None = None
+    responses: dict | None = None
+    estimate: dict | None = None
 
 
 class Evaluator:
@@ -75,6 +81,16 @@ class Evaluator:
             return self._evaluate(model, description)
         return self.cache.get_or_compute(key, lambda: self._evaluate(model, description))
 
+    def per_document(self, model) -> dict[str, list[float]]:
+        """Each document's value of every task objective (``{objective key: [value per document]}``, document order),
+        for paired tests between models scored on the same documents; see :meth:`TaskSuite.per_document`."""
+        if self._scorer is None and any(p.native is None for p in self.suite.prepared):
+            from dfsmerge.runtime.lm_adapter import Scorer
+
+            self._scorer = Scorer(self.tokenizer, model_config=getattr(model, "config", None),
+                                  batch_size=self.config.batch_size, max_gen_toks=self.config.max_gen_toks)
+        return self.suite.per_document(model, self.tokenizer, scorer=self._scorer)
+
     def evaluate_block(self, model, block: int, *, description: CandidateDescription | None = None) -> EvalResult:
         """Racing: score block ``block`` of the task documents (after ``self.suite.race_blocks``); cost objectives
         are computed whole. ``partial`` holds the block's sums; ``scores`` its means (NaN for an empty block)."""
@@ -88,6 +104,41 @@ class Evaluator:
         return EvalResult(results={}, scores=scores, values=values,
                           fitness=scalar_fitness(values, self.config.objectives),
                           partial={k: [*v, self.directions[k]] for k, v in sums.items()},
+                          cost={"docs": sum(docs.values())})
+
+    def evaluate_docs(self, model, positions: dict[str, list[int]] | None = None, *,
+                      description: CandidateDescription | None = None) -> EvalResult:
+        """Subset fitness: score the documents at ``positions[task]`` of each task (all of a task not named), keep
+        every per-document value in ``responses``; ``scores`` are the means over the documents scored.
+
+        Raises:
+            ConfigError: an objective is not native, or a per-document value is outside [0, 1].
+        """
+        from dfsmerge.objectives.subset import check_subset_task
+
+        positions = positions or {}
+        per_task: dict[str, dict] = {}
+        responses: dict[str, list[float]] = {}
+        with preserve_rng():
+            for p in self.suite.prepared:
+                check_subset_task(p)
+                name = p.objective.name
+                if name not in per_task:
+                    per_task[name] = p.native.per_doc(model, positions.get(name))
+                metric = p.metric.split(",")[0]
+                vals = [float(v) for v in per_task[name].get(metric, [])]
+                if any(not 0.0 <= v <= 1.0 for v in vals):
+                    raise ConfigError(f"subset: objective {name!r} metric {metric!r} has per-document values "
+                                      "outside [0, 1]; subset fitness needs them in [0, 1]: drop subset")
+                responses[p.objective.key] = vals
+        scores = {k: (math.fsum(v) / len(v) if v else math.nan) for k, v in responses.items()}
+        if self.config.cost_objectives:
+            desc = description or describe_model(model)
+            scores.update({o.key: compute_cost(o.name, model, desc) for o in self.config.cost_objectives})
+        values = objective_values(scores, self.config.objectives, self.directions)
+        docs = {p.objective.name: len(responses[p.objective.key]) for p in self.suite.prepared}  # a task once
+        return EvalResult(results={}, scores=scores, values=values,
+                          fitness=scalar_fitness(values, self.config.objectives), responses=responses,
                           cost={"docs": sum(docs.values())})
 
     def documents(self) -> int:
@@ -121,7 +172,7 @@ class Evaluator:
 def evaluate_model(model, tokenizer, objectives: Sequence[ObjectiveConfig | str] | EvalConfig, *,
                    task_paths: Sequence[str] = (), batch_size: int = 16, split: str | None = None,
                    limit: int | float | None = None, native: bool = False,
-                   allow_benchmark_test_split: bool = True) -> dict:
+                   allow_benchmark_test_split: bool = True, per_document: bool = False, **options) -> dict:
     """Score one model on tasks (what ``dfsmerge eval`` prints).
 
     Args:
@@ -131,9 +182,14 @@ def evaluate_model(model, tokenizer, objectives: Sequence[ObjectiveConfig | str]
         task_paths: custom task YAML directories.
         split, limit, native: applied to objectives given by name.
         allow_benchmark_test_split: reporting a test score is fine (it is optimising on it that is guarded).
+        per_document: also return each document's value (``"per_document": {objective key: [values]}``), for
+            paired tests (:mod:`dfsmerge.report.significance`); the scores are the same either way.
+        options: further :class:`ObjectiveConfig` fields for objectives given by name (``apply_chat_template``,
+            ``system_instruction``, ``fewshot_as_multiturn``, ``gen_kwargs``, ``num_fewshot``).
 
     Returns:
-        ``{"results": {task: {metric key: value}}}`` (plus ``"cost"`` when cost objectives are present).
+        ``{"results": {task: {metric key: value}}}`` (plus ``"cost"`` when cost objectives are present, and
+        ``"per_document"`` when asked).
 
     Raises:
         ConfigError: unknown task, metric not produced, empty split, unsupported feature.
@@ -144,12 +200,15 @@ def evaluate_model(model, tokenizer, objectives: Sequence[ObjectiveConfig | str]
         objs = []
         for o in objectives:
             if isinstance(o, str):
-                o = ObjectiveConfig(name=o, split=split, limit=limit, native=native)
+                o = ObjectiveConfig(name=o, split=split, limit=limit, native=native, **options)
             objs.append(o)
         config = EvalConfig(objectives=tuple(objs), task_paths=tuple(task_paths), batch_size=batch_size,
                             allow_benchmark_test_split=allow_benchmark_test_split)
     ev = Evaluator(config, tokenizer)
-    return {"results": ev.evaluate(model).results}
+    out = {"results": ev.evaluate(model).results}
+    if per_document:
+        out["per_document"] = ev.per_document(model)
+    return out
 
 
 def format_table(results: dict) -> str:

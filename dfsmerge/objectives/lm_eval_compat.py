@@ -109,10 +109,16 @@ def metric_options(task) -> dict[str, dict[str, Any]]:
     return {m: dict(task._metric_fn_kwargs.get(m) or {}) for m in task._metric_fn_list}
 
 
-def prepared_instances(task, limit: int | None) -> list[Instance]:
-    """The task's requests for its first ``limit`` documents, built as ``lm_eval.evaluator.evaluate`` builds them;
-    the task keeps no copy (the harness path builds its own)."""
-    task.build_all_requests(limit=limit, rank=0, world_size=1)
+def prepared_instances(task, limit: int | None, *, chat_template=None, system_instruction: str | None = None,
+                       apply_chat_template: bool = False, fewshot_as_multiturn: bool = False,
+                       tokenizer_name: str = "") -> list[Instance]:
+    """The task's requests for its first ``limit`` documents, built as ``lm_eval.evaluator.evaluate`` builds them
+    (``chat_template``: the callable rendering a chat, ``HFLM.apply_chat_template``'s role, used when
+    ``apply_chat_template``); the task keeps no copy (the harness path builds its own)."""
+    task.build_all_requests(limit=limit, rank=0, world_size=1, system_instruction=system_instruction,
+                            apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+                            chat_template=chat_template if apply_chat_template else None,
+                            tokenizer_name=tokenizer_name if apply_chat_template else "")
     out = list(task.instances)
     task._instances = None
     return out
@@ -142,15 +148,31 @@ def memoize_doc_fields(task, docs: Sequence[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate_tasks(lm, tasks: Mapping[str, Any], *, limit: int | None) -> dict[str, dict[str, Any]]:
-    """``lm_eval.evaluator.evaluate`` of ``lm`` over loaded tasks (no bootstrap, no samples kept).
+def evaluate_tasks(lm, tasks: Mapping[str, Any], *, limit: int | None, **chat_args) -> dict[str, dict[str, Any]]:
+    """``lm_eval.evaluator.evaluate`` of ``lm`` over loaded tasks (no bootstrap, no samples kept); ``chat_args``:
+    its ``apply_chat_template``, ``system_instruction`` and ``fewshot_as_multiturn``.
 
     Returns:
         ``{task name: lm-eval's result dict}``.
     """
     task_dict = {"tasks": dict(tasks), "groups": {}, "group_map": {}}
-    out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+    out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR",
+                       **chat_args)
     return out["results"]
+
+
+def evaluate_task_samples(lm, tasks: Mapping[str, Any], *, limit: int | None,
+                          **chat_args) -> dict[str, list[dict[str, Any]]]:
+    """``lm_eval.evaluator.evaluate`` with its per-document samples kept.
+
+    Returns:
+        ``{task name: [sample dict per (document, filter)]}``: each has ``doc_id``, ``filter`` and the
+        document's metric values (``"acc": 1.0``), as lm-eval logs them.
+    """
+    task_dict = {"tasks": dict(tasks), "groups": {}, "group_map": {}}
+    out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=True, verbosity="ERROR",
+                       **chat_args)
+    return {name: list(samples) for name, samples in (out.get("samples") or {}).items()}
 
 
 def run_simple_evaluate(lm, tasks: Sequence[str], *, task_manager, limit, **kwargs) -> dict:

@@ -92,13 +92,15 @@ class NativeTask:
         prefix_cache: run a document's prompt once for all its choices (multiple choice).
         share_prompts: run the prompt prefix every document of the task shares (at least
             :data:`MIN_SHARED_TOKENS`) once per batch.
+        chat_args: lm-eval's ``apply_chat_template`` / ``system_instruction`` / ``fewshot_as_multiturn``
+            (:attr:`dfsmerge.objectives.config.ObjectiveConfig.chat_args`): the prompts lm-eval's harness builds.
 
     Raises:
         ConfigError: the task needs a feature the native evaluator does not support.
     """
 
     def __init__(self, task, *, limit: int | None, tokenizer, batch_size: int = 16, max_gen_toks: int = 256,
-                 prefix_cache: bool = True, share_prompts: bool = True) -> None:
+                 prefix_cache: bool = True, share_prompts: bool = True, chat_args: dict | None = None) -> None:
         self.task = task
         self.kind = task.OUTPUT_TYPE
         self.prefix_cache = prefix_cache
@@ -115,7 +117,10 @@ class NativeTask:
             raise _unsupported(task, "multiple inputs (choices in the context)")
         self.scorer = Scorer(tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
         by_doc: dict[int, list] = defaultdict(list)
-        for inst in prepared_instances(task, limit):
+        chat = dict(chat_args or {})  # lm-eval's prompt options, rendered with HFLM.apply_chat_template's rules
+        name = str(getattr(self.scorer.tokenizer, "name_or_path", "tokenizer")).replace("/", "__")
+        for inst in prepared_instances(task, limit, chat_template=self.scorer.apply_chat_template,
+                                       tokenizer_name=name, **chat):
             by_doc[inst.doc_id].append(inst)
         self.doc_ids = sorted(by_doc)
         self.docs = [by_doc[d][0].doc for d in self.doc_ids]

@@ -62,10 +62,29 @@ def simple_evaluate(lm, tasks: list[str], *, task_paths=(), include_defaults: bo
     from dfsmerge.objectives.lm_eval_compat import TaskManager, run_simple_evaluate
 
     with preserve_rng():
-        tm = TaskManager(include_path=[str(p) for p in task_paths] or None, include_defaults=include_defaults)
+        tm = TaskManager(include_path=task_dirs(task_paths) or None, include_defaults=include_defaults)
         return run_simple_evaluate(lm, tasks, task_manager=tm, limit=limit, random_seed=None,
                                    numpy_random_seed=None, torch_random_seed=None,
                                    fewshot_random_seed=fewshot_random_seed, **kwargs)
+
+
+def task_dirs(task_paths) -> list[str]:
+    """Absolute task directories for ``task_paths`` entries: directories, or ``real:<set>/tasks`` (the tasks of a
+    built expert set, :mod:`dfsmerge.zoo.experts`).
+
+    Raises:
+        ConfigError: an entry that is not a directory.
+    """
+    out = []
+    for p in task_paths:
+        if str(p).startswith("real:"):
+            from dfsmerge.realmodels import real_task_dir
+
+            p = real_task_dir(str(p)[len("real:"):])
+        if not Path(p).is_dir():
+            raise ConfigError(f"task_paths entry {str(p)!r} is not a directory; pass a directory of task YAML files")
+        out.append(str(Path(p).resolve()))
+    return out
 
 
 def make_task_manager(names: list[str] | tuple[str, ...], task_paths: tuple[str, ...] | list[str] = (), *,
@@ -78,10 +97,7 @@ def make_task_manager(names: list[str] | tuple[str, ...], task_paths: tuple[str,
     """
     from dfsmerge.objectives.lm_eval_compat import TaskManager
 
-    for p in task_paths:
-        if not Path(p).is_dir():
-            raise ConfigError(f"task_paths entry {p!r} is not a directory; pass a directory of task YAML files")
-    paths = [str(Path(p).resolve()) for p in task_paths]
+    paths = task_dirs(task_paths)
     tm = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
     if builtin_tasks and (tm is None or any(n not in tm.all_tasks for n in names)):
         tm = TaskManager(include_path=paths or None, include_defaults=True)
@@ -158,6 +174,11 @@ def _load_one(tm, obj: ObjectiveConfig, cfg: EvalConfig):
     elif task.get_config("num_fewshot") is None:
         task.set_config(key="num_fewshot", value=0)
     task.set_fewshot_seed(seed=cfg.fewshot_random_seed)
+    if obj.gen_kwargs is not None:  # as lm-eval's simple_evaluate applies --gen_kwargs
+        if task.OUTPUT_TYPE != "generate_until":
+            raise ConfigError(f"objectives[{obj.name}].gen_kwargs is set but task {obj.name!r} has output_type="
+                              f"{task.OUTPUT_TYPE!r}; generation settings apply to generate_until tasks: remove it")
+        task.set_config(key="generation_kwargs", value=obj.gen_kwargs.as_task_kwargs(), update=True)
     return task
 
 
@@ -249,7 +270,8 @@ class TaskSuite:
         self.prepared: list[PreparedTask] = []
         seen: dict[str, ObjectiveConfig] = {}
         for obj in objs:
-            spec = ("split", "limit", "num_fewshot", "native")
+            spec = ("split", "limit", "num_fewshot", "native", "apply_chat_template", "system_instruction",
+                    "fewshot_as_multiturn", "gen_kwargs")
             first = seen.setdefault(obj.name, obj)
             if any(getattr(first, k) != getattr(obj, k) for k in spec):
                 raise ConfigError(f"task {obj.name!r} appears in two objectives with different "
@@ -278,7 +300,8 @@ class TaskSuite:
                     raise ConfigError(f"objective {obj.name!r} is native but no tokenizer was given; pass the "
                                       "tokenizer of model A to prepare_tasks")
                 pt.native = NativeTask(task, limit=pt.limit, tokenizer=tokenizer, batch_size=config.batch_size,
-                                       max_gen_toks=config.max_gen_toks, share_prompts=config.share_prompts)
+                                       max_gen_toks=config.max_gen_toks, share_prompts=config.share_prompts,
+                                       chat_args=obj.chat_args)
             self.prepared.append(pt)
 
     def directions(self) -> dict[str, str]:
@@ -355,6 +378,52 @@ class TaskSuite:
                 out[p.objective.key] = (math.fsum(vals), len(vals), len(p.native.docs))
         return out
 
+    def per_document(self, model, tokenizer, *, scorer=None) -> dict[str, list[float]]:
+        """Each document's value of every task objective's metric, in document order: ``{objective key: [value per
+        document]}``; their mean is the task's score for mean-aggregated metrics (acc, exact_match). Scores are not
+        changed: this runs the same requests as :meth:`evaluate`, keeping what lm-eval aggregates away.
+
+        Raises:
+            ConfigError: a metric without per-document values (an aggregate such as perplexity).
+        """
+        with preserve_rng():
+            return self._per_document(model, tokenizer, scorer)
+
+    def _per_document(self, model, tokenizer, scorer) -> dict[str, list[float]]:
+        from dfsmerge.objectives.lm_eval_compat import evaluate_task_samples
+        from dfsmerge.runtime.lm_adapter import DfsLM
+
+        by_task: dict[str, dict[str, list[float]]] = {}
+        for p in self.prepared:
+            name = p.objective.name
+            if name in by_task:
+                continue
+            if p.native is not None:
+                by_task[name] = {m: [float(v) for v in vs] for m, vs in p.native.per_doc(model).items()}
+                continue
+            lm = DfsLM(model, tokenizer, batch_size=self.config.batch_size, max_gen_toks=self.config.max_gen_toks,
+                       scorer=scorer)
+            samples = evaluate_task_samples(lm, {p.task.task_name: p.task}, limit=p.limit,
+                                            **p.objective.chat_args)[p.task.task_name]
+            per: dict[str, list[tuple[int, float]]] = {}
+            for s in samples:
+                for m in s.get("metrics", []):
+                    per.setdefault(f"{m},{s['filter']}", []).append((int(s["doc_id"]), s[m]))
+            by_task[name] = {}
+            for key, vals in per.items():
+                vals.sort()
+                by_task[name][key] = [float(v) for _, v in vals]
+        out: dict[str, list[float]] = {}
+        for p in self.prepared:
+            vals = by_task[p.objective.name]
+            metric = p.metric if p.native is None else p.metric.split(",")[0]
+            if metric not in vals or any(not isinstance(v, float) for v in vals[metric]):
+                raise ConfigError(f"objective {p.objective.key!r}: metric {p.metric!r} has no per-document values "
+                                  "(an aggregate over the corpus); paired tests need a per-document metric such as "
+                                  "acc or exact_match")
+            out[p.objective.key] = vals[metric]
+        return out
+
     def _evaluate(self, model, tokenizer, scorer) -> dict[str, dict[str, float]]:
         from dfsmerge.objectives.lm_eval_compat import evaluate_tasks
         from dfsmerge.runtime.lm_adapter import DfsLM
@@ -368,11 +437,11 @@ class TaskSuite:
         if harness:
             lm = DfsLM(model, tokenizer, batch_size=self.config.batch_size, max_gen_toks=self.config.max_gen_toks,
                        scorer=scorer)
-            by_limit: dict[int | None, list[PreparedTask]] = {}
+            by_limit: dict[tuple, list[PreparedTask]] = {}  # one lm-eval call per limit and prompt options
             for p in harness:
-                by_limit.setdefault(p.limit, []).append(p)
-            for limit, group in by_limit.items():
-                out = evaluate_tasks(lm, {p.task.task_name: p.task for p in group}, limit=limit)
+                by_limit.setdefault((p.limit, tuple(p.objective.chat_args.items())), []).append(p)
+            for (limit, chat), group in by_limit.items():
+                out = evaluate_tasks(lm, {p.task.task_name: p.task for p in group}, limit=limit, **dict(chat))
                 for p in group:
                     res = out[p.task.task_name]
                     results[p.objective.name] = {k: _num(v) for k, v in res.items()

@@ -7,27 +7,32 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dfsmerge.errors import CheckpointError
-
 TOP_K = 10
 
 
+def _replace(out: Path, write) -> None:
+    """``write(tmp)`` then rename it to ``out``: a write cut short (a full disk) never replaces a good file."""
+    import os
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # `inspect` may redraw while the search writes its own
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_evals(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The complete lines of ``RUN/evals.jsonl`` (a partial last line of a running search is skipped).
+    """The complete lines of ``RUN/evals.jsonl`` as dicts (through :mod:`dfsmerge.rundir.reader`: a partial last
+    line of a running search is left out).
 
     Raises:
-        CheckpointError: no evals log in ``run_dir``.
+        CheckpointError: no evals log in ``run_dir``, or a corrupt one.
     """
-    p = Path(run_dir) / "evals.jsonl"
-    if not p.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} has no evals.jsonl; is it a `dfsmerge search` run directory?")
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+    from dfsmerge.rundir.reader import RunReader
+
+    return RunReader.open(run_dir).rows()
 
 
 def _fit(r: dict[str, Any]) -> float:
@@ -112,7 +117,7 @@ def plot_fitness(evals: list[dict[str, Any]], out: Path) -> Path:
     ax.set_ylabel("fitness (lower is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _replace(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out
 
@@ -144,7 +149,7 @@ def plot_pareto(evals: list[dict[str, Any]], keys: list[str], out: Path) -> Path
         ax.set_ylabel(f"{keys[j]} (min)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _replace(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out
 
@@ -169,10 +174,24 @@ def pool_layer_counts(path: dict[str, Any], ps: dict[str, Any] | None = None) ->
     return out
 
 
-def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None = None) -> Path:
-    """The best path as a layer diagram (left: step k on x, pool layer on y, coloured by model, scales annotated)
-    and as the networkx layer-path graph of :meth:`PathPlan.graph` (right: edge labels = transition counts)."""
+def model_label(name: str, ref: str | None, names: dict[str, str] | None = None) -> str:
+    """A model as the user wrote it: ``math (zoo:math)``, ``merged (PS merge)``; never a cache path."""
+    if ref == "@ps":
+        return f"{name} (PS merge)"
+    written = (names or {}).get(name)
+    return name if written in (None, name) else f"{name} ({written})"
+
+
+def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None = None,
+              names: dict[str, str] | None = None) -> Path:
+    """The path, legible at real depth (30-60 steps and more). Left, top to bottom: a source-by-depth strip (one row
+    per model, one column per step, the cell coloured by the step's model and labelled with its layer; a hatched cell
+    repeats a layer already run, a ``>`` marks a skip forward within a model), the step scales with their running
+    product, and the layer diagram (step on x, pool layer on y). Right: the networkx layer-path graph of
+    :meth:`PathPlan.graph` (edge labels = transition counts). Models are named as the user wrote them (``names``:
+    pool name -> config reference), never by cache path."""
     import networkx as nx
+    from matplotlib.patches import Rectangle
 
     from dfsmerge.dfs.plan import LayerRef, PathPlan
 
@@ -185,46 +204,93 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
         offsets[m] = y
         y += depth[m] + 1
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    labels = {m: model_label(m, plan.models[m], names) for m in models}
     plt = _plt()
     n_steps = len(plan.steps)
-    big = y > 24  # a real model's pool (30-60 layers and more): smaller marks, sparser ticks, taller figure
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8.0, min(0.5, 12 / max(n_steps, 1)) * n_steps + 6),
-                                                 max(4.5, 0.17 * y + 1.5)),
-                                  gridspec_kw={"width_ratios": [2, 1]})
+    big = y > 24 or n_steps > 24  # a real model's pool or path: smaller marks, sparser ticks
+    width = max(9.0, min(0.5, 14 / max(n_steps, 1)) * n_steps + 6)
+    strip_h, scale_h, diag_h = 0.35 * len(models) + 0.6, 1.6, max(3.0, 0.12 * y + 1.2)
+    fig = plt.figure(figsize=(width, strip_h + scale_h + diag_h + 0.8))
+    gs = fig.add_gridspec(3, 2, width_ratios=[2.2, 1], height_ratios=[strip_h, scale_h, diag_h])
+    ax_s, ax_c, ax = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[1, 0]), fig.add_subplot(gs[2, 0])
+    ax2 = fig.add_subplot(gs[:, 1])
+
+    # source-by-depth strip
+    seen: set[LayerRef] = set()
+    last: dict[str, int] = {}
+    for k, st in enumerate(plan.steps):
+        m, i = st.layer.model, st.layer.index
+        row = len(models) - 1 - models.index(m)
+        ax_s.add_patch(Rectangle((k - 0.5, row - 0.45), 1, 0.9, facecolor=colors[m], edgecolor="white", lw=0.5,
+                                 hatch="////" if st.layer in seen else None))
+        txt = str(i) + (">" if m in last and i > last[m] + 1 else "")
+        ax_s.text(k, row, txt, ha="center", va="center", fontsize=5 if n_steps > 40 else 6,
+                  color="black" if st.layer in seen else "white", fontweight="bold")
+        seen.add(st.layer)
+        last[m] = i
+    ax_s.set_xlim(-0.6, n_steps - 0.4)
+    ax_s.set_ylim(-0.6, len(models) - 0.4)
+    ax_s.set_yticks(range(len(models)))
+    ax_s.set_yticklabels([labels[m] for m in reversed(models)], fontsize=7)
+    ax_s.set_xticks([])
+    ax_s.set_title(f"path: {n_steps} steps ({len(seen)} distinct layers, {n_steps - len(seen)} repeats); "
+                   f"head/norm from {plan.base}, embedding from {plan.embed_model}", fontsize=9)
+    for side in ("top", "right", "bottom"):
+        ax_s.spines[side].set_visible(False)
+
+    # scales and their running product (what the folded export divides the residual branch by)
+    ks = list(range(n_steps))
+    cum, c = [], 1.0
+    for sc in plan.scales:
+        c *= sc
+        cum.append(c)
+    ax_c.plot(ks, plan.scales, "o-", ms=2.5 if big else 4, lw=1, color="C3", label="step scale")
+    ax_c.plot(ks, cum, "--", lw=1, color="gray", label="running product")
+    ax_c.axhline(1.0, color="black", lw=0.5)
+    ax_c.set_xlim(-0.6, n_steps - 0.4)
+    ax_c.set_ylabel("scale", fontsize=8)
+    ax_c.tick_params(labelsize=7)
+    ax_c.set_xticks(range(0, n_steps, 1 if n_steps <= 40 else 5))
+    ax_c.legend(fontsize=6, loc="best")
+
+    # layer diagram
     ys = [offsets[s.layer.model] + s.layer.index for s in plan.steps]
     ax.plot(range(len(ys)), ys, color="lightgray", zorder=1)
-    for k, (s, yy) in enumerate(zip(plan.steps, ys, strict=True)):
-        ax.scatter([k], [yy], color=colors[s.layer.model], s=25 if big else 60, zorder=2)
-        if not math.isclose(s.scale, 1.0, abs_tol=5e-3):
-            ax.annotate(f"×{s.scale:.2f}", (k, yy), textcoords="offset points", xytext=(0, 5 if big else 7),
-                        ha="center", fontsize=5 if big else 7)
-    ax.set_yticks([offsets[m] + i for m in models for i in range(depth[m])])
-    ax.set_yticklabels([f"{m}[{i}]" for m in models for i in range(depth[m])], fontsize=5 if big else 7)
+    for k, (st, yy) in enumerate(zip(plan.steps, ys, strict=True)):
+        ax.scatter([k], [yy], color=colors[st.layer.model], s=14 if big else 60, zorder=2)
+        if not big and not math.isclose(st.scale, 1.0, abs_tol=5e-3):
+            ax.annotate(f"×{st.scale:.2f}", (k, yy), textcoords="offset points", xytext=(0, 7), ha="center",
+                        fontsize=7)
+    tick_every = 1 if y <= 40 else 4
+    ax.set_yticks([offsets[m] + i for m in models for i in range(depth[m]) if i % tick_every == 0])
+    ax.set_yticklabels([f"{m}[{i}]" for m in models for i in range(depth[m]) if i % tick_every == 0],
+                       fontsize=5 if big else 7)
     ax.set_xlabel("step")
+    ax.set_xlim(-0.6, n_steps - 0.4)
     ax.set_xticks(range(0, len(ys), 1 if len(ys) <= 40 else 5))
     ax.set_ylim(-0.7, y - 1.3)  # every pool layer has a row, used or not
-    ax.set_title(f"best path: {len(plan.steps)} steps, head/norm from {plan.base}, embedding from {plan.embed_model}",
-                 fontsize=9)
     for m in models:
-        ax.scatter([], [], color=colors[m], label=f"{m}: {plan.models[m]}"[:60])
+        ax.scatter([], [], color=colors[m], label=labels[m])
     ax.legend(fontsize=7, loc="best")
+
+    # layer-path graph
     g = plan.graph([LayerRef(m, i) for m in models for i in range(depth[m])])
     pos = {}
     for node in g.nodes:
         if isinstance(node, LayerRef):
             pos[node] = (models.index(node.model), -node.index)
-    lo = min((p[1] for p in pos.values()), default=0)
+    lo = min((q[1] for q in pos.values()), default=0)
     pos["embed"] = ((len(models) - 1) / 2, 1)
     pos["head"] = ((len(models) - 1) / 2, lo - 1)
     on_path = set(plan.layers)
     ncolor = [(colors.get(g.nodes[n]["model"], "C7") if n in on_path else "whitesmoke") if isinstance(n, LayerRef)
               else "white" for n in g.nodes]
     # nodes shrink with the pool so a 60-layer column does not overlap; big pools label layers by index only
-    size = 300 if not big else max(40, int(5000 / y))
+    size = 300 if not big else max(40, int(5000 / max(y, 1)))
     nx.draw_networkx_nodes(g, pos, ax=ax2, node_color=ncolor, edgecolors="black", node_size=size,
                            linewidths=0.5 if big else 1.0)
-    labels = {n: (str(n.index) if big else str(n)) if isinstance(n, LayerRef) else n for n in g.nodes}
-    nx.draw_networkx_labels(g, pos, ax=ax2, labels=labels, font_size=4 if big else 6)
+    glabels = {n: (str(n.index) if big else str(n)) if isinstance(n, LayerRef) else n for n in g.nodes}
+    nx.draw_networkx_labels(g, pos, ax=ax2, labels=glabels, font_size=4 if big else 6)
     nx.draw_networkx_edges(g, pos, ax=ax2, arrows=True, connectionstyle="arc3,rad=0.15", arrowsize=5 if big else 8,
                            node_size=size, width=0.6 if big else 1.0)
     nx.draw_networkx_edge_labels(g, pos, ax=ax2, edge_labels={e: g.edges[e]["count"] for e in g.edges
@@ -238,6 +304,45 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
 
 
 # ------------------------------------------------------------------------------------------------ markdown
+def _read_config(run: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        return yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _significance_section(run: Path, evals: list[dict[str, Any]], compute: bool, test_split: str | None
+                          ) -> list[str]:
+    """The report's significance lines: computed now (``compute``) or read from a ``significance.json`` written for
+    the current best; a run without task objectives has none."""
+    from dfsmerge.report.ablation import SIGNIFICANCE_FILE, model_names, run_significance, significance_lines
+
+    best = summarize(evals)["best"]
+    if best is None:
+        return []
+    f = run / "report" / SIGNIFICANCE_FILE
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        if not any(o.get("type", "task") == "task" for o in (cfg or {}).get("objectives", [])):
+            return []
+        if compute:
+            sig = run_significance(run, splits=(None,) if test_split is None else (None, test_split))
+        elif f.is_file():
+            sig = json.loads(f.read_text())
+            if sig.get("best") != best["id"]:
+                return [f"(`{SIGNIFICANCE_FILE}` was computed for candidate {sig.get('best')}, not the current best "
+                        f"{best['id']}; it is rewritten when the search finishes)", ""]
+        else:
+            return []
+        return significance_lines(sig, model_names(cfg or {}))
+    except Exception as e:  # noqa: BLE001 - the report is still written; say why the tests are missing
+        return [f"Significance not computed ({type(e).__name__}: {e}).", ""]
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -259,8 +364,15 @@ def _describe(c: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, *, significance: bool = False, test_split: str | None = None) -> Path:
     """Write ``RUN/report/`` (fitness.png, pareto.png, path.png, report.md) and return the report directory.
+
+    Args:
+        run_dir: the run directory.
+        significance: rescore the best, the start and the sources and test the best against each
+            (:func:`dfsmerge.report.ablation.run_significance`, written to ``significance.json``); the search does
+            it in its final step. Without it, a ``significance.json`` of the same best is reported as it is.
+        test_split: with ``significance``, also test on this split (e.g. ``test``).
 
     Raises:
         CheckpointError: ``run_dir`` is not a run directory.
@@ -269,6 +381,7 @@ def write_report(run_dir: str | Path) -> Path:
     evals = load_evals(run)
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
+    sig_lines = _significance_section(run, evals, significance, test_split)
     s = summarize(evals)
     keys = s["keys"]
     images = []
@@ -280,8 +393,11 @@ def write_report(run_dir: str | Path) -> Path:
     best = s["best"]
     if best and (best.get("candidate") or {}).get("path"):
         cand = best["candidate"]
+        from dfsmerge.report.ablation import model_names
+
         images.append(("Best path", plot_path(cand["path"], out / "path.png",
-                                              pool_layer_counts(cand["path"], cand.get("ps")))))
+                                              pool_layer_counts(cand["path"], cand.get("ps")),
+                                              names=model_names(_read_config(run)))))
     cfg_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
     lines = [f"# Search report: `{run.name}`", ""]
     try:
@@ -312,7 +428,8 @@ def write_report(run_dir: str | Path) -> Path:
                      f"of float32, scores within {'-' if diff is None else f'{diff:.3g}'} on {ed['candidates']} "
                      "candidates)")
     elif ed.get("dtype"):
-        lines.append(f"- scored in {ed['dtype']}")
+        lines.append(f"- scored in {ed['dtype']}" + (f" (eval_dtype auto: {ed['rule']})" if ed.get("rule") else ""))
+    lines.extend(_subset_lines(run))
     if s["raced"]:
         lines.append(f"- racing stopped {s['raced']} candidates early: their scores (marked `~`) are estimates on "
                      "part of the documents")
@@ -323,6 +440,8 @@ def write_report(run_dir: str | Path) -> Path:
     if (run / "pareto.jsonl").is_file():
         n = len((run / "pareto.jsonl").read_text().splitlines())
         lines += [f"Pareto set: {n} candidates in [`pareto.jsonl`](../pareto.jsonl)", ""]
+    if sig_lines:
+        lines += ["## Is the best significantly better?", "", *sig_lines]
     lines += [f"## Best {TOP_K} candidates", ""]
     ranked = sorted((r for r in evals if math.isfinite(_fit(r)) and not r.get("cached")),
                     key=lambda r: (_fit(r), r["id"]))[:TOP_K]
@@ -340,5 +459,23 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Failed candidates", ""] + [f"- id {r['id']}: {r['error']}" for r in errs[:20]] + [""]
     for title, img in images:
         lines += [f"## {title}", "", f"![{title}]({img.name})", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    _replace(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
+    return out
+
+
+def _subset_lines(run: Path) -> list[str]:
+    """Subset fitness (issue 26): how many scores are estimates, and the elite's estimated vs full-set scores."""
+    path = run / "subset" / "rescored.jsonl"
+    evals = run / "evals.jsonl"
+    if not path.is_file() or not evals.is_file():
+        return []
+    n_est = sum(1 for line in evals.read_text().splitlines() if '"estimate":' in line)
+    out = [f"- subset fitness: {n_est} candidates' scores are estimates from few documents; the elite rescored on "
+           "every document (estimated -> full):"]
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        pairs = ", ".join(f"{k} {r['estimated'].get(k)} -> {v}" if not isinstance(v, float) or
+                          not isinstance(r["estimated"].get(k), float) else
+                          f"{k} {r['estimated'][k]:.4g} -> {v:.4g}" for k, v in (r.get("objectives") or {}).items())
+        out.append(f"  - candidate {r['id']}: {pairs}")
     return out

@@ -174,6 +174,18 @@ class Scorer:
     def decode(self, tokens, *, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """A chat rendered by the tokenizer's template, as ``HFLM.apply_chat_template`` renders it (a template that
+        rejects the system role gets the chat without its system messages)."""
+        import jinja2
+
+        kw = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+                  continue_final_message=not add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(chat_history, **kw)
+        except jinja2.exceptions.TemplateError:
+            return self.tokenizer.apply_chat_template([m for m in chat_history if m["role"] != "system"], **kw)
+
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """``(context tokens, continuation tokens)`` as ``TemplateLM.loglikelihood`` tokenises a request: an empty
         context becomes the prefix token; trailing spaces of the context move to the continuation; the whole text
@@ -428,6 +440,18 @@ class DfsLM(TemplateLM):
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.scorer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.scorer.apply_chat_template(chat_history, add_generation_prompt)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The tokenizer's template (``simple_evaluate`` records it); None when disabled."""
+        if not chat_template:
+            return None
+        t = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(t, dict):
+            return t.get(chat_template if isinstance(chat_template, str) else "default")
+        return t
 
     # ---- loglikelihood -----------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -32,6 +32,10 @@ class Backend:
         """Score in ``dtype`` from now on (``eval_dtype``)."""
         raise NotImplementedError
 
+    def set_doc_positions(self, positions: dict[str, list[int]] | None) -> None:
+        """Subset fitness: score only these documents of each task from now on (None: all)."""
+        raise NotImplementedError
+
     def evaluate(self, genomes: Sequence[np.ndarray], candidates: Sequence[Any] | None = None,
                  block: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
         """Score ``genomes``; ``candidates`` are their decodings when the caller has them (a backend may use them
@@ -70,6 +74,9 @@ class LocalBackend(Backend):
 
     def set_eval_dtype(self, dtype: str) -> None:
         self.worker.set_eval_dtype(dtype)
+
+    def set_doc_positions(self, positions: dict[str, list[int]] | None) -> None:
+        self.worker.set_doc_positions(positions)
 
     def evaluate(self, genomes: Sequence[np.ndarray], candidates: Sequence[Any] | None = None,
                  block: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -111,6 +118,8 @@ class RayBackend(Backend):
         address: an existing cluster (``ray.init(address=...)``); None starts a local one.
         num_workers: actors; None: one per GPU, else one per CPU of the cluster.
         max_retries: times one candidate is retried after its actor died.
+        max_restarts: dead actors replaced by fresh ones over the backend's life (default: as many as it starts),
+            so a run keeps its throughput after an OOM kill; past it the remaining actors carry on.
 
     Raises:
         ConfigError: ray is not installed.
@@ -119,7 +128,7 @@ class RayBackend(Backend):
     name = "ray"
 
     def __init__(self, config: SearchConfig, *, address: str | None = None, num_workers: int | None = None,
-                 max_retries: int = 3):
+                 max_retries: int = 3, max_restarts: int | None = None):
         try:
             import ray
         except ImportError:
@@ -142,6 +151,8 @@ class RayBackend(Backend):
         self.actors = [self._actor_cls.remote(self._config_dict) for _ in range(n)]
         self.max_retries = max_retries
         self.retries = 0  # candidates re-run after their actor died
+        self.max_restarts = n if max_restarts is None else max_restarts
+        self.restarts = 0  # actors started to replace dead ones
         self._stage: tuple[int, tuple[float, ...] | None] = (1, None)
         self._dtype: str | None = None
 
@@ -174,13 +185,18 @@ class RayBackend(Backend):
             i, actor = inflight.pop(ref)
             try:
                 result = ray.get(ref)
-            except RayActorError as e:  # the actor died: drop it, retry its candidate elsewhere
+            except RayActorError as e:  # the actor died: drop it, retry its candidate first, on the next free actor
                 self.actors = [a for a in self.actors if a is not actor]
                 tries[i] += 1
                 self.retries += 1
                 if tries[i] > self.max_retries:
                     raise DfsmergeError(f"ray backend: candidate {i} killed {tries[i]} actors ({e}); stopping") from e
                 queue.insert(0, i)
+                if self.restarts < self.max_restarts:  # a replacement (it loads its pool on its first candidate)
+                    self.restarts += 1
+                    fresh = self._actor_cls.remote(self._config_dict)
+                    self.actors.append(fresh)
+                    idle.append(fresh)
                 continue
             idle.append(actor)
             yield i, result

@@ -33,6 +33,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                    help="extra lm-eval task directory (repeatable; mergekit-evolve's --task-search-path)")
     p.add_argument("--zoo-dir", default=None, help="toy zoo directory for zoo:<name> models")
     p.add_argument("--quiet", action="store_true", help="no progress bar; one log line per generation")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory a worker may hold, e.g. 16GB (default: the machine's); a larger estimate is refused")
     p.set_defaults(handler=search_command)
     return p
 
@@ -41,6 +43,8 @@ def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``inspect`` subcommand (re-draws ``RUN/report`` and prints the summary)."""
     p = subparsers.add_parser("inspect", help="write the report of a search run (also while it runs)")
     p.add_argument("run", help="run directory of `dfsmerge search`")
+    p.add_argument("--significance", action="store_true",
+                   help="rescore the best, the start and each source and report paired tests (loads the models)")
     p.set_defaults(handler=inspect_command)
     return p
 
@@ -57,6 +61,9 @@ def _setup_logging(quiet: bool) -> None:
 
 def search_command(args: argparse.Namespace) -> int:
     """Handler of ``dfsmerge search``; prints where the best model, plan and report are."""
+    from dfsmerge.rundir.lock import check_unlocked
+
+    check_unlocked(args.out)  # a second writer is refused at once, before the config and torch are loaded
     from dfsmerge.search.config import load_search_config
     from dfsmerge.search.loop import run_search
 
@@ -70,9 +77,22 @@ def search_command(args: argparse.Namespace) -> int:
                  "seed": args.seed, "backend": args.backend, "ray_address": args.address, "num_workers": args.workers,
                  "device": args.device, "zoo_dir": args.zoo_dir,
                  "task_paths": list(task_paths) if args.task_path else None}
-    result = run_search(config, args.out, resume=args.resume, progress=not args.quiet, address=args.address,
-                        **overrides)
+    from dfsmerge.runtime.memory import parse_memory
+    from dfsmerge.search.signals import SearchPaused
+
+    max_memory = None if args.max_memory is None else parse_memory(args.max_memory)
+    try:
+        result = run_search(config, args.out, resume=args.resume, progress=not args.quiet, address=args.address,
+                            max_memory=max_memory, **overrides)
+    except SearchPaused as e:
+        print(f"dfsmerge: search paused ({e.signame}) after {e.n_evals} evaluations; resume with: "
+              f"{resume_command(args)}", file=sys.stderr)
+        return 128 + e.signum
     print(f"search finished: {result.n_evals} evaluations in {result.run_dir} ({result.stop_reason})")
+    if result.best is not None and "report" in result.outputs:  # is the best better than the start and sources?
+        from dfsmerge.report import write_report
+
+        write_report(result.run_dir, significance=True)  # rescoring the best, the start and each source once
     if result.best is not None:
         from dfsmerge.report import describe_best
 
@@ -87,11 +107,26 @@ def search_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``dfsmerge search`` command line that continues the run of ``args`` (the same flags, plus --resume)."""
+    import shlex
+
+    words = ["dfsmerge", "search", args.config, "--out", args.out]
+    for flag in ("seed", "max_evals", "max_generations", "time_limit", "backend", "address", "workers", "device",
+                 "zoo_dir", "max_memory"):
+        if getattr(args, flag, None) is not None:
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for path in args.task_path or ():
+        words += ["--task-path", path]
+    words += ["--quiet"] * bool(args.quiet) + ["--resume"]
+    return shlex.join(words)
+
+
 def inspect_command(args: argparse.Namespace) -> int:
     """Handler of ``dfsmerge inspect``."""
     from dfsmerge.report import describe_best, load_evals, summarize, write_report
 
-    out = write_report(args.run)
+    out = write_report(args.run, significance=args.significance)
     s = summarize(load_evals(args.run))
     best = s["best"]
     print(f"{s['n']} evaluations ({s['failed']} failed, {s['infeasible']} infeasible, {s['cached']} cached) in "

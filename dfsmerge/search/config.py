@@ -598,8 +598,8 @@ def _resolve_relative(data: dict[str, Any], root: Path) -> dict[str, Any]:
 
     data = dict(data)
     if isinstance(data.get("task_paths"), list):
-        data["task_paths"] = [str((root / p).resolve()) if not Path(p).is_absolute() else p
-                              for p in data["task_paths"]]
+        data["task_paths"] = [str((root / p).resolve()) if not (Path(p).is_absolute() or p.startswith("real:"))
+                              else p for p in data["task_paths"]]
     if isinstance(data.get("zoo_dir"), str) and not Path(data["zoo_dir"]).expanduser().is_absolute():
         data["zoo_dir"] = str((root / data["zoo_dir"]).resolve())
     g = data.get("genome")

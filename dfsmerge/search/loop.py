@@ -34,8 +34,11 @@ from dfsmerge.errors import CheckpointError, DfsmergeError
 from dfsmerge.genome import MODE_TABLE
 from dfsmerge.objectives.cache import ResultCache
 from dfsmerge.report.report import describe_best
+from dfsmerge.rundir.lock import RunLock, check_unlocked
 from dfsmerge.search.config import SearchConfig, load_search_config
+from dfsmerge.search.signals import PauseOnSignal, SearchPaused
 from dfsmerge.search.state import EvalRecord, LoopState, RunDir, check_resume_config
+from dfsmerge.search.subset_fitness import SubsetFitness, check_subset_search
 
 log = logging.getLogger("dfsmerge.search")
 
@@ -64,6 +67,16 @@ class SearchResult:
     pareto: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str = ""
     outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def _take_lock(out: str | Path, *, resume: bool) -> RunLock:
+    """The run directory's writer lock, taken now when resuming (before any work); a new run only checks that no
+    live writer holds ``out`` (its lock is taken once the directory is created)."""
+    lock = RunLock(out)
+    if resume and (Path(out) / "config.yaml").is_file():
+        return lock.acquire()
+    check_unlocked(out)
+    return lock
 
 
 def _rng_state() -> dict[str, Any]:
@@ -192,12 +205,23 @@ class Search:
     """One search run over a run directory (see :func:`run_search`)."""
 
     def __init__(self, config: SearchConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-                 address: str | None = None, emit: Callable[[str], None] | None = None, backend=None):
+                 address: str | None = None, emit: Callable[[str], None] | None = None, backend=None,
+                 max_memory: int | None = None):
+        self.config = config
+        self.max_memory = max_memory
+        self.emit = emit or (lambda msg: log.info(msg))
+        self._lock = _take_lock(out, resume=resume)  # a second writer is refused at once, naming the first's pid
+        try:
+            self._init(config, out, resume=resume, progress=progress, address=address, backend=backend)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _init(self, config: SearchConfig, out: str | Path, *, resume: bool, progress: bool, address: str | None,
+              backend) -> None:
         from dfsmerge.optim import validate_options
         from dfsmerge.search.space import build_space, check_models
 
-        self.config = config
-        self.emit = emit or (lambda msg: log.info(msg))
         RunDir.check(out, resume=resume)  # refuse a non-empty --out (or a missing run) before any work
         if resume:
             check_resume_config(RunDir(out).read_config(), config.to_dict())
@@ -206,8 +230,14 @@ class Search:
         for stage in self._stages:
             o = config.optimizer_for(stage)
             validate_options(o.name, **o.all_options()).preflight()
+        check_subset_search(config)
         self.space, self.models = build_space(config)
         check_models(self.models)
+        if config.needs_model:  # from the checkpoints' headers, before any model is loaded
+            from dfsmerge.runtime.memory import check_memory, search_estimate
+
+            check_memory(search_estimate(config, self.models), what="each search worker", budget=self.max_memory,
+                         device=config.device)
         if backend is None:
             from dfsmerge.search.backends import make_backend
 
@@ -220,6 +250,9 @@ class Search:
 
             Worker(config, self.models)  # validate tasks here, before remote workers load anything
         self.run = RunDir.open(out, resume=resume)
+        self._lock.acquire()  # a new run: taken once its directory exists (a racing twin is refused here)
+        if self._lock.stale:
+            self.emit(f"recovered the lock of a dead writer ({self._lock.stale}); resuming")
         self.run.write_config(config.to_dict())
         self.state = self.run.read_state() if resume else None
         self.progress = _Progress(progress, self.emit)
@@ -232,6 +265,8 @@ class Search:
         self._stage_best: EvalRecord | None = None
         self.eval_dtype: dict[str, Any] | None = None  # the scoring dtype once decided (LoopState.eval_dtype)
         self._last_state: LoopState | None = None
+        self.subset = (SubsetFitness(config, self.run.path)  # subset fitness: schedule, fits, estimates
+                       if any(o.subset is not None for o in config.model_objectives) else None)
 
     # ---------------------------------------------------------------- helpers
     def _remember(self, rec: EvalRecord) -> None:
@@ -297,6 +332,7 @@ class Search:
         stage0, offset, gen_offset, fixed = st.stage, st.stage_offset, st.generation_offset, st.fixed_ps
         _set_rng_state(st.rng)
         reason = ""
+        self._pause = PauseOnSignal(self.emit).__enter__()  # SIGINT/SIGTERM: pause at the next candidate boundary
         try:
             for stage in stages:
                 if stage < stage0:
@@ -319,6 +355,13 @@ class Search:
                     offset = len(self.run.evals)
                     self._checkpoint(None, stage=2, offset=offset, gen_offset=gen_offset, fixed=fixed,
                                      phase="stage_start", elapsed=elapsed0 + time.perf_counter() - t_session)
+        except BaseException as e:
+            if isinstance(e, SearchPaused) and self._last_state is not None:  # the session's time counts
+                self.run.write_state(replace(self._last_state, eval_dtype=self.eval_dtype,
+                                             elapsed_s=elapsed0 + time.perf_counter() - t_session))
+            self._pause.__exit__()
+            self._lock.release()
+            raise
         finally:
             self.run.close()
             self.trackers.close()
@@ -326,7 +369,11 @@ class Search:
         # Every stage's candidates are whole models scored on the same objectives, so the best (and the Pareto set)
         # is taken over all of them: in staged mode CMA-ES never scores stage 2's start (the stage-1 best itself),
         # and a stage-2 search can end below it.
-        return self.finish(0)
+        try:
+            return self.finish(0)
+        finally:
+            self._pause.__exit__()
+            self._lock.release()
 
     def _budget(self, stage: int):
         """The budget section that rules ``stage`` and its config path prefix (for messages)."""
@@ -352,6 +399,7 @@ class Search:
         # checkpoint after tell is written only when the stage ends.
         self._stage_best = self._best_of(offset)
         while True:
+            self._check_pause()
             elapsed = elapsed0 + time.perf_counter() - t_session
             if not opt.pending:
                 reason = self._budget_reason(opt, elapsed, stage)
@@ -413,6 +461,8 @@ class Search:
                     log.add(i, copy(hit, i))
         xs, cs = [X[todo[k][0]] for k in fresh], [cands[todo[k][0]] for k in fresh]
         pre: dict[int, Any] = {}
+        if self.subset is not None and fresh:
+            self.subset.begin_generation(gen, self.backend)
         if self.config.eval_dtype == "auto" and self.eval_dtype is None and self.config.needs_model and fresh:
             pre = self._choose_eval_dtype(xs, cs)
         racing = self.config.racing
@@ -426,39 +476,52 @@ class Search:
                                                                                        [cs[i] for i in rest]))]
         for j, result in results:
             key = fresh[j]
+            if self.subset is not None:
+                result = self.subset.on_result(key, result, gen)
             first, *dups = todo[key]
             rec = EvalRecord(id=base_id + first, generation=gen, stage=stage, genome=tuple(X[first].tolist()),
                              candidate=cands[first].to_dict(), key=key, objectives=result.scores,
                              values=result.values, fitness=result.fitness, error=result.error, cached=False,
                              timings=result.timings, time=time.time(), infeasible=result.infeasible,
-                             traceback=result.traceback, cost=result.cost, race=result.race)
+                             traceback=result.traceback, cost=result.cost, race=result.race,
+                             estimate=result.estimate)
             self._remember(rec)
             log.add(first, rec)
             for i in dups:
                 log.add(i, copy(rec, i))
+            self._check_pause()  # a result waiting for a lower id is abandoned: the resume scores it again
         self.progress.end(gen, self._stage_best, len(self.run.evals))
         return log.recs  # type: ignore[return-value]
 
     def _choose_eval_dtype(self, xs, cs) -> dict[int, Any]:
-        """``eval_dtype: auto``: score the first fresh candidates in ``dtype`` and in bfloat16, keep the faster one
-        if the scores agree (:func:`choose_eval_dtype`), save the choice in the state. Returns the results in the
-        chosen dtype (``{index: result}``): they are this generation's evaluations of those candidates."""
-        k = min(3, len(xs))
-        base, fast = self.config.dtype, "bfloat16"
-        runs = {}
-        for d in (base, fast):
-            self.backend.set_eval_dtype(d)
-            runs[d] = dict(self.backend.evaluate(xs[:k], cs[:k]))
-        self.eval_dtype = choose_eval_dtype(base, fast, [runs[base][j] for j in range(k)],
+        """``eval_dtype: auto``: the dtype :func:`~dfsmerge.search.eval_dtype.bf16_rule` proposes from the device
+        and model A (no timing: reruns choose alike); a proposed bfloat16 is kept only when the first fresh
+        candidates score alike in both dtypes (:func:`~dfsmerge.search.eval_dtype.verify_scores`). The choice is
+        saved in the state. Returns the results in the chosen dtype (``{index: result}``) of the candidates scored
+        to check it: they are this generation's evaluations of those candidates."""
+        from dfsmerge.search.eval_dtype import EVAL_DTYPE_CHECK_CANDIDATES, bf16_rule, model_config, verify_scores
+        from dfsmerge.search.worker import _device
+
+        base = self.config.dtype
+        proposal = bf16_rule(base, _device(self.config.device), model_config(next(iter(self.models.pool.values()))))
+        fast, runs, k = proposal["dtype"], {}, min(EVAL_DTYPE_CHECK_CANDIDATES, len(xs))
+        if fast == base:
+            self.eval_dtype = proposal
+        else:
+            for d in (base, fast):
+                self.backend.set_eval_dtype(d)
+                runs[d] = dict(self.backend.evaluate(xs[:k], cs[:k]))
+            self.eval_dtype = verify_scores(proposal, base, [runs[base][j] for j in range(k)],
                                             [runs[fast][j] for j in range(k)])
         chosen = self.eval_dtype["dtype"]
         self.backend.set_eval_dtype(chosen)
-        d = self.eval_dtype["max_score_diff"]
-        self.emit(f"eval_dtype auto: {fast} {self.eval_dtype['speedup']:.2f}x the speed of {base}, scores within "
-                  f"{'(a failure in one dtype)' if d is None else f'{d:.3g}'} on {k} candidates -> scoring in {chosen}")
+        d = self.eval_dtype.get("max_score_diff", 0.0)
+        checked = (f"; scores within {'(a failure in one dtype)' if d is None else f'{d:.3g}'} on {k} candidates"
+                   if runs else "")
+        self.emit(f"eval_dtype auto: {proposal['rule']}{checked} -> scoring in {chosen}")
         if getattr(self, "_last_state", None) is not None:  # durable before any record scored in it is written
             self.run.write_state(replace(self._last_state, eval_dtype=self.eval_dtype))
-        return runs[chosen]
+        return runs.get(chosen, {})
 
     def _race(self, xs, cs, logged: list[EvalRecord | None], elite: int | None) -> list[tuple[int, Any]]:
         """Score the fresh candidates ``xs`` block by block, stopping those that cannot enter the elite
@@ -482,6 +545,7 @@ class Search:
         failed: dict[int, Any] = {}
 
         def score_block(indices: list[int], block: int) -> None:
+            self._check_pause()  # an unfinished race is abandoned: the resume runs it again from its logged entries
             sel = [i - len(known) for i in indices]
             for j, res in self.backend.evaluate([xs[i] for i in sel], [cs[i] for i in sel], block=block):
                 i = sel[j]
@@ -514,6 +578,13 @@ class Search:
         if math.isfinite(rec.fitness) and (self._stage_best is None or rec.fitness < self._stage_best.fitness):
             self._stage_best = rec
         self.progress.step(self._stage_best)
+        self._check_pause()
+
+    def _check_pause(self) -> None:
+        """Raise :class:`SearchPaused` once SIGINT/SIGTERM asked for a pause (called between candidates)."""
+        pause = getattr(self, "_pause", None)
+        if pause is not None and pause.requested is not None:
+            raise SearchPaused(pause.requested, self.run.path, len(self.run.evals))
 
     def _count_failure(self, rec: EvalRecord) -> None:
         if rec.error and not rec.infeasible and not rec.cached:
@@ -542,6 +613,8 @@ class Search:
         outputs: dict[str, Path] = {}
         rec = self._best_of(offset)
         best = None if rec is None else rec.to_json()
+        if self.subset is not None:  # the elite scored on every document: the best is never an estimate
+            best = self.subset.final_best(self.run.evals[offset:], self.space, self.backend)
         if best is not None:
             outputs.update(write_best(self.run.best_dir, best, self.space))
         pareto: list[dict[str, Any]] = []
@@ -560,48 +633,21 @@ class Search:
 
             outputs["report"] = write_report(self.run.path)
         except Exception as e:  # noqa: BLE001 - a plotting problem must not lose a finished search
+            from dfsmerge.io.diskspace import disk_full_error, is_disk_full
+
+            if is_disk_full(e):  # a full disk is not a plotting problem: stop, the resume writes it again
+                from dfsmerge.search.state import DISK_FULL_FIX
+
+                old = sum(f.stat().st_size for f in self.run.report_dir.glob("*") if f.is_file())
+                raise disk_full_error(self.run.report_dir, max(old, 1 << 20), fix=DISK_FULL_FIX) from None
             self.emit(f"warning: report not written ({type(e).__name__}: {e}); run `dfsmerge inspect RUN` to retry")
         return SearchResult(run_dir=self.run.path, n_evals=len(self.run.evals), best=best, pareto=pareto,
                             stop_reason=self.stop_reason, outputs=outputs)
 
 
-#: eval_dtype auto keeps the faster dtype only when it is at least this much faster ...
-EVAL_DTYPE_MIN_SPEEDUP = 1.25
-#: ... and every score of the measured candidates agrees within this (relative above 1)
-EVAL_DTYPE_MAX_SCORE_DIFF = 0.02
-
-
-def choose_eval_dtype(base: str, fast: str, results_base: list, results_fast: list) -> dict[str, Any]:
-    """The ``eval_dtype: auto`` decision from the same candidates scored in ``base`` and in ``fast``: ``fast`` when
-    it is at least :data:`EVAL_DTYPE_MIN_SPEEDUP` faster on every candidate (evaluation seconds, candidate by
-    candidate: the smallest ratio counts, so one slow warm-up or a restarted worker cannot decide it) and every
-    objective's score agrees within :data:`EVAL_DTYPE_MAX_SCORE_DIFF`; else ``base``. A candidate that fails in one
-    dtype only counts as disagreement."""
-    ratios, diff = [], 0.0
-    for a, b in zip(results_base, results_fast, strict=True):
-        if (a.error is None) != (b.error is None):
-            diff = math.inf
-            continue
-        if a.error is not None:
-            continue
-        ta, tb = a.timings.get("eval_s"), b.timings.get("eval_s")
-        if ta and tb:
-            ratios.append(ta / tb)
-        for k, va in a.scores.items():
-            vb = b.scores.get(k)
-            if va is None or vb is None:
-                diff = max(diff, 0.0 if va is vb else math.inf)
-            else:
-                diff = max(diff, abs(va - vb) / max(1.0, abs(va)))
-    speedup = min(ratios) if ratios else 0.0
-    ok = speedup >= EVAL_DTYPE_MIN_SPEEDUP and diff <= EVAL_DTYPE_MAX_SCORE_DIFF
-    return {"dtype": fast if ok else base, "measured": True, "speedup": round(speedup, 4),
-            "max_score_diff": diff if math.isfinite(diff) else None, "candidates": len(results_base)}
-
-
 def run_search(config: SearchConfig | str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
                address: str | None = None, emit: Callable[[str], None] | None = None, backend=None,
-               **overrides: Any) -> SearchResult:
+               max_memory: int | None = None, **overrides: Any) -> SearchResult:
     """Run (or resume) a search and write its run directory.
 
     Args:
@@ -612,6 +658,8 @@ def run_search(config: SearchConfig | str | Path, out: str | Path, *, resume: bo
         address: Ray cluster address (``backend: ray``).
         emit: where progress lines go (default: the ``dfsmerge.search`` logger).
         backend: a ready backend (tests); default from ``config.backend``.
+        max_memory: bytes a worker may hold (``--max-memory``); default the machine's memory. A config whose
+            estimated peak (:mod:`dfsmerge.runtime.memory`) exceeds it is refused before anything is loaded.
         **overrides: dotted config overrides, e.g. ``{"budget.max_evals": 10}`` (None values ignored).
 
     Returns:
@@ -626,4 +674,4 @@ def run_search(config: SearchConfig | str | Path, out: str | Path, *, resume: bo
     if overrides:
         config = config.with_overrides(**overrides)
     return Search(config, out, resume=resume, progress=progress, address=address, emit=emit,
-                  backend=backend).run_loop()
+                  backend=backend, max_memory=max_memory).run_loop()

@@ -28,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from dfsmerge.errors import CheckpointError, ConfigError, OutputExistsError
+from dfsmerge.io.diskspace import disk_full_error, is_disk_full
 from dfsmerge.io.writer import fsync_dir
 
 STATE_FORMAT = 1
+DISK_FULL_FIX = ("the file there is as before (the run's last checkpoint is intact); free space and continue with "
+                 "`dfsmerge search CONFIG --out RUN --resume`")
 
 
 def jsonable(o: Any) -> Any:
@@ -91,6 +94,7 @@ class EvalRecord:
     traceback: str | None = None
     cost: Mapping[str, float] = field(default_factory=dict)
     race: Mapping[str, Any] | None = None
+    estimate: Mapping[str, Any] | None = None  # subset fitness: objectives estimated from few documents
 
     @property
     def ok(self) -> bool:
@@ -112,6 +116,8 @@ class EvalRecord:
             out["cost"] = dict(self.cost)
         if self.race is not None:
             out["race"] = jsonable(dict(self.race))
+        if self.estimate is not None:
+            out["estimate"] = jsonable(dict(self.estimate))
         return out
 
     @property
@@ -193,8 +199,10 @@ def atomic_write(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path, len(text.encode()), fix=DISK_FULL_FIX) from None
         raise
     fsync_dir(path.parent)
 
@@ -241,7 +249,9 @@ class RunDir:
     def check(path: str | Path, *, resume: bool) -> None:
         """Raise what :meth:`open` would raise, without creating anything."""
         p = Path(path)
-        if not resume and p.exists() and (not p.is_dir() or any(p.iterdir())):
+        # a run stopped before its config was written (a full disk) left only its lock and empty state/: new again
+        leftovers = {".lock", "state"} if not (p / "state").is_dir() or not any((p / "state").iterdir()) else {".lock"}
+        if not resume and p.exists() and (not p.is_dir() or any(c.name not in leftovers for c in p.iterdir())):
             raise OutputExistsError(f"--out {str(p)!r} exists and is not empty; pass --resume to continue that "
                                     "run, or choose another --out directory")
         if resume and not (p / "config.yaml").is_file():
@@ -266,31 +276,21 @@ class RunDir:
         return run
 
     def _load_evals(self) -> None:
-        if not self.evals_path.exists():
-            return
-        raw = self.evals_path.read_bytes()
-        end = raw.rfind(b"\n") + 1
-        if end < len(raw):  # a kill mid-append: drop the partial line
+        from dfsmerge.rundir.reader import read_eval_lines
+
+        lines = read_eval_lines(self.evals_path)  # the one torn-line policy: a partial last line is left out
+        if lines.torn:  # a kill mid-append: drop the partial line before appending again
             with open(self.evals_path, "r+b") as f:
-                f.truncate(end)
+                f.truncate(lines.complete_bytes)
                 f.flush()
                 os.fsync(f.fileno())
         evals = []
-        for n, line in enumerate(raw[:end].splitlines()):
-            if not line.strip():
-                continue
+        for row in lines.rows:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{self.evals_path}: line {n + 1} is not JSON ({e}); the log is corrupt") from e
-            if rec.get("id") != len(evals):
-                raise CheckpointError(f"{self.evals_path}: line {n + 1} has id={rec.get('id')!r}, expected "
-                                      f"{len(evals)}; the log has a gap or a duplicate")
-            try:
-                evals.append(EvalRecord.from_json(rec))
+                evals.append(EvalRecord.from_json(row))
             except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{self.evals_path}: line {n + 1} is not an evaluation record "
-                                      f"({type(e).__name__}: {e}); the log is corrupt") from e
+                raise CheckpointError(f"{self.evals_path}: line {row.get('id', len(evals)) + 1} is not an evaluation "
+                                      f"record ({type(e).__name__}: {e}); the log is corrupt") from e
         self.evals = evals
 
     # ---------------------------------------------------------------- config
@@ -310,12 +310,21 @@ class RunDir:
         """Append one candidate's line and fsync it (ids must be consecutive)."""
         if record.id != len(self.evals):
             raise RuntimeError(f"eval id {record.id} appended after {len(self.evals)} lines")
-        line = json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False) + "\n"
-        if self._fh is None:
-            self._fh = open(self.evals_path, "a")  # noqa: SIM115 - kept open for the run
-        self._fh.write(line)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        line = (json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False) + "\n").encode()
+        if self._fh is None:  # unbuffered: a failed write leaves no bytes behind to be flushed later
+            self._fh = open(self.evals_path, "ab", buffering=0)  # noqa: SIM115 - kept open for the run
+        end = self._fh.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[self._fh.write(view):]
+            os.fsync(self._fh.fileno())
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            os.ftruncate(self._fh.fileno(), end)  # no partial line: the log ends at the last whole record
+            self.close()
+            raise disk_full_error(self.evals_path, len(line), fix=DISK_FULL_FIX) from None
         self.evals.append(record)
 
     def close(self) -> None:

@@ -96,6 +96,9 @@ class Worker:
         self.eval_dtype = self.config.dtype if self.config.eval_dtype == "auto" else self.config.eval_dtype
         self.evaluator = None
         self.directions: dict[str, str] = {o.key: "minimize" for o in self.config.synthetic_objectives}
+        # subset fitness: score per document, only the documents at these positions of each task (None: all)
+        self.subset = any(o.subset is not None for o in self.config.model_objectives)
+        self.doc_positions: dict[str, list[int]] | None = None
         if self.config.needs_model:
             self._prepare_tasks()
 
@@ -122,6 +125,15 @@ class Worker:
         self.directions.update(self.evaluator.directions)
         if self.config.racing.enabled:
             self.evaluator.suite.race_blocks(self.config.racing.blocks, self.config.seed)
+        if self.subset:
+            from dfsmerge.objectives.subset import check_subset_task
+
+            for p in self.evaluator.suite.prepared:
+                check_subset_task(p)
+
+    def set_doc_positions(self, positions: dict[str, list[int]] | None) -> None:
+        """Subset fitness: score only the documents at ``positions[task]`` from now on (None: every document)."""
+        self.doc_positions = positions
 
     def _load_runtime(self) -> None:
         from dfsmerge.pool import LayerPool
@@ -171,7 +183,7 @@ class Worker:
         objectives = self.config.objectives
         timings: dict[str, float] = {}
         results: dict[str, Any] = {}
-        partial = None
+        partial = responses = None
         cost: dict[str, float] = {}
         try:
             cand = self.space.decode(x) if candidate is None else candidate
@@ -194,7 +206,10 @@ class Worker:
                     timings["prepare_s"] = time.perf_counter() - t1
                     t2 = time.perf_counter()
                     work = self.runtime.work()
-                    if block is None:
+                    if block is None and self.subset:
+                        res = self.evaluator.evaluate_docs(model, self.doc_positions)
+                        docs = res.cost["docs"]
+                    elif block is None:
                         res = self.evaluator.evaluate(model)  # duplicates never get here: the loop's cache has them
                         docs = self.evaluator.documents()
                     else:
@@ -203,7 +218,7 @@ class Worker:
                 timings["eval_s"] = time.perf_counter() - t2
                 cost = {**self.runtime.work().since(work), "docs": docs, "seconds": round(timings["eval_s"], 4)}
                 results = res.results
-                partial = res.partial
+                partial, responses = res.partial, res.responses
                 scores.update(res.scores)
                 values.update(res.values)
             u = (x - self._lo) / self._span if len(x) else x
@@ -222,7 +237,7 @@ class Worker:
         return EvalResult(results=results, scores={o.key: _clean(scores.get(o.key)) for o in objectives},
                           values=values, fitness=scalar_fitness(values, objectives),
                           error=f"non-finite objective {bad}" if bad else None, timings=timings, cost=cost,
-                          partial=partial)
+                          partial=partial, responses=responses)
 
     def _failed(self, msg: str, timings, t0, *, infeasible: bool = False, detail: str | None = None) -> EvalResult:
         timings["total_s"] = time.perf_counter() - t0

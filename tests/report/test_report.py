@@ -83,3 +83,41 @@ def test_path_diagram_of_a_plan_with_repeats(tmp_path):
     assert g.edges[LayerRef("A", 0), LayerRef("B", 1)]["count"] == 2  # what the diagram labels
     out = plot_path(plan.to_dict(), tmp_path / "p.png")
     assert _png(out)
+
+
+def test_path_figure_at_real_depth_names_models_as_written(tmp_path):
+    """A 48-step path over three 24-layer models (repeats, skips, scales) renders; labels are the names the user
+    wrote (``math (zoo:math)``, ``merged (PS merge)``), never the cache paths the plan holds."""
+    import random
+
+    from dfsmerge.report.report import model_label, plot_path
+
+    rng = random.Random(0)
+    steps = [{"model": rng.choice(["merged", "math", "language"]),
+              "layer": min(23, max(0, k // 2 + rng.randint(-1, 1))), "scale": round(rng.uniform(0.7, 1.3), 2)}
+             for k in range(48)]
+    path = {"models": {"merged": "@ps", "math": "/root/.cache/dfsmerge/zoo/x/models/math",
+                       "language": "/root/.cache/dfsmerge/zoo/x/models/language"}, "base": "merged", "path": steps}
+    names = {"math": "zoo:math", "language": "zoo:language"}
+    import matplotlib.figure
+    import matplotlib.text
+
+    texts: list[str] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):  # every string the figure draws, read just before it is saved
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        return save(fig, *a, **k)
+
+    matplotlib.figure.Figure.savefig = spy
+    try:
+        out = plot_path(path, tmp_path / "deep.png", {"merged": 24, "math": 24, "language": 24}, names=names)
+    finally:
+        matplotlib.figure.Figure.savefig = save
+    assert _png(out)
+    assert {"math (zoo:math)", "language (zoo:language)", "merged (PS merge)"} <= set(texts)
+    assert not any(".cache" in t for t in texts)
+    assert any(t.startswith("path: 48 steps") for t in texts)
+    assert model_label("math", path["models"]["math"], names) == "math (zoo:math)"
+    assert model_label("merged", "@ps", names) == "merged (PS merge)"
+    assert model_label("m1", "/some/cache/m1", {}) == "m1"

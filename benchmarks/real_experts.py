@@ -1,0 +1,253 @@
+"""The paper's table on real weights: SmolLM2 experts, multilingual math, unsearched merges, Layer Swapping and
+the four searches (PS, DFS, staged, joint), every row on the test split.
+
+    python benchmarks/real_experts.py                       # everything (experts reused once built)
+    python benchmarks/real_experts.py --stages sources      # just the experts' and the base's rows
+    python benchmarks/real_experts.py --seeds 0 --modes ps  # one search
+
+Steps (each reuses what an earlier invocation finished; results under --out, models and runs under --work):
+
+1. ``dfsmerge zoo build --real SET``: data, tasks and the two experts (dfsmerge.zoo.experts).
+2. sources: the base and both experts.
+3. baselines: task arithmetic, TIES and DARE-TIES at their usual defaults (configs/real/experts/recipes/).
+4. layer swap: split points chosen on the validation split of the combined task (a small grid, greedy generation),
+   the chosen recipe written to --out/layer_swap.yaml and scored on test.
+5. searches: ``dfsmerge search configs/real/experts/MODE.yaml --seed S`` (resumable), the best exported.
+
+Scores: English math and target-language math (the combined task) by greedy generation through lm-eval (our
+adapter), exact match of the number after ``####``, ``max_gen_toks`` 400; a response is counted *truncated* when it
+has no ``####`` line and filled the generation budget. The target-language reading task and the search's fitness
+(the four-way worked-answer choice) by the native scorer. Paired tests (exact McNemar) of the best searched model
+against the best source and against Layer Swapping, on the combined task's test documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "real" / "experts"
+MODES = ("ps", "dfs", "staged", "joint")
+SWAP_GRID = ((4, 2, 1), (6, 3, 2), (8, 4, 2), (6, 3, 0), (10, 4, 2))  # (bottom, top, transition) of 30 layers
+
+
+def _log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def _run(cmd: list[str]) -> None:
+    _log("$ " + " ".join(cmd))
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _set_refs(text: str, name: str) -> str:
+    return text.replace("real:smollm2-fra/", f"real:{name}/")
+
+
+def score(model_dir: str, tasks_dir: Path, target: str, *, split: str, limit: int | None, batch_size: int) -> dict:
+    """Per-document results of one model: generation tasks through lm-eval with their raw responses, the rest
+    native. ``{task: {"score": mean, "docs": [value...], "truncated": [bool...], "heldout": [bool...]}}``."""
+    import torch
+
+    from dfsmerge.objectives import evaluate_model
+    from dfsmerge.objectives.tasks import simple_evaluate
+    from dfsmerge.runtime.lm_adapter import DfsLM
+    from dfsmerge.runtime.loading import load_model_or_plan
+    from dfsmerge.zoo.mgsm import MAX_GEN_TOKS
+
+    model, tok = load_model_or_plan(model_dir, dtype=torch.float32)
+    out: dict[str, dict] = {}
+    if split == "test":
+        gen = ["mgsm_eng", f"mgsm_{target}"]
+        lm = DfsLM(model, tok, batch_size=batch_size, max_gen_toks=MAX_GEN_TOKS)
+        res = simple_evaluate(lm, gen, task_paths=[str(tasks_dir)], limit=limit, log_samples=True)
+        for t in gen:
+            samples = sorted(res["samples"][t], key=lambda s: s["doc_id"])
+            docs = [float(s["exact_match"]) for s in samples]
+            raw = [s["resps"][0][0] if isinstance(s["resps"][0], list) else s["resps"][0] for s in samples]
+            trunc = [("####" not in r) and len(tok(r, add_special_tokens=False)["input_ids"]) >= MAX_GEN_TOKS - 2
+                     for r in raw]
+            out[t] = {"score": sum(docs) / len(docs), "docs": docs, "truncated": trunc,
+                      "heldout": [bool(s["doc"]["heldout"]) for s in samples]}
+        rest, native = [f"lang_{target}", f"mgsm_{target}_mc"], True
+    else:  # choosing on validation: the combined task alone
+        rest, native = [f"mgsm_{target}"], False
+    r = evaluate_model(model, tok, rest, task_paths=[str(tasks_dir)], split=split, limit=limit, native=native,
+                       per_document=True, batch_size=batch_size)
+    for t in rest:
+        docs = r["per_document"][t]
+        out[t] = {"score": sum(docs) / len(docs), "docs": docs}
+    return out
+
+
+def cached_score(name: str, model_dir: str, args, tasks_dir: Path, *, split: str = "test",
+                 limit: int | None = None) -> dict:
+    path = Path(args.out) / "scores" / f"{name}.{split}{'' if limit is None else f'.limit{limit}'}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    res = score(model_dir, tasks_dir, args.target, split=split, limit=limit, batch_size=args.batch_size)
+    res["_seconds"] = round(time.time() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    _log(f"{name} ({split}): " + ", ".join(f"{t} {v['score']:.3f}" for t, v in res.items() if t[0] != "_")
+         + f" in {res['_seconds']:.0f} s")
+    return res
+
+
+def merged(name: str, recipe_text: str, work: Path) -> str:
+    import yaml
+
+    from dfsmerge.config import load_merge_config
+    from dfsmerge.recipe import run_merge
+
+    out = work / "models" / name
+    if not (out / "config.json").is_file():
+        run_merge(load_merge_config(yaml.safe_load(recipe_text)), out, force=True)
+    return str(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--set", default="smollm2-fra", help="expert set (dfsmerge.zoo.experts.EXPERT_SETS; tiny: a "
+                   "few-step set, to try this script)")
+    p.add_argument("--stages", default="sources,baselines,swap,search",
+                   help="comma-separated: language (the math expert per language, on validation), sources, "
+                        "baselines, swap, search")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--swap-limit", type=int, default=40, help="validation documents per layer-swap grid point")
+    p.add_argument("--limit", type=int, default=None, help="test documents per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_experts"))
+    p.add_argument("--work", default=str(ROOT / "runs" / "real_experts"))
+    args = p.parse_args()
+    import torch
+
+    from dfsmerge.zoo.experts import EXPERT_SETS, build_experts, tiny_set
+    from dfsmerge.zoo.layer_swap import LayerSwap, layer_swap_recipe
+
+    torch.set_num_threads(args.threads)
+    stages = set(args.stages.split(","))
+    spec = tiny_set() if args.set == "tiny" else EXPERT_SETS[args.set]  # tiny: a smoke run of this script
+    args.target = spec.target
+    work, out = Path(args.work), Path(args.out)
+    t0 = time.time()
+    roles = ("math",) if stages <= {"language"} else ("math", "lang")  # the language choice needs math alone
+    root = build_experts(spec, roles=roles, threads=args.threads, log=print)
+    _log(f"experts ready in {time.time() - t0:.0f} s: {root}")
+    tasks_dir = root / "tasks"
+    rows: dict[str, dict] = {}
+    timing: dict[str, float] = {}
+    sources = {"base": _resolve(spec.base),
+               "math expert": str(root / "math"), "language expert": str(root / "lang")}
+    if "language" in stages:  # the measurement behind the target language: the math expert's skill per language
+        from dfsmerge.objectives import evaluate_model
+        from dfsmerge.runtime.loading import load_model_or_plan
+
+        model, tok = load_model_or_plan(str(root / "math"))
+        lines = ["| language | math expert, validation exact match (%) |", "|---|---|"]
+        for lang in spec.split.languages:
+            r = evaluate_model(model, tok, [f"mgsm_{lang}"], task_paths=[str(tasks_dir)], split="validation",
+                               limit=args.swap_limit, batch_size=args.batch_size)
+            v = next(iter(r["results"][f"mgsm_{lang}"].values()))
+            lines.append(f"| {lang} | {100 * v:.1f} |")
+            _log(lines[-1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "language_choice.md").write_text("\n".join(lines) + "\n")
+    if "sources" in stages:
+        for name, d in sources.items():
+            rows[name] = cached_score(name.replace(" ", "_"), d, args, tasks_dir, limit=args.limit)
+    if "baselines" in stages:
+        for name in ("task_arithmetic", "ties", "dare_ties"):
+            d = merged(name, _set_refs((CONFIGS / "recipes" / f"{name}.yaml").read_text(), spec.name), work)
+            rows[name.replace("_", " ")] = cached_score(name, d, args, tasks_dir, limit=args.limit)
+    if "swap" in stages:
+        best = None
+        for b, t, tr in SWAP_GRID:
+            swap = LayerSwap(30, b, t, tr)
+            recipe = layer_swap_recipe(swap, math=str(root / "math"), lang=str(root / "lang"))
+            import yaml
+
+            d = merged(f"swap_{b}_{t}_{tr}", yaml.safe_dump(recipe), work)
+            v = cached_score(f"swap_{b}_{t}_{tr}", d, args, tasks_dir, split="validation", limit=args.swap_limit)
+            val = v[f"mgsm_{args.target}"]["score"]
+            if best is None or val > best[0]:
+                best = (val, swap, d)
+        _, swap, d = best
+        (out / "layer_swap.yaml").write_text(
+            f"# chosen on validation ({args.swap_limit} documents of mgsm_{args.target}) among {SWAP_GRID}: "
+            f"bottom {swap.bottom}, top {swap.top}, transition {swap.transition}\n"
+            + yaml.safe_dump(layer_swap_recipe(swap, math=f"real:{spec.name}/math", lang=f"real:{spec.name}/lang"),
+                             sort_keys=False, default_flow_style=None))
+        rows[f"layer swap ({swap.bottom}/{swap.top}/{swap.transition})"] = cached_score(
+            "layer_swap", d, args, tasks_dir, limit=args.limit)
+    if "search" in stages:
+        for mode in args.modes.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                run = work / f"{mode}-s{seed}"
+                cfg = work / f"{mode}.yaml"
+                cfg.parent.mkdir(parents=True, exist_ok=True)
+                cfg.write_text(_set_refs((CONFIGS / f"{mode}.yaml").read_text(), spec.name))
+                t1 = time.time()
+                resume = ["--resume"] if (run / "evals.jsonl").is_file() else []
+                _run(["dfsmerge", "search", str(cfg), "--out", str(run), "--seed", str(seed), "--quiet", *resume])
+                timing[f"{mode}-s{seed}"] = round(time.time() - t1, 1)
+                model = work / "models" / f"{mode}-s{seed}"
+                if not (model / "config.json").is_file():
+                    _run(["dfsmerge", "export", str(run), "--candidate", "best", "--out", str(model), "--force"])
+                rows[f"{mode} search (seed {seed})"] = cached_score(f"{mode}-s{seed}", str(model), args, tasks_dir,
+                                                                     limit=args.limit)
+    write_table(rows, timing, args, out)
+    return 0
+
+
+def _resolve(ref: str) -> str:
+    from dfsmerge.io.reader import resolve_model_path
+
+    return str(resolve_model_path(ref))
+
+
+def write_table(rows: dict[str, dict], timing: dict[str, float], args, out: Path) -> None:
+    from dfsmerge.report.significance import paired_test
+
+    t = args.target
+    comb = f"mgsm_{t}"
+    lines = [f"| model | English math | {t} math (combined) | held-out templates / seen | truncated | "
+             f"{t} reading | fitness (4-way, test) |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        c = r[comb]
+        held = [v for v, h in zip(c["docs"], c["heldout"], strict=True) if h]
+        seen = [v for v, h in zip(c["docs"], c["heldout"], strict=True) if not h]
+        trunc = sum(c["truncated"]) / len(c["truncated"])
+        lines.append(f"| {name} | {100 * r['mgsm_eng']['score']:.1f} | {100 * c['score']:.1f} | "
+                     f"{100 * sum(held) / max(1, len(held)):.1f} / {100 * sum(seen) / max(1, len(seen)):.1f} | "
+                     f"{100 * trunc:.1f}% | {100 * r[f'lang_{t}']['score']:.1f} | "
+                     f"{100 * r[f'mgsm_{t}_mc']['score']:.1f} |")
+    searched = {k: v for k, v in rows.items() if "search" in k}
+    srcs = {k: v for k, v in rows.items() if k in ("base", "math expert", "language expert")}
+    notes = []
+    if searched and srcs:
+        best_s = max(searched, key=lambda k: searched[k][comb]["score"])
+        best_src = max(srcs, key=lambda k: srcs[k][comb]["score"])
+        for other in [best_src, *(k for k in rows if k.startswith("layer swap"))]:
+            pt = paired_test(searched[best_s][comb]["docs"], rows[other][comb]["docs"])
+            notes.append(f"- {best_s} vs {other} on {comb} test: {pt}")
+    text = "\n".join([f"# Real experts ({args.set}), test split", "", *lines, "", *notes, "",
+                      "Search wall times (s): " + json.dumps(timing)]) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    (out / "table.json").write_text(json.dumps({k: {t2: v2["score"] for t2, v2 in v.items() if t2[0] != "_"}
+                                                for k, v in rows.items()}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Fitness from few documents against the full set (issue 26): how well ``subset`` estimates rank and match a search's
+candidates, and what a search on the estimate reaches.
+
+Parts (``--parts``):
+
+- ``toy-corr`` / ``real-corr``: a full-set search (toy: configs/toy/<--toy-config>.yaml on zoo_math_b, validation
+  split, 300 documents; real: configs/real/dfs.yaml over SmolLM2-135M, ``--real-max-evals`` candidates) that keeps
+  every candidate's per-document results (``subset`` with ``fit_generations`` above the search's length: every
+  generation is scored in full and recorded in RUN/subset/responses.jsonl; the optimizer sees full scores). Then,
+  offline, for each method (anchor, irt, random) and size N: the subset and estimator are fitted exactly as a search
+  would fit them (:func:`dfsmerge.objectives.subset.fit_subset` on the full generations before the candidate's: the
+  first ``fit_generations``, and every ``refit_every``-th after), every later candidate is estimated from its results
+  on the N documents (:func:`~dfsmerge.objectives.subset.estimate`), and the table gives Spearman's rank correlation
+  with its full-set score over those candidates, the mean absolute error, and the documents scored per candidate
+  (fitting generations included). ``random`` is the mean over ``--random-seeds`` subsets.
+- ``toy-search``: the same toy search run on the estimate (``--search-method``, N = ``--search-size``) at equal
+  candidate count, against the full-set run of ``toy-corr``: the best candidate's validation score (always a full
+  score: the elite is rescored), its test score (exported, scored by ``dfsmerge eval``), documents per candidate
+  (elite rescoring included).
+
+    python benchmarks/subset_fitness.py [--parts toy-corr,toy-search,real-corr] [--seeds 0,1] [--toy-config joint]
+        [--sizes 10,25,50,100] [--fit-generations 1] [--refit-every 10] [--workdir runs/subset_fitness]
+        [--out benchmarks/results/subset_fitness.md] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_table import ROOT, dfsmerge, score, timed_search  # noqa: E402 - the toy table's CLI helpers, one home
+
+from dfsmerge.objectives.subset import estimate, fit_subset  # noqa: E402
+
+RECORD = {"method": "random", "size": 1, "fit_generations": 10 ** 6}  # every generation in full, results recorded
+
+
+def toy_base(name: str, seed: int, zoo: str) -> tuple[dict, Path]:
+    """The toy config for search seed ``seed`` over one zoo (built once, seed 0)."""
+    cfg = yaml.safe_load((ROOT / "configs/toy" / f"{name}.yaml").read_text())
+    zoo = Path(os.path.expanduser(zoo))
+    cfg["zoo_dir"], cfg["seed"], cfg["eval_dtype"] = str(zoo), seed, "float32"
+    return cfg, zoo
+
+
+def real_base(max_evals: int) -> dict:
+    cfg = yaml.safe_load((ROOT / "configs/real/dfs.yaml").read_text())
+    cfg["task_paths"] = [str(ROOT / "configs/real/tasks")]
+    cfg["budget"] = {"max_evals": max_evals}
+    return cfg
+
+
+def with_subset(cfg: dict, subset: dict) -> dict:
+    out = json.loads(json.dumps(cfg))
+    for o in out["objectives"]:
+        o["subset"] = dict(subset)
+    return out
+
+
+def run(cfg: dict, path: Path, env: dict) -> tuple[float, list[dict]]:
+    done = path / "bench.json"
+    if done.is_file():
+        return json.loads(done.read_text())["wall_s"], [json.loads(x) for x in (path / "evals.jsonl").open()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conf = path.parent / f"{path.name}.yaml"
+    conf.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    wall, recs = timed_search(conf, path, env=env)
+    done.write_text(json.dumps({"wall_s": wall}))
+    return wall, recs
+
+
+def responses(path: Path) -> list[dict]:
+    return [json.loads(x) for x in (path / "subset/responses.jsonl").read_text().splitlines()]
+
+
+def simulate(entries: list[dict], key: str, method: str, size: int, seed: int, fit_generations: int,
+             refit_every: int | None) -> dict:
+    """Estimate every candidate of the non-full generations as a search with this schedule would."""
+    def full(g):
+        g0 = fit_generations - 1
+        return g <= g0 or (refit_every is not None and (g - g0) % refit_every == 0)
+
+    gens = sorted({e["generation"] for e in entries})
+    fits: dict[int, dict] = {}
+    est, truth, n_full = [], [], 0
+    for e in sorted(entries, key=lambda e: (e["generation"], e["key"])):
+        g, r = e["generation"], np.asarray(e["responses"][key], dtype=np.float64)
+        if full(g):
+            n_full += 1
+            continue
+        last = max(x for x in gens if x < g and full(x))
+        if last not in fits:
+            rows = sorted((x for x in entries if x["generation"] <= last), key=lambda x: x["key"])
+            fits[last] = fit_subset(method, np.array([x["responses"][key] for x in rows]), size, seed)
+        fit = fits[last]
+        est.append(estimate(fit, r[fit["positions"]]))
+        truth.append(float(r.mean()))
+    est, truth = np.array(est), np.array(truth)
+    n_docs = len(entries[0]["responses"][key])
+    rho = float(spearmanr(est, truth)[0]) if len(est) > 2 and truth.std() > 0 else float("nan")
+    return {"rho": rho, "mae": float(np.abs(est - truth).mean()) if len(est) else float("nan"),
+            "n": len(est), "docs_per_cand": (n_full * n_docs + len(est) * size) / len(entries), "n_docs": n_docs}
+
+
+def corr_table(label: str, entries: list[dict], key: str, sizes: list[int], args) -> list[str]:
+    lines = [f"**{label}** ({len(entries)} distinct candidates, {len(entries[0]['responses'][key])} documents; "
+             f"fit on generations < {args.fit_generations}, refit every {args.refit_every or '-'}):", "",
+             "| N | anchor: Spearman / MAE | irt: Spearman / MAE | random (mean of "
+             f"{args.random_seeds}): Spearman / MAE | candidates estimated | docs per candidate |",
+             "|---|---|---|---|---|---|"]
+    n_docs = len(entries[0]["responses"][key])
+    for size in sizes:
+        if size >= n_docs:
+            continue
+        res = {m: simulate(entries, key, m, size, 0, args.fit_generations, args.refit_every)
+               for m in ("anchor", "irt")}
+        rnd = [simulate(entries, key, "random", size, s, args.fit_generations, args.refit_every)
+               for s in range(args.random_seeds)]
+        rr, rm = np.nanmean([r["rho"] for r in rnd]), np.mean([r["mae"] for r in rnd])
+        a, i = res["anchor"], res["irt"]
+        lines.append(f"| {size} | {a['rho']:.3f} / {100 * a['mae']:.1f} | {i['rho']:.3f} / {100 * i['mae']:.1f} | "
+                     f"{rr:.3f} / {100 * rm:.1f} | {a['n']} | {a['docs_per_cand']:.0f} of {n_docs} |")
+        print(lines[-1], flush=True)
+    return lines + ["", "(MAE in points of the metric, %.)", ""]
+
+
+def docs_per_candidate(path: Path, recs: list[dict]) -> float:
+    docs = sum((r.get("cost") or {}).get("docs", 0) for r in recs)
+    resc = path / "subset/rescored.jsonl"
+    if resc.is_file():
+        docs += sum(json.loads(x)["cost"].get("docs", 0) for x in resc.read_text().splitlines())
+    return docs / len(recs)
+
+
+def toy_test(path: Path, zoo: Path, env: dict) -> float:
+    done = json.loads((path / "bench.json").read_text())
+    if "test" not in done:
+        out = path / "export"
+        dfsmerge("export", str(path), "--candidate", "best", "--out", str(out), "--force", env=env)
+        done["test"] = score(str(out), zoo, env)["zoo_math_b"]
+        (path / "bench.json").write_text(json.dumps(done))
+    return done["test"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="toy-corr,toy-search,real-corr")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--toy-config", default="joint")
+    ap.add_argument("--zoo", default="~/.cache/dfsmerge/zoo/default-seed0-v2", help="the toy zoo (one, for every seed)")
+    ap.add_argument("--sizes", default="10,25,50,100")
+    ap.add_argument("--fit-generations", type=int, default=1)
+    ap.add_argument("--refit-every", type=int, default=10)
+    ap.add_argument("--random-seeds", type=int, default=10)
+    ap.add_argument("--search-method", default="anchor")
+    ap.add_argument("--search-size", type=int, default=50)
+    ap.add_argument("--real-max-evals", type=int, default=24)
+    ap.add_argument("--max-evals", type=int, default=None, help="toy budget override (default: the config's)")
+    ap.add_argument("--workdir", default=str(ROOT / "runs/subset_fitness"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/subset_fitness.md"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    args.refit_every = args.refit_every or None
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    work, parts = Path(args.workdir), set(args.parts.split(","))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    lines = [f"Made by `python benchmarks/subset_fitness.py {' '.join(sys.argv[1:])}` (1 thread per search).", ""]
+    search_rows = []
+    for seed in seeds:
+        if not parts & {"toy-corr", "toy-search"}:
+            break
+        base, zoo = toy_base(args.toy_config, seed, args.zoo)
+        if args.max_evals:
+            base["budget"] = {"max_evals": args.max_evals}
+        full = work / f"toy-{args.toy_config}-s{seed}-full"
+        wall_f, recs_f = run(with_subset(base, RECORD), full, env)
+        print(f"toy seed {seed} full run: {len(recs_f)} evals in {wall_f:.0f} s", flush=True)
+        if "toy-corr" in parts:
+            lines += corr_table(f"toy {args.toy_config}, seed {seed}, zoo_math_b", responses(full),
+                                "zoo_math_b", sizes, args)
+        if "toy-search" in parts:
+            sub = {"method": args.search_method, "size": args.search_size, "fit_generations": args.fit_generations,
+                   "refit_every": args.refit_every, "elite": 3}
+            est = work / f"toy-{args.toy_config}-s{seed}-{args.search_method}{args.search_size}"
+            wall_e, recs_e = run(with_subset(base, sub), est, env)
+            for label, path, recs, wall in (("full set", full, recs_f, wall_f),
+                                            (f"{args.search_method} N={args.search_size}", est, recs_e, wall_e)):
+                best = json.loads((path / "best/best.json").read_text())
+                search_rows.append((seed, label, len(recs), 100 * best["objectives"]["zoo_math_b"],
+                                    toy_test(path, zoo, env), docs_per_candidate(path, recs), wall))
+                print(search_rows[-1], flush=True)
+    if search_rows:
+        lines += [f"**Search on the estimate vs on the full set** (toy {args.toy_config}, equal candidate count; "
+                  "validation = the best's full-set score, test = its test-split score, %):", "",
+                  "| seed | fitness | evals | best validation | best test | docs per candidate | wall s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {lab} | {n} | {v:.1f} | {t:.1f} | {d:.0f} | {w:.0f} |"
+                  for s, lab, n, v, t, d, w in search_rows]
+        lines.append("")
+    if "real-corr" in parts:
+        full = work / "real-full"
+        wall, recs = run(with_subset(real_base(args.real_max_evals), RECORD), full, env)
+        print(f"real full run: {len(recs)} evals in {wall:.0f} s", flush=True)
+        lines += corr_table("real SmolLM2-135M DFS, real_arith", responses(full), "real_arith",
+                            sizes, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The run directory of a search: its lock and its readers."""

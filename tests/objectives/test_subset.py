@@ -1,0 +1,130 @@
+"""Subset fitness (issue 26): the estimators against direct computations, and a search that scores its candidates
+on few documents: estimates marked, the elite rescored in full, the best never an estimate, resume exact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from dfsmerge.errors import ConfigError
+from dfsmerge.objectives.config import ObjectiveConfig
+from dfsmerge.objectives.subset import estimate, fit_irt, fit_subset, fit_theta, kmedoids
+from tests.search.conftest import MC_TASK, make_config, mc_task_dir, read_evals, tiny_models  # noqa: F401
+
+
+def _clustered(rng, n_models=12, n_patterns=6, copies=(5, 9, 3, 7, 11, 4)):
+    """Responses whose documents come in ``n_patterns`` groups answered alike by every model."""
+    base = (rng.random((n_models, n_patterns)) < 0.5).astype(float)
+    cols = np.repeat(np.arange(n_patterns), copies)
+    return base[:, cols], cols
+
+
+def test_anchor_weights_are_cluster_shares_and_exact_on_clustered_documents():
+    rng = np.random.default_rng(0)
+    R, cols = _clustered(rng)
+    fit = fit_subset("anchor", R, 6, seed=1)
+    assert np.isclose(sum(fit["weights"]), 1.0)
+    assert sorted(cols[fit["positions"]].tolist()) == list(range(6))  # one medoid per group
+    new = (rng.random(6) < 0.5).astype(float)[cols]  # a new model that also answers each group alike
+    assert np.isclose(estimate(fit, new[fit["positions"]]), new.mean())
+
+
+def test_random_subset_estimate_is_its_mean_and_fits_are_deterministic():
+    rng = np.random.default_rng(1)
+    R = (rng.random((8, 40)) < 0.4).astype(float)
+    for method in ("random", "anchor", "irt"):
+        a, b = fit_subset(method, R, 7, seed=3), fit_subset(method, R, 7, seed=3)
+        assert a == b and len(set(a["positions"])) == 7
+    fit = fit_subset("random", R, 7, seed=3)
+    r = R[0, fit["positions"]]
+    assert estimate(fit, r) == pytest.approx(r.mean())
+
+
+def test_kmedoids_returns_k_distinct_medoids_even_with_duplicate_points():
+    X = np.array([[0.0], [0.0], [0.0], [1.0]])
+    med, assign = kmedoids(X, 3, seed=0)
+    assert len(set(med.tolist())) == 3 and assign.shape == (4,)
+
+
+def test_irt_recovers_the_generating_model():
+    rng = np.random.default_rng(2)
+    theta, a, b = rng.normal(0, 1, 150), np.exp(rng.normal(0, 0.3, 120)), rng.normal(0, 1, 120)
+    P = 1 / (1 + np.exp(-(a * theta[:, None] - b)))
+    R = (rng.random(P.shape) < P).astype(float)
+    th, _, bh = fit_irt(R)
+    assert np.corrcoef(th, theta)[0, 1] > 0.9 and np.corrcoef(bh, b)[0, 1] > 0.9
+    # ability from a model's responses: more correct answers, higher ability
+    assert fit_theta(np.ones(10), a[:10], b[:10]) > fit_theta(np.zeros(10), a[:10], b[:10])
+    fit = fit_subset("irt", R, 30, seed=0)
+    full = R.mean(1)
+    est = np.array([estimate(fit, r[fit["positions"]]) for r in R])
+    assert np.corrcoef(est, full)[0, 1] > 0.9
+
+
+def test_subset_needs_a_native_task_objective():
+    with pytest.raises(ValidationError, match="native"):
+        ObjectiveConfig(name="t", subset={"method": "anchor", "size": 5})
+    with pytest.raises(ValidationError, match="size"):
+        ObjectiveConfig(name="t", native=True, subset={"method": "anchor", "size": 0})
+
+
+@pytest.fixture
+def subset_search(make_config, mc_task_dir):  # noqa: F811
+    def make(method="anchor", size=4, **extra):
+        obj = {"name": MC_TASK, "split": "validation", "native": True,
+               "subset": {"method": method, "size": size, "elite": 2}}
+        return make_config("dfs", "cma", popsize=4, max_evals=12, task_paths=[str(mc_task_dir)], objectives=[obj],
+                           dfs={"repetitions": 2, "max_length": 4}, eval_dtype="float32", **extra)
+    return make
+
+
+def test_refusals_come_before_the_run_directory(subset_search, tmp_path):
+    from dfsmerge.search import load_search_config, run_search
+
+    for extra, match in (({"racing": {"enabled": True}}, "racing"), ({}, "subset.size=10")):
+        cfg = subset_search(size=10, **extra) if not extra else subset_search(**extra)
+        with pytest.raises(ConfigError, match=match):
+            run_search(load_search_config(cfg), tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
+
+
+def test_search_on_estimates_rescores_the_elite_and_resumes_exactly(subset_search, tmp_path):
+    from dfsmerge.search import load_search_config, run_search
+    from dfsmerge.search.worker import Worker
+
+    cfg = load_search_config(subset_search())
+    res = run_search(cfg, tmp_path / "run", progress=False)
+    recs = read_evals(tmp_path / "run")
+    for r in recs:
+        if r["cached"] or r["error"]:
+            continue
+        if r["generation"] == 0:  # the fitting generation: every document, no estimate
+            assert "estimate" not in r and r["cost"]["docs"] == 10
+        else:
+            assert r["estimate"]["docs"] == {MC_TASK: 4} and r["cost"]["docs"] == 4
+    rescored = [json.loads(x) for x in (tmp_path / "run/subset/rescored.jsonl").read_text().splitlines()]
+    assert 1 <= len(rescored) <= 2 and all(x["cost"]["docs"] == 10 for x in rescored)
+    best = json.loads((tmp_path / "run/best/best.json").read_text())
+    assert best == res.best and ("estimate" not in best or best.get("rescored"))
+    report = next((tmp_path / "run/report").glob("*.md")).read_text()
+    for x in rescored:  # the report shows each rescored candidate's estimate beside its full-set score
+        est, full = x["estimated"][MC_TASK], x["objectives"][MC_TASK]
+        assert f"candidate {x['id']}: {MC_TASK} {est:.4g} -> {full:.4g}" in report
+    # the best's score is a full-set score: the same candidate scored by a worker without subset agrees
+    plain = load_search_config({**subset_search(), "objectives": [
+        {"name": MC_TASK, "split": "validation", "native": True}]})
+    full = Worker(plain).evaluate(np.asarray(best["genome"]))
+    assert full.scores == pytest.approx(best["objectives"])
+    # resume: 8 evaluations, then on to 12, equals the uninterrupted run
+    run_search(cfg, tmp_path / "part", progress=False, **{"budget.max_evals": 8})
+    run_search(cfg, tmp_path / "part", progress=False, resume=True)
+
+    def plain_recs(run):
+        return [{k: v for k, v in r.items() if k not in ("time", "timings", "cost")} for r in read_evals(run)]
+
+    assert plain_recs(tmp_path / "part") == plain_recs(tmp_path / "run")
+    assert (tmp_path / "part/subset/fits.json").read_text() == (tmp_path / "run/subset/fits.json").read_text()
+    assert json.loads((tmp_path / "part/best/best.json").read_text())["objectives"] == best["objectives"]
