@@ -17,6 +17,7 @@ best recipe as model A; ``max_evals``/``max_generations`` apply per stage.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -472,8 +473,9 @@ class Search:
             results = self._race(xs, cs, log.recs, elite)
         else:
             rest = [j for j in range(len(xs)) if j not in pre]
-            results = [*pre.items(), *((rest[j], r) for j, r in self.backend.evaluate([xs[i] for i in rest],
-                                                                                       [cs[i] for i in rest]))]
+            # lazy: each result is recorded as its candidate finishes, so a pause waits for one candidate only
+            results = itertools.chain(pre.items(), ((rest[j], r) for j, r in self.backend.evaluate(
+                [xs[i] for i in rest], [cs[i] for i in rest])))
         for j, result in results:
             key = fresh[j]
             if self.subset is not None:
