@@ -17,7 +17,8 @@ Steps (each reuses what an earlier invocation finished; results under --out, mod
 Scores: English math and target-language math (the combined task) by greedy generation through lm-eval (our
 adapter), exact match of the number after ``####``, ``max_gen_toks`` 400; a response is counted *truncated* when it
 has no ``####`` line and filled the generation budget. The target-language reading task and the search's fitness
-(the four-way worked-answer choice) by the native scorer. Paired tests (exact McNemar) of the best searched model
+(each calculator step of the gold worked answer, teacher-forced, greedy-correct: ``mgsm_L_steps``) by
+the native scorer. Paired tests (exact McNemar) of the best searched model
 against the best source and against Layer Swapping, on the combined task's test documents.
 """
 
@@ -75,7 +76,7 @@ def score(model_dir: str, tasks_dir: Path, target: str, *, split: str, limit: in
                      for r in raw]
             out[t] = {"score": sum(docs) / len(docs), "docs": docs, "truncated": trunc,
                       "heldout": [bool(s["doc"]["heldout"]) for s in samples]}
-        rest, native = [f"lang_{target}", f"mgsm_{target}_mc"], True
+        rest, native = [f"lang_{target}", f"mgsm_{target}_steps", "mgsm_eng_steps"], True
     else:  # choosing on validation: the combined task alone
         rest, native = [f"mgsm_{target}"], False
     r = evaluate_model(model, tok, rest, task_paths=[str(tasks_dir)], split=split, limit=limit, native=native,
@@ -117,9 +118,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--set", default="smollm2-fra", help="expert set (dfsmerge.zoo.experts.EXPERT_SETS; tiny: a "
                    "few-step set, to try this script)")
-    p.add_argument("--stages", default="sources,baselines,swap,search",
+    p.add_argument("--stages", default="sources,baselines,swap,search,rank",
                    help="comma-separated: language (the math expert per language, on validation), sources, "
-                        "baselines, swap, search")
+                        "baselines, swap, search, rank (how the fitness ranks a search's candidates against greedy "
+                        "generation)")
+    p.add_argument("--rank-run", default="joint-s0", help="the search run (under --work) the rank stage reads")
+    p.add_argument("--rank-candidates", type=int, default=8, help="candidates of --rank-run the rank stage scores")
+    p.add_argument("--rank-limit", type=int, default=48, help="validation documents per candidate (rank stage)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--swap-limit", type=int, default=40, help="validation documents per layer-swap grid point")
@@ -205,8 +210,45 @@ def main() -> int:
                     _run(["dfsmerge", "export", str(run), "--candidate", "best", "--out", str(model), "--force"])
                 rows[f"{mode} search (seed {seed})"] = cached_score(f"{mode}-s{seed}", str(model), args, tasks_dir,
                                                                      limit=args.limit)
+    if "rank" in stages:
+        rank_candidates(work / args.rank_run, args, tasks_dir, work, out)
     write_table(rows, timing, args, out)
     return 0
+
+
+def rank_candidates(run: Path, args, tasks_dir: Path, work: Path, out: Path) -> None:
+    """The fitness against the paper's metric over one search's candidates: ``--rank-candidates`` scored candidates
+    spread evenly over the run's fitness order (best and worst included), each exported and scored on the combined
+    task's validation split by greedy generation (``--rank-limit`` documents) and by the fitness task; Spearman's
+    rho between the two (scipy) goes to ``rank.md``."""
+    from scipy.stats import spearmanr
+
+    from dfsmerge.rundir.reader import open_run
+
+    recs = sorted((r for r in open_run(run).candidates if r.ok and not r.cached), key=lambda r: r.fitness)
+    if len(recs) < 3:
+        _log(f"rank: {run} has {len(recs)} scored candidates; run its search first")
+        return
+    k = min(args.rank_candidates, len(recs))
+    picks = sorted({round(i * (len(recs) - 1) / (k - 1)) for i in range(k)})
+    lines = ["| candidate | fitness (search, validation) | greedy exact match (validation) |", "|---|---|---|"]
+    fit, gen = [], []
+    for i in picks:
+        r = recs[i]
+        model = work / "models" / f"{run.name}-c{r.id}"
+        if not (model / "config.json").is_file():
+            _run(["dfsmerge", "export", str(run), "--candidate", str(r.id), "--out", str(model), "--force"])
+        v = cached_score(f"{run.name}-c{r.id}", str(model), args, tasks_dir, split="validation", limit=args.rank_limit)
+        fitness = next(iter(r.objectives.values()))
+        fit.append(fitness)
+        gen.append(v[f"mgsm_{args.target}"]["score"])
+        lines.append(f"| {r.id} | {100 * fitness:.1f} | {100 * gen[-1]:.1f} |")
+    rho = spearmanr(fit, gen)
+    text = "\n".join([f"# Fitness vs greedy generation over {len(picks)} candidates of {run.name}", "", *lines, "",
+                      f"Spearman rho = {rho.statistic:.2f} (p = {rho.pvalue:.3f})"]) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rank.md").write_text(text)
+    print(text)
 
 
 def _resolve(ref: str) -> str:
@@ -221,7 +263,7 @@ def write_table(rows: dict[str, dict], timing: dict[str, float], args, out: Path
     t = args.target
     comb = f"mgsm_{t}"
     lines = [f"| model | English math | {t} math (combined) | held-out templates / seen | truncated | "
-             f"{t} reading | fitness (4-way, test) |", "|---|---|---|---|---|---|---|"]
+             f"{t} reading | fitness: {t} / English steps (test) |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         c = r[comb]
         held = [v for v, h in zip(c["docs"], c["heldout"], strict=True) if h]
@@ -230,7 +272,7 @@ def write_table(rows: dict[str, dict], timing: dict[str, float], args, out: Path
         lines.append(f"| {name} | {100 * r['mgsm_eng']['score']:.1f} | {100 * c['score']:.1f} | "
                      f"{100 * sum(held) / max(1, len(held)):.1f} / {100 * sum(seen) / max(1, len(seen)):.1f} | "
                      f"{100 * trunc:.1f}% | {100 * r[f'lang_{t}']['score']:.1f} | "
-                     f"{100 * r[f'mgsm_{t}_mc']['score']:.1f} |")
+                     f"{100 * r[f'mgsm_{t}_steps']['score']:.1f} / {100 * r['mgsm_eng_steps']['score']:.1f} |")
     searched = {k: v for k, v in rows.items() if "search" in k}
     srcs = {k: v for k, v in rows.items() if k in ("base", "math expert", "language expert")}
     notes = []

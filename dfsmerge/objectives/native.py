@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from dfsmerge.errors import ConfigError
-from dfsmerge.objectives.lm_eval_compat import memoize_doc_fields, metric_options, prepared_instances
+from dfsmerge.objectives.lm_eval_compat import memoize_doc_fields, metric_options, pad_and_concat, prepared_instances
 from dfsmerge.runtime.lm_adapter import Scorer, model_device
 
 _MC_TYPES = ("multiple_choice", "loglikelihood")
@@ -78,6 +78,29 @@ def _common_prefix(prompts: list[list[int]], min_tokens: int = MIN_SHARED_TOKENS
             k += 1
         n = k
     return list(first[:n]) if n >= min_tokens else []
+
+
+def _nested(reqs, idx: list[int]) -> dict[int, list[int]]:
+    """``{i: [j, ...]}``: request ``i``'s context + continuation tokens strictly extend each ``j``'s (and no request
+    extends ``i``'s); only groups with at least one ``j``. Sorted lexicographically, a sequence that is a prefix of
+    another is immediately followed by one of its extensions, so one pass from the end finds every chain's longest
+    member (the calculator steps of one worked answer: each step's request is a prefix of the next one's)."""
+    full = {i: tuple(reqs[i][1] + reqs[i][2]) for i in idx}
+    order = sorted(idx, key=full.__getitem__)
+    top: dict[int, int] = {}
+    for j in range(len(order) - 1, -1, -1):
+        i = order[j]
+        top[i] = i
+        if j + 1 < len(order):
+            nxt = order[j + 1]
+            a, b = full[i], full[nxt]
+            if len(b) > len(a) and b[:len(a)] == a:
+                top[i] = top[nxt]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, t in top.items():
+        if t != i:
+            groups[t].append(i)
+    return dict(groups)
 
 
 class NativeTask:
@@ -204,12 +227,24 @@ class NativeTask:
         max_len = sc.window(model)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         plain: list[int] = []
+        per_ctx: dict[tuple[int, ...], int] = defaultdict(int)
+        for _, ctx, _ in reqs:
+            per_ctx[tuple(ctx)] += 1
+        # requests alone with their context (a loglikelihood task's; choices sharing a context are served by the
+        # prefix cache below) may nest in a longer one
+        fits = [i for i, (_, ctx, cont) in enumerate(reqs)
+                if len(ctx) + len(cont) <= max_len + 1 and per_ctx[tuple(ctx)] == 1]
+        out: list[tuple[float, bool] | None] = [None] * len(reqs)
+        nested = _nested(reqs, fits)
+        if nested:
+            self._score_nested(model, reqs, nested, out)
         for i, (_, ctx, cont) in enumerate(reqs):
+            if out[i] is not None:
+                continue
             if len(ctx) + len(cont) > max_len + 1:
                 plain.append(i)  # needs left truncation: the plain path does it as HFLM
             else:
                 groups[tuple(ctx)].append(i)
-        out: list[tuple[float, bool] | None] = [None] * len(reqs)
         keys = sorted(groups, key=len, reverse=True)
         bs = sc.batch_size
         for s in range(0, len(keys), bs):
@@ -274,6 +309,26 @@ class NativeTask:
                 greedy = greedy and bool((lp.argmax(-1) == tgt).all())
             out[i] = (ll, greedy)
         return []
+
+    def _score_nested(self, model, reqs, nested: dict[int, list[int]], out) -> None:
+        """Score every request of ``nested`` (``{longest request: [requests whose context + continuation is a
+        prefix of its own]}``) from one causal forward pass over each longest request: a position's logits depend on
+        the tokens up to it only, so the shorter requests' answers are slices of it (the plain path's arithmetic,
+        right padding, no cache)."""
+        sc, dev = self.scorer, model_device(model)
+        reps = sorted(nested, key=lambda i: -len(reqs[i][1]) - len(reqs[i][2]))
+        bs = max(1, sc.batch_size // 2)  # every position's logits are kept: half the rows of a plain batch
+        for s in range(0, len(reps), bs):
+            chunk = reps[s:s + bs]
+            inps = [torch.tensor((reqs[r][1] + reqs[r][2])[:-1], dtype=torch.long, device=dev) for r in chunk]
+            L = max(x.shape[0] for x in inps)
+            lp_all = sc.forward(model, pad_and_concat(L, inps, padding_side="right")).logits  # (B, L, V)
+            for b, r in enumerate(chunk):
+                for i in (r, *nested[r]):
+                    _, ctx, cont = reqs[i]
+                    lp = F.log_softmax(lp_all[b, len(ctx) - 1:len(ctx) + len(cont) - 1], dim=-1)
+                    tgt = torch.tensor(cont, dtype=torch.long, device=dev)
+                    out[i] = (float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
 
     def _shared_cache(self, model, rows: int):
         """``(cache, P)``: the KV cache of the task's shared prompt prefix (P tokens) re-indexed to ``rows`` rows,

@@ -217,7 +217,7 @@ def build_splits(spec: SplitSpec, *, progress: Callable[[str], None] | None = No
 
 # ---------------------------------------------------------------- task files
 
-TASKS_VERSION = 2
+TASKS_VERSION = 3
 """Bumped whenever :func:`write_tasks` writes different files from the same documents (builds rewrite them)."""
 
 PROMPT = "Question: {q}\nAnswer:"
@@ -249,32 +249,23 @@ def _math_row(d: MathDoc) -> dict:
             "number": d.number, "prompt": PROMPT.format(q=d.question)}
 
 
-def _answer_pools(docs: list[MathDoc], lang: str, seed: int) -> dict[int, list[str]]:
-    """24 worked answers of fresh instances per template of ``docs`` (one draw each: enumeration is the slow part)."""
-    tq = templates(lang)
-    return {tid: [q.answer.strip() for q in _draw(tq[tid], 24, seed=_seed(seed, lang, tid, "mc"))]
-            for tid in sorted({d.template for d in docs})}
-
-
-def _math_mc_rows(docs: list[MathDoc], lang: str, seed: int, pools: dict[int, list[str]]) -> list[dict]:
-    """Four-way choice of the worked answer: the gold one and the worked answers of three other instances of the
-    same template (same language, same steps, other numbers, another final number). Every choice is internally
-    consistent arithmetic, so picking the gold one means reading the question's numbers and following them."""
-    rng = random.Random(_seed(seed, lang, "mc-order", len(docs)))
+def _step_rows(docs: list[MathDoc], seed: int) -> list[dict]:
+    """One row per calculator step of each worked answer: the prompt, the gold worked answer up to the step's
+    ``<<`` and, as the target, the step itself (``48/2=24>>``). Greedy-correct (lm-eval's ``acc`` of a
+    ``loglikelihood`` task) means the model picks the question's numbers, the operation and the result of that step
+    on its own, in the question's language, with everything before it given: a teacher-forced, one-forward proxy
+    of writing the whole worked answer (which needs every step right). Questions come in a seeded random order (a
+    question's steps together), so a ``limit`` takes a spread of templates, not the first few."""
     rows = []
-    for d in docs:
-        others, seen_numbers = [], {d.number}
-        for a in pools[d.template]:
-            n = final_number(a)
-            if n not in seen_numbers:
-                seen_numbers.add(n)
-                others.append(a)
-        if len(others) < 3:
-            continue  # a template with fewer than four distinct answers
-        choices = [d.answer, *rng.sample(others, 3)]
-        rng.shuffle(choices)
-        rows.append({"template": d.template, "heldout": d.heldout, "prompt": PROMPT.format(q=d.question),
-                     "choices": choices, "gold": choices.index(d.answer)})
+    order = list(range(len(docs)))
+    random.Random(_seed(seed, "steps", len(docs))).shuffle(order)
+    for q in order:
+        d = docs[q]
+        steps = list(_ANNOTATION.finditer(d.answer))
+        for k, m in enumerate(steps):
+            rows.append({"template": d.template, "heldout": d.heldout, "question": q, "step": k,
+                         "steps": len(steps), "context": PROMPT.format(q=d.question) + " " + d.answer[:m.start() + 2],
+                         "target": d.answer[m.start() + 2:m.end()]})
     return rows
 
 
@@ -304,6 +295,16 @@ def _yaml(name: str, data: dict[str, Path], body: str, header: str) -> str:
     return (f"# {header}\ntask: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{files}\n"
             f"validation_split: validation\ntest_split: test\n{body}num_fewshot: 0\nmetadata:\n  version: 1.0\n")
 
+
+_STEP_BODY = """output_type: loglikelihood
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
 
 _GEN_BODY = f"""output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
@@ -338,41 +339,31 @@ metric_list:
 """
 
 
-def write_tasks(splits: dict[str, dict[str, list[MathDoc]]], out: Path, *, seed: int = 0,
-                choice_languages: Iterable[str] | None = None) -> dict[str, Path]:
+def write_tasks(splits: dict[str, dict[str, list[MathDoc]]], out: Path, *, seed: int = 0) -> dict[str, Path]:
     """lm-eval task YAMLs (+ JSONL data under ``out/data``) for every language of ``splits``:
 
     - ``mgsm_<lang>``: greedy worked answer, exact match of the number after ``####`` (the paper's metric);
-    - ``mgsm_<lang>_mc``: the same documents as a four-way choice among worked answers of the same template
-      (:func:`_math_mc_rows`; loglikelihoods only, no generation: a cheap search fitness);
+    - ``mgsm_<lang>_steps``: the same documents' calculator steps, teacher-forced (:func:`_step_rows`; one forward
+      per step, no generation: the search's fitness);
     - ``lang_<lang>``: four-way completion of a question's last sentence (the language, without arithmetic).
-
-    ``choice_languages`` limits ``mgsm_<lang>_mc`` to those languages (default: all); drawing its distractors
-    enumerates every template's variables again, the slow and memory-hungry part (GBs for a few templates).
 
     Returns ``{task name: yaml path}``.
     """
     out = Path(out)
     tasks: dict[str, Path] = {}
     for lang, parts in splits.items():
-        data: dict[str, dict[str, Path]] = {"math": {}, "mc": {}, "lang": {}}
-        choice = choice_languages is None or lang in choice_languages
-        pools = _answer_pools(parts["validation"] + parts["test"], lang, seed) if choice else {}
+        data: dict[str, dict[str, Path]] = {"math": {}, "steps": {}, "lang": {}}
         for split in ("validation", "test"):
-            data["math"][split] = out / "data" / f"mgsm_{lang}_{split}.jsonl"
-            write_jsonl(data["math"][split], (_math_row(d) for d in parts[split]))
-            if choice:
-                data["mc"][split] = out / "data" / f"mgsm_{lang}_mc_{split}.jsonl"
-                write_jsonl(data["mc"][split], _math_mc_rows(parts[split], lang, seed, pools))
-            data["lang"][split] = out / "data" / f"lang_{lang}_{split}.jsonl"
-            write_jsonl(data["lang"][split], _completion_rows(parts[split], seed))
+            for kind, name, rows in (("math", f"mgsm_{lang}", map(_math_row, parts[split])),
+                                     ("steps", f"mgsm_{lang}_steps", _step_rows(parts[split], seed)),
+                                     ("lang", f"lang_{lang}", _completion_rows(parts[split], seed))):
+                data[kind][split] = out / "data" / f"{name}_{split}.jsonl"
+                write_jsonl(data[kind][split], rows)
         specs = {f"mgsm_{lang}": (data["math"], _GEN_BODY, f"{lang} math: greedy worked answer, final number"),
-                 f"mgsm_{lang}_mc": (data["mc"], _mc_body("prompt"), f"{lang} math: pick the worked answer of this "
-                                                                "question among four of its template"),
+                 f"mgsm_{lang}_steps": (data["steps"], _STEP_BODY, f"{lang} math: each calculator step of the gold "
+                                        "worked answer, greedy-correct given the answer before it"),
                  f"lang_{lang}": (data["lang"], _mc_body("context"), f"{lang}: complete a question's last sentence")}
         for name, (files, body, header) in specs.items():
-            if not files:
-                continue
             path = out / f"{name}.yaml"
             path.write_text(_yaml(name, files, body, f"dfsmerge real-experts task (dfsmerge.zoo.mgsm): {header}"))
             tasks[name] = path

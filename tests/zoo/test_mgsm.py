@@ -66,10 +66,18 @@ def test_tasks_load_in_lm_eval(splits, tmp_path):
 
     tasks = write_tasks(splits, tmp_path)
     assert set(tasks) == {f"{k}_{lang}" for lang in ("eng", "fra") for k in ("mgsm", "lang")} | {
-        f"mgsm_{lang}_mc" for lang in ("eng", "fra")}
+        f"mgsm_{lang}_steps" for lang in ("eng", "fra")}
     tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
     assert set(tasks) <= set(tm.all_tasks)
-    for row in map(json.loads, (tmp_path / "data" / "mgsm_fra_mc_test.jsonl").read_text().splitlines()):
-        gold = next(d for d in splits["fra"]["test"] if d.question in row["prompt"])
-        assert row["choices"][row["gold"]] == gold.answer
-        assert len({c.splitlines()[-1] for c in row["choices"]}) == 4  # four different final numbers
+    rows = [json.loads(x) for x in (tmp_path / "data" / "mgsm_fra_steps_test.jsonl").read_text().splitlines()]
+    docs = splits["fra"]["test"]
+    # every calculator annotation of every test document is one row, in order, and context + target rebuilds the
+    # gold answer up to the end of that step
+    assert len(rows) == sum(d.answer.count("<<") for d in docs)
+    for row in rows:
+        d = docs[row["question"]]
+        assert row["context"].startswith(f"Question: {d.question}\nAnswer: ")
+        full = row["context"] + row["target"]
+        assert d.answer.startswith(full[len(f"Question: {d.question}\nAnswer: "):])
+        assert row["target"].endswith(">>") and "=" in row["target"] and row["context"].endswith("<<")
+        assert full.count("<<") == row["step"] + 1
