@@ -102,6 +102,11 @@ class Scorer:
         add_bos_token: as ``HFLM``'s ``add_bos_token`` (None: the tokenizer's own default).
         prefix_token_id: token conditioning empty contexts and rolling windows (default BOS, else EOS).
         logits_cache: reuse logits across one-token continuations of the same context (``HFLM`` default True).
+        compact_batches: greedy decoding drops a finished row from the batch (and its KV cache) instead of feeding
+            it pads until the longest row ends, as ``transformers.generate`` does: the cost follows the sum of the
+            rows' lengths, not batch x longest (about 2x less on worked answers of 50-400 tokens). The other rows'
+            tokens are the same up to float rounding of a smaller matrix product (a greedy tie can break
+            differently), so it is off by default where equality with ``HFLM`` is the point.
 
     Attributes:
         forward_calls: model forward passes issued so far (prefill and decode steps alike).
@@ -112,7 +117,8 @@ class Scorer:
 
     def __init__(self, tokenizer, *, model_config=None, batch_size: int = 8, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, add_bos_token: bool | None = None,
-                 prefix_token_id: int | None = None, logits_cache: bool = True) -> None:
+                 prefix_token_id: int | None = None, logits_cache: bool = True,
+                 compact_batches: bool = False) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} is not a positive integer; use e.g. batch_size=8")
         self.tokenizer = configure_pad_token(tokenizer, model_config=model_config)
@@ -122,6 +128,7 @@ class Scorer:
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.logits_cache = logits_cache
+        self.compact_batches = compact_batches
         self.forward_calls = 0
 
     # ---- tokenisation (HFLM.tok_encode / tok_batch_encode / TemplateLM._encode_pair semantics) -------
@@ -335,18 +342,18 @@ class Scorer:
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T), as generate's position ids
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
+        rows = list(range(B))  # the batch's rows, as rows of ``out`` (fewer once finished rows are dropped)
         cache = None
         inp, inp_pos = ids, pos
         for _ in range(max_new_tokens):
             o = self.forward(model, inp, attention_mask=mask, position_ids=inp_pos, cache=cache, use_cache=True)
             cache = o.cache
-            nxt = o.logits[:, -1, :].argmax(dim=-1)  # (B,)
-            nxt_list = nxt.tolist()
-            for b in range(B):
+            nxt_list = o.logits[:, -1, :].argmax(dim=-1).tolist()  # (len(rows),)
+            for j, b in enumerate(rows):
                 if done[b]:
-                    nxt_list[b] = pad
+                    nxt_list[j] = pad
                     continue
-                tok = nxt_list[b]
+                tok = nxt_list[j]
                 out[b].append(tok)
                 if tok in eos_ids:
                     done[b] = True
@@ -357,9 +364,17 @@ class Scorer:
                     done[b] = True
             if all(done):
                 break
-            inp = torch.tensor(nxt_list, dtype=torch.long, device=ids.device).unsqueeze(1)  # (B, 1)
-            inp_pos = inp_pos[:, -1:] + 1  # (B, 1)
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T + k)
+            inp = torch.tensor(nxt_list, dtype=torch.long, device=ids.device).unsqueeze(1)  # (R, 1)
+            inp_pos = inp_pos[:, -1:] + 1  # (R, 1)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (R, T + k)
+            live = [j for j, b in enumerate(rows) if not done[b]]
+            if self.compact_batches and len(live) < len(rows):
+                index = torch.tensor(live, dtype=torch.long, device=ids.device)
+                select = getattr(cache, "batch_select_indices", None)
+                if select is not None:
+                    select(index)
+                    inp, inp_pos, mask = inp[index], inp_pos[index], mask[index]
+                    rows = [rows[j] for j in live]
         return out
 
 
@@ -371,7 +386,8 @@ class DfsLM(TemplateLM):
         model: the model (``nn.Module`` with the interface in the module docstring). It is used as is; the adapter
             never copies, moves or re-initialises it.
         tokenizer: a ``transformers`` tokenizer.
-        batch_size, max_length, max_gen_toks, add_bos_token, prefix_token_id, logits_cache: see :class:`Scorer`.
+        batch_size, max_length, max_gen_toks, add_bos_token, prefix_token_id, logits_cache, compact_batches: see
+            :class:`Scorer`.
         progress: show lm-eval's per-call progress bars (off: a search calls the adapter thousands of times).
         scorer: an existing :class:`Scorer` to use (shares its settings and forward count); the other settings are
             then ignored.
@@ -383,13 +399,13 @@ class DfsLM(TemplateLM):
     def __init__(self, model, tokenizer=None, *, batch_size: int = 8, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, logits_cache: bool = True, progress: bool = False,
-                 scorer: Scorer | None = None) -> None:
+                 scorer: Scorer | None = None, compact_batches: bool = False) -> None:
         super().__init__()
         self.model = model
         self.scorer = scorer if scorer is not None else Scorer(
             tokenizer, model_config=getattr(model, "config", None), batch_size=batch_size, max_length=max_length,
             max_gen_toks=max_gen_toks, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id,
-            logits_cache=logits_cache)
+            logits_cache=logits_cache, compact_batches=compact_batches)
         self.progress = progress
 
     # ---- properties lm-eval reads -------------------------------------------------------------------
