@@ -34,7 +34,7 @@ RUNNER = textwrap.dedent('''
         time.sleep(obj.params["s"])
         return float(((u - 0.3) ** 2).sum())
     from dfsmerge.cli import main
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())  # the arguments from sys.argv, as the `dfsmerge` command
 ''')
 
 

@@ -337,6 +337,10 @@ def execute_job(plan: MergePlan, job: TensorJob, *, device: str = "cpu", seed: i
     return out
 
 
+_AHEAD = 2  # merged parts a streamed tensor (RowParts) computes ahead of the writer
+_ARENA_KEEP = 64 << 20  # free memory glibc keeps at the top of a thread's heap at most (its largest trim threshold)
+
+
 def _working_bytes(numel: int, n_inputs: int) -> int:
     # float32 copies of every input and the output, a few temporaries each
     return numel * 4 * (n_inputs + 1) * 3
@@ -442,7 +446,7 @@ class RowParts:
     """
 
     def __init__(self, plan: MergePlan, job: TensorJob, chunker: Any, rows: int, *, device: str = "cpu",
-                 ahead: int = 2):
+                 ahead: int = _AHEAD):
         self.plan, self.job, self.chunker, self.rows, self.device = plan, job, chunker, rows, device
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -500,20 +504,21 @@ _DONE = object()  # end of a RowParts stream
 
 def output_manifest(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """Name, shape and dtype of every output tensor, in plan order, from the input headers alone."""
+    return [output_manifest_entry(plan, job) for job in plan.jobs]
+
+
+def output_manifest_entry(plan: MergePlan, job: TensorJob) -> tuple[str, tuple[int, ...], torch.dtype]:
+    """``job``'s entry of :func:`output_manifest`."""
     dtype, out_dtype = torch_dtype(plan.config.dtype), torch_dtype(plan.config.out_dtype)
-    manifest = []
-    for job in plan.jobs:
-        dtypes = [plan.readers[m].get_dtype(_stored_name(plan.readers[m], n, plan.arch)) for m, n in job.inputs]
-        model, name = job.inputs[0]
-        shape = plan.readers[model].get_shape(_stored_name(plan.readers[model], name, plan.arch))
-        if _vocab_indexed(plan, job):
-            shape = (plan.vocabulary.rows, *shape[1:])
-        if all(d.is_floating_point for d in dtypes):
-            dtypes = [dtype or d for d in dtypes]
-            manifest.append((job.out_name, shape, out_dtype or functools.reduce(torch.promote_types, dtypes)))
-        else:
-            manifest.append((job.out_name, shape, dtypes[0]))
-    return manifest
+    dtypes = [plan.readers[m].get_dtype(_stored_name(plan.readers[m], n, plan.arch)) for m, n in job.inputs]
+    model, name = job.inputs[0]
+    shape = plan.readers[model].get_shape(_stored_name(plan.readers[model], name, plan.arch))
+    if _vocab_indexed(plan, job):
+        shape = (plan.vocabulary.rows, *shape[1:])
+    if all(d.is_floating_point for d in dtypes):
+        dtypes = [dtype or d for d in dtypes]
+        return job.out_name, shape, out_dtype or functools.reduce(torch.promote_types, dtypes)
+    return job.out_name, shape, dtypes[0]
 
 
 def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, workers: int | None = None,
@@ -551,11 +556,8 @@ def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, w
     with ThreadPoolExecutor(workers, thread_name_prefix="dfsmerge-merge") as pool:
         try:
             for job, (_, shape, out_dtype) in zip(plan.jobs, entries, strict=True):
-                cost = _working_bytes(math.prod(shape), len(job.inputs))
-                parts = None
-                if cost > (chunk_bytes or cost) and job_chunking(plan, job, chunk_bytes=chunk_bytes) is not None:
-                    parts = lazy(job)
-                    cost = chunk_bytes if parts is not None else math.prod(shape) * out_dtype.itemsize + chunk_bytes
+                cost, chunked = _schedule_cost(plan, job, shape, out_dtype, chunk_bytes=chunk_bytes, stream=stream)
+                parts = None if chunked is None or not stream else RowParts(plan, job, *chunked, device=device)
                 while pending and (len(pending) > workers or in_flight + cost > budget):
                     done_job, fut, c = pending.popleft()
                     in_flight -= c
@@ -585,9 +587,156 @@ def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int | None = 0, w
                     fut.stop()
 
 
+def _schedule_cost(plan: MergePlan, job: TensorJob, shape: tuple[int, ...], out_dtype: torch.dtype, *,
+                   chunk_bytes: int | None, stream: bool) -> tuple[int, tuple[Any, int] | None]:
+    """What :func:`iter_merged` books for ``job`` against its budget, and its row chunking (None: merged whole)."""
+    cost = _working_bytes(math.prod(shape), len(job.inputs))
+    if chunk_bytes is None or cost <= chunk_bytes:
+        return cost, None
+    chunked = job_chunking(plan, job, chunk_bytes=chunk_bytes)
+    if chunked is None:
+        return cost, None
+    return (chunk_bytes if stream else math.prod(shape) * out_dtype.itemsize + chunk_bytes), chunked
+
+
+# Measured peak over the cost model, per method: (a tensor merged whole, over ``_working_bytes``; a row chunk, over
+# its rows' ``_working_bytes``), the largest of 2 to 5 bf16 inputs with a 20% margin (``python
+# benchmarks/merge_memory.py``); tests/faults/test_memory_preflight.py holds every method to its estimate.
+_PEAK_FACTOR: dict[str, tuple[float, float]] = {
+    "arcee_fusion": (1.0, 1.8), "breadcrumbs": (1.5, 1.0), "breadcrumbs_ties": (1.5, 1.0), "della": (1.6, 1.0),
+    "della_linear": (1.6, 1.0), "karcher": (1.0, 2.5), "linear": (1.0, 1.2), "model_stock": (1.1, 1.0),
+    "multislerp": (1.0, 2.75), "nearswap": (1.0, 2.1), "nuslerp": (1.0, 2.1), "ram": (2.2, 3.5),
+    "ramplus_tl": (2.25, 4.5), "sce": (1.35, 3.1), "slerp": (1.0, 1.8), "task_arithmetic": (1.0, 1.6),
+    "ties": (1.2, 1.8),
+}
+
+
+def job_memory(plan: MergePlan, job: TensorJob, *, chunk_bytes: int | None, stream: bool = True,
+               manifest_entry: tuple[str, tuple[int, ...], torch.dtype] | None = None) -> tuple[int, str]:
+    """Estimated peak bytes the executor holds while merging ``job`` (inputs read, float32 copies, the method's
+    temporaries, the result) and how it is merged (``"whole"`` or ``"in row chunks"``), from the headers alone.
+
+    A chunked job holds one chunk's working memory, the chunker's statistics and the merged parts queued for the
+    writer; a chunker that may find the tensor needs merging whole (ties at a rank window or a top-k threshold)
+    is counted at the larger of the two.
+    """
+    from dfsmerge.merge.chunked import _BAND_LIMIT
+
+    _, shape, out_dtype = manifest_entry or output_manifest_entry(plan, job)
+    n, numel = len(job.inputs), math.prod(shape)
+    f_whole, f_chunk = _PEAK_FACTOR.get(plan.config.merge_method, (1.0, 1.0))
+    whole = math.ceil(_working_bytes(numel, n) * f_whole)
+    if _vocab_indexed(plan, job):  # the rows cast and re-indexed before the merge: two more copies of each input
+        whole += 2 * n * numel * 4
+    chunked = job_chunking(plan, job, chunk_bytes=chunk_bytes)
+    if chunked is None:
+        return whole, "whole"
+    chunker, rows = chunked
+    reader, name = plan.readers[job.inputs[0][0]], job.inputs[0][1]
+    in_shape = reader.get_shape(_stored_name(reader, name, plan.arch))
+    n_rows, row = in_shape[0], math.prod(in_shape[1:])
+    stats = 0
+    if chunker.passes:  # selections' samples and bands, radix histograms, per-row statistics
+        stats = n * (min(math.prod(in_shape), _BAND_LIMIT) * 4 + 2**20) + n_rows * n * n * 8
+    work = math.ceil(rows * _working_bytes(row, n) * f_chunk)
+    held = rows * row * out_dtype.itemsize * (_AHEAD + 2) if stream else numel * out_dtype.itemsize
+    chunk = work + stats + held
+    if getattr(chunker, "may_need_whole", False):
+        chunk = max(chunk, whole + stats)
+    return chunk, "in row chunks"
+
+
+def merge_memory(plan: MergePlan, *, device: str = "cpu", workers: int | None = None,
+                 memory_budget: int | str = "512MB", manifest: list | None = None):
+    """Peak memory :func:`run_merge` will hold for ``plan``, estimated from the headers alone (no tensor is read).
+
+    :func:`iter_merged`'s schedule is replayed with its own budget bookkeeping; at each point the jobs in flight
+    hold :func:`job_memory` each (of the jobs on the thread pool, only ``workers`` run at once: the others hold
+    their result at most). The estimate is the largest such sum plus the free memory the C allocator keeps for
+    reuse: glibc keeps up to its trim threshold (at most 64 MiB) at the top of each thread's heap, and an
+    arena can keep no more than it held, so each merging thread counts ``min(64 MiB, largest job)``. (Measured
+    over three 27M-parameter bf16 models: ties peaks at 385 MiB with glibc's defaults, 175 MiB with every
+    allocation of 1 MiB or more mapped and unmapped, ``MALLOC_MMAP_THRESHOLD_=1048576``, which merges 20%
+    slower.) The interpreter and its libraries are not counted.
+
+    Returns:
+        :class:`dfsmerge.runtime.memory.MemoryEstimate` whose parts are the tensors in flight at the peak and the
+        allocator's allowance.
+    """
+    from dfsmerge.io import parse_size
+    from dfsmerge.runtime.memory import MemoryEstimate
+
+    if workers is None:
+        workers = 1 if device.startswith("cuda") else 2
+    budget = parse_size(memory_budget)
+    chunk_bytes = max(1, budget // 4)
+    entries = manifest or output_manifest(plan)
+    # (job, booked cost, resident bytes, bytes once finished, how, computed outside the pool)
+    pending: deque[tuple[TensorJob, int, int, int, str, bool]] = deque()
+    in_flight, peak = 0, MemoryEstimate(parts={})
+    threads, largest = 1, 0  # merging threads (the caller's, the pool's, streamed tensors'), the largest job
+
+    def held() -> MemoryEstimate:
+        """What the jobs in flight hold at most: all of it for row-chunked ones (their own thread), all of it for
+        the ``workers`` pool jobs holding most and the result for the others (queued or finished)."""
+        pool = sorted((e for e in pending if not e[5]), key=lambda e: e[3] - e[2])
+        running = {id(e) for e in pool[:max(1, workers)]}
+        return MemoryEstimate(parts={f"{job.out_name} {how}": resident if own or id(e) in running else done
+                                     for e in pending for job, _, resident, done, how, own in [e]})
+
+    for job, entry in zip(plan.jobs, entries, strict=True):
+        _, shape, out_dtype = entry
+        cost, chunked = _schedule_cost(plan, job, shape, out_dtype, chunk_bytes=chunk_bytes, stream=True)
+        resident, how = job_memory(plan, job, chunk_bytes=chunk_bytes, manifest_entry=entry)
+        own = chunked is not None  # RowParts compute in their own thread (workers > 1) or in the caller's
+        done = resident if own else math.prod(shape) * out_dtype.itemsize
+        if workers <= 1:  # one job at a time, written before the next starts
+            pending.clear()
+        while pending and (len(pending) > workers or in_flight + cost > budget):
+            in_flight -= pending.popleft()[1]
+        pending.append((job, cost, resident, done, how, own))
+        in_flight += cost
+        largest = max(largest, resident)
+        if workers > 1:
+            threads = max(threads, 1 + workers + sum(e[5] for e in pending))
+        if (now := held()).total > peak.total:
+            peak = now
+    if largest:
+        peak.parts[f"allocator's free memory ({threads} threads)"] = threads * min(_ARENA_KEEP, largest)
+    return peak
+
+
+def check_merge_memory(plan: MergePlan, *, device: str = "cpu", workers: int | None = None,
+                       memory_budget: int | str = "512MB", manifest: list | None = None,
+                       max_memory: int | None = None) -> None:
+    """Refuse ``plan`` when :func:`merge_memory` exceeds ``max_memory`` (default: the machine's memory).
+
+    Raises:
+        ConfigError: one line naming the estimate, the tensors in flight at its peak, the limit and the fix.
+    """
+    from dfsmerge.io.diskspace import human_bytes
+    from dfsmerge.runtime.memory import check_memory, memory_limit
+
+    est = merge_memory(plan, device=device, workers=workers, memory_budget=memory_budget, manifest=manifest)
+    limit, _ = memory_limit(max_memory, device)
+    if est.total <= limit:
+        return
+    ways = []
+    if workers != 1 and not device.startswith("cuda"):
+        alone = merge_memory(plan, device=device, workers=1, memory_budget=memory_budget, manifest=manifest)
+        if alone.total <= limit:
+            ways.append(f"run with --workers 1 (estimated {human_bytes(alone.total)})")
+    ways.append("merge fewer models or with a method that merges large tensors in row chunks (DARE/DELLA draws, "
+                "model_stock and vocabulary-aligned embeddings are merged whole)")
+    ways.append("raise --max-memory" if max_memory is not None else "use a machine with more memory")
+    check_memory(est, what=f"merge_method={plan.config.merge_method!r} over {len(plan.readers)} models",
+                 budget=max_memory, device=device, fix=", ".join(ways[:-1]) + " or " + ways[-1])
+
+
 def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", seed: int | None = 0,
               allow_pickle: bool = False, force: bool = False, max_shard_size: int | str = "5GB",
-              progress: bool = True, workers: int | None = None, memory_budget: int | str = "512MB") -> Path:
+              progress: bool = True, workers: int | None = None, memory_budget: int | str = "512MB",
+              max_memory: int | None = None) -> Path:
     """Run a recipe and write the merged checkpoint atomically to ``out_dir``.
 
     Args:
@@ -598,6 +747,9 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
         workers: tensors merged concurrently (default: 2 on CPU, 1 on CUDA); results are identical for any value.
         memory_budget: bound on the estimated working memory of the tensors in flight (a larger tensor runs
             alone), so concurrency never multiplies the peak of the biggest tensor.
+        max_memory: bytes the merge may hold (``--max-memory``; default the machine's memory, the GPU's on
+            CUDA): a recipe whose estimated peak (:func:`merge_memory`, from the headers) is larger is refused
+            before any tensor is read or anything is written.
     Returns:
         ``out_dir``.
     Raises:
@@ -613,6 +765,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, device: str = "cpu", 
     plan = plan_merge(config, readers)
     donor = _tokenizer_donor(config)
     manifest = output_manifest(plan)
+    check_merge_memory(plan, device=device, workers=workers, memory_budget=memory_budget, manifest=manifest,
+                       max_memory=max_memory)
     results = iter_merged(plan, device=device, seed=seed, workers=workers, memory_budget=memory_budget,
                           manifest=manifest, stream=True)
     with ShardedWriter(out_dir, max_shard_size=max_shard_size, force=force, manifest=manifest) as w:

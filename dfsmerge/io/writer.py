@@ -56,8 +56,12 @@ class _PlannedShard:
         head = json.dumps({"__metadata__": metadata, **self.header}, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.write(struct.pack("<Q", len(head)))
-        self._file.write(head)
+        try:
+            self._file.write(struct.pack("<Q", len(head)))
+            self._file.write(head)
+        except BaseException:
+            self._file.close()
+            raise
         self._next = 0
         self._rows_done = 0  # rows of expected[_next] written so far (add_rows)
 
@@ -187,7 +191,14 @@ class ShardedWriter:
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir()
         if self.manifest is not None:
-            self._plan_shards()
+            try:
+                self._plan_shards()  # writes every shard's header
+            except BaseException as e:
+                self.abort()
+                if self.manifest and isinstance(e, OSError):
+                    self._pending = sum(math.prod(s) * _itemsize(d) for _, s, d in self.manifest)  # the shards' size
+                self._raise_if_full(e)
+                raise
         return self
 
     def _plan_shards(self) -> None:

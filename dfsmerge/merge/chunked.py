@@ -55,10 +55,12 @@ class ChunkedMerge:
     Attributes:
         passes: streaming passes over the chunks before :meth:`apply`.
         min_rows: fewest rows per chunk.
+        may_need_whole: its statistics may raise :class:`WholeTensorNeeded` (the memory estimate counts both).
     """
 
     passes = 0
     min_rows = 1
+    may_need_whole = False
 
     def __init__(self, method: MergeMethod, base_index: int | None, per_model: Mapping[str, tuple[Any, ...]],
                  params: Mapping[str, Any]):
@@ -399,6 +401,7 @@ class RankWindowChunks(_PruneChunks):
     """
 
     passes = 2
+    may_need_whole = True
 
     def __init__(self, method: MergeMethod, base_index: int | None, per_model, params, *, n_entries: int,
                  merge_fn):
@@ -497,6 +500,7 @@ class VarianceTopKChunks(Rowwise):
     """
 
     passes = 3
+    may_need_whole = True
 
     def __init__(self, method: MergeMethod, base_index: int | None, per_model, params, *, n_entries: int,
                  select_topk: float, task_vectors, variance, energy_rows, select_count, merge):

@@ -429,9 +429,10 @@ def run_significance(run_dir: str | Path, *, splits: tuple[str | None, ...] = (N
             "against": [{"model": name, "scores": s,
                          "tests": {k: paired_test(b_docs[k], d[k]).to_json() for k in scorer.keys}}
                         for name, s, d in others]}
+    from dfsmerge.search.state import atomic_write
+
     path = Path(out) if out is not None else run.path / "report" / SIGNIFICANCE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(path, json.dumps(result, indent=2) + "\n")  # a full disk never leaves half a file in its place
     return result
 
 

@@ -298,7 +298,7 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
     ax2.set_title("layer-path graph", fontsize=9)
     ax2.axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _replace(Path(out), lambda tmp: fig.savefig(tmp, dpi=110, format=Path(out).suffix.lstrip(".") or "png"))
     plt.close(fig)
     return out
 

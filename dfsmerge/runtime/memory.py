@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dfsmerge.errors import ConfigError
 
-__all__ = ["MemoryEstimate", "check_memory", "checkpoint_numel", "machine_memory", "parse_memory",
+__all__ = ["MemoryEstimate", "check_memory", "checkpoint_numel", "machine_memory", "memory_limit", "parse_memory",
            "plan_or_model_estimate", "search_estimate"]
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -157,17 +157,25 @@ def machine_memory(device: str = "cpu") -> tuple[int, str]:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
-def check_memory(est: MemoryEstimate, *, what: str, budget: int | None = None, device: str = "cpu") -> None:
+def memory_limit(budget: int | None = None, device: str = "cpu") -> tuple[int, str]:
+    """``(bytes, what)``: the limit an estimate must fit, ``budget`` (``--max-memory``) or the machine's memory."""
+    if budget is not None:
+        return budget, f"--max-memory {_human(budget)}"
+    limit, src = machine_memory(device)
+    return limit, f"{src} ({_human(limit)})"
+
+
+def check_memory(est: MemoryEstimate, *, what: str, budget: int | None = None, device: str = "cpu",
+                 fix: str | None = None) -> None:
     """Refuse ``what`` when its estimate exceeds ``budget`` (``--max-memory``) or the machine's memory.
 
+    Args:
+        fix: what the message tells the user to do (default: a search worker's ways out).
     Raises:
         ConfigError: naming the estimate, its largest parts, the limit and the ways out.
     """
-    if budget is not None:
-        limit, src = budget, f"--max-memory {_human(budget)}"
-    else:
-        limit, src = machine_memory(device)
-        src = f"{src} ({_human(limit)})"
+    limit, src = memory_limit(budget, device)
     if est.total > limit:
-        raise ConfigError(f"{what} needs an estimated {_human(est.total)} ({est.describe()}), more than {src}; use "
-                          "fewer or smaller models, a 16-bit dtype, smaller cache caps, or raise --max-memory")
+        fix = fix or ("use fewer or smaller models, a 16-bit dtype, smaller cache caps, or raise --max-memory")
+        raise ConfigError(f"{what} needs an estimated {_human(est.total)} ({est.describe()}), more than {src}; "
+                          f"{fix}")

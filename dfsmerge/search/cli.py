@@ -49,10 +49,24 @@ def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to the current ``sys.stderr``, not the one it was made with (in one process the command
+    may run many times while ``sys.stderr`` is replaced, as under pytest's capture; a closed stream would print
+    a logging traceback)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("dfsmerge.search")
     if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
     logger.setLevel(logging.INFO)
@@ -90,9 +104,12 @@ def search_command(args: argparse.Namespace) -> int:
         return 128 + e.signum
     print(f"search finished: {result.n_evals} evaluations in {result.run_dir} ({result.stop_reason})")
     if result.best is not None and "report" in result.outputs:  # is the best better than the start and sources?
+        from dfsmerge.io.diskspace import guard_disk_full
         from dfsmerge.report import write_report
+        from dfsmerge.search.state import DISK_FULL_FIX
 
-        write_report(result.run_dir, significance=True)  # rescoring the best, the start and each source once
+        with guard_disk_full(result.outputs["report"], None, fix=DISK_FULL_FIX):  # the resume writes it again
+            write_report(result.run_dir, significance=True)  # rescoring the best, the start and each source once
     if result.best is not None:
         from dfsmerge.report import describe_best
 

@@ -194,7 +194,19 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _append(path: Path, obj: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line, fsynced; a full disk cuts the partial line back and stops with one line."""
+    from dfsmerge.io.diskspace import disk_full_error, is_disk_full
+    from dfsmerge.search.state import DISK_FULL_FIX
+
+    line = memoryview((json.dumps(obj, separators=(",", ":")) + "\n").encode())
+    with open(path, "ab", buffering=0) as f:
+        start = f.tell()
+        try:
+            while line:
+                line = line[f.write(line):]
+            os.fsync(f.fileno())
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            f.truncate(start)
+            raise disk_full_error(path, len(line), fix=DISK_FULL_FIX) from None

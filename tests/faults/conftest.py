@@ -38,7 +38,7 @@ RUNNER = textwrap.dedent('''
         glob, n, *keep = spec.split(":")
         install(glob, int(n), int(keep[0]) if keep else None)
     from dfsmerge.cli import main
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())  # the arguments from sys.argv, as the `dfsmerge` command
 ''')
 
 

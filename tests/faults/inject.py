@@ -1,6 +1,7 @@
 """ENOSPC injection for the fault tests (never imported by the package): the ``n``-th ``write`` call on files whose
 resolved path matches a glob writes part of its data and fails with ``ENOSPC``, as a filling disk does. Files are
-caught where Python opens them (``open``, ``io.open``, ``Path.open``, ``os.fdopen``), buffered or not."""
+caught where Python opens them (``open``, ``io.open``, ``Path.open``, ``os.fdopen``), buffered or not, and
+``shutil``'s copies are made through them (not ``sendfile``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import errno
 import fnmatch
 import io
 import os
+import shutil
 
 
 def install(glob: str, n: int, keep: int | None = None):
@@ -16,11 +18,12 @@ def install(glob: str, n: int, keep: int | None = None):
 
     Args:
         glob: fnmatch pattern of the absolute paths to watch.
-        n: the matching write call (1-based, counted over all matching files) that fails.
+        n: the matching write call (1-based, counted over all matching files) that fails; 0: none (the writes
+            are only recorded, ``state["paths"]``).
         keep: bytes it writes before failing (default: half of them).
     """
     real_open = io.open
-    state = {"writes": 0, "hit": None}
+    state = {"writes": 0, "hit": None, "paths": []}  # paths: the file of each matching write, in order
 
     class Full:
         def __init__(self, f, name):
@@ -28,6 +31,7 @@ def install(glob: str, n: int, keep: int | None = None):
 
         def write(self, data):
             state["writes"] += 1
+            state["paths"].append(self._name)
             if state["writes"] != n:
                 return self._f.write(data)
             size = data.nbytes if isinstance(data, memoryview) else len(data)
@@ -59,8 +63,11 @@ def install(glob: str, n: int, keep: int | None = None):
         return f
 
     io.open = builtins.open = full_open
+    sendfile = shutil._USE_CP_SENDFILE
+    shutil._USE_CP_SENDFILE = False  # shutil's copies write through Python's file objects, so copies are caught too
 
     def undo():
         io.open = builtins.open = real_open
+        shutil._USE_CP_SENDFILE = sendfile
 
     return undo, state

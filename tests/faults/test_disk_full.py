@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -144,3 +145,167 @@ def test_real_full_tmpfs(reference, tmp_path, capsys):
         same_evals(run, ref)
     finally:
         subprocess.run(["umount", str(fs)], capture_output=True)
+
+
+# --- every write site in turn: the writes of a whole command are recorded, then each file's first and last write
+# (a file written twice, as the report is by the search loop and again by `dfsmerge search` with significance, gets
+# both) fails in turn ---------------------------------------------------------------------------------------------
+
+_TMP_NAME = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # atomic_write's and the report's temporary files
+# the random part of temporary directories (ShardedWriter's, the export's PS part and folded intermediate)
+_TMP_DIR = re.compile(r"\.(tmp|ps|folded)-[\d-]*[0-9a-f]{8}")
+
+
+def _target(path: str, root: Path) -> str:
+    """The file a write is for, relative to ``root``, the same in every run: a temporary file's final name, a
+    temporary directory's name without its random part."""
+    *dirs, name = Path(path).relative_to(root).parts
+    if m := _TMP_NAME.match(name):
+        name = m.group(1)
+    return "/".join([_TMP_DIR.sub(lambda m: "." + m.group(1), d) for d in dirs] + [name])
+
+
+def _write_sites(paths: list[str], root: Path) -> dict[str, list[int]]:
+    """``{target: [first write, last write]}`` (1-based indices among all recorded writes)."""
+    sites: dict[str, list[int]] = {}
+    for i, p in enumerate(paths, 1):
+        sites.setdefault(_target(p, root), [i, i])[1] = i
+    return {t: sorted(set(ns)) for t, ns in sites.items()}
+
+
+def _check_complete(d: Path) -> None:
+    """Every file in ``d`` is whole: JSON and YAML parse, PNG images end with their IEND chunk."""
+    import yaml
+
+    for p in d.rglob("*"):
+        if p.suffix == ".png":
+            assert p.read_bytes().endswith(b"IEND\xaeB`\x82"), f"{p} is cut short"
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix in (".yaml", ".yml"):
+            yaml.safe_load(p.read_text())
+
+
+def test_search_disk_full_at_every_write_site(reference, tmp_path, capsys):
+    cfg, ref = reference
+    rec = tmp_path / "recorded"
+    undo, state = inject.install(f"{rec}/*", 0)
+    try:
+        assert main(["search", str(cfg), "--out", str(rec), "--quiet"]) == 0
+    finally:
+        undo()
+    sites = _write_sites(state["paths"], rec)
+    for target in ("config.yaml", "state/state.json", "evals.jsonl", "best/best.json", "best/plan.yaml",
+                   "report/report.md", "report/fitness.png", "report/path.png"):
+        assert target in sites, f"{target} was not written: {sorted(sites)}"
+    capsys.readouterr()
+    failures = []
+    for k, (target, ns) in enumerate(sorted(sites.items())):
+        for n in ns:
+            run = tmp_path / f"run{k}-{n}"
+            undo, hit = inject.install(f"{run}/*", n)
+            try:
+                rc = main(["search", str(cfg), "--out", str(run), "--quiet"])
+            finally:
+                undo()
+            err = capsys.readouterr().err
+            lines = [e for e in err.strip().splitlines() if e.startswith("dfsmerge: error")]
+            if hit["hit"] is None or _target(hit["hit"], run) != target:
+                failures.append(f"{target} write {n}: the injection hit {hit['hit']}")
+                continue
+            if not (rc == 2 and len(lines) == 1 and "Traceback" not in err
+                    and "DiskFullError: no space left on device writing" in lines[0] and str(run) in lines[0]
+                    and " free)" in lines[0]):
+                failures.append(f"{target} write {n}: rc={rc} {err[-600:]}")
+                continue
+            _check_intact(run)
+            _check_complete(run)
+            resume = [] if target == "config.yaml" else ["--resume"]  # no config.yaml: the run never started
+            rc = main(["search", str(cfg), "--out", str(run), "--quiet", *resume])
+            err = capsys.readouterr().err
+            if rc != 0:
+                failures.append(f"{target} write {n}: resume rc={rc} {err[-600:]}")
+                continue
+            same_evals(run, ref)
+            got, want = _files(run / "best"), _files(ref / "best")
+            assert got.keys() == want.keys()
+            assert all(got[f] == want[f] for f in want if f != "best.json"), target
+            assert (run / "report" / "report.md").is_file()
+            _check_complete(run)
+    print(f"search: ENOSPC at {sum(map(len, sites.values()))} writes of {len(sites)} files: {sorted(sites)}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.filterwarnings("ignore:.*llama.cpp's pre-tokenizer:UserWarning")  # a tokenizer trained in the test
+@pytest.mark.parametrize("fmt", ["folded", "compact", "gguf"])
+def test_export_disk_full_at_every_write_site(reference, tmp_path, capsys, fmt):
+    """A run's candidate (a PS merge and a layer path) exported folded and compact; GGUF needs a BPE tokenizer, so
+    a plan over a small Llama with one is exported to GGUF (a folded intermediate, then the .gguf file)."""
+    cfg, ref = reference
+    args = ["export", str(ref), "--candidate", "best", "--format", fmt]
+    if fmt == "gguf":
+        from dfsmerge.dfs.plan import PathPlan
+        from tests.export.test_gguf_export import _tiny
+
+        src = _tiny("llama", tmp_path / "src")
+        (tmp_path / "plan.yaml").write_text(PathPlan.identity("S", 3, models={"S": str(src)}).to_yaml())
+        args = ["export", "--plan", str(tmp_path / "plan.yaml"), "--format", "gguf", "--quant", "q8_0"]
+    good, rec = tmp_path / "good" / "out", tmp_path / "rec"  # named "out" as every export below (GGUF file names)
+    rec.mkdir()
+    assert main([*args, "--out", str(good)]) == 0
+    undo, state = inject.install(f"{rec}/*", 0)
+    try:
+        assert main([*args, "--out", str(rec / "out")]) == 0
+    finally:
+        undo()
+    sites = _write_sites(state["paths"], rec)
+    assert any(t.endswith((".safetensors", ".gguf")) for t in sites), sites
+    capsys.readouterr()
+    failures = []
+    for k, (target, ns) in enumerate(sorted(sites.items())):
+        for n in ns:
+            parent = tmp_path / f"x{k}-{n}"
+            parent.mkdir()
+            out = parent / "out"
+            undo, hit = inject.install(f"{parent}/*", n)
+            try:
+                rc = main([*args, "--out", str(out)])
+            finally:
+                undo()
+            err = capsys.readouterr().err
+            lines = [e for e in err.strip().splitlines() if e.startswith("dfsmerge: error")]
+            if hit["hit"] is None or _target(hit["hit"], parent) != target:
+                failures.append(f"{target} write {n}: the injection hit {hit['hit']}")
+                continue
+            if not (rc == 2 and len(lines) == 1 and "Traceback" not in err
+                    and "DiskFullError: no space left on device writing" in lines[0] and str(parent) in lines[0]):
+                failures.append(f"{target} write {n}: rc={rc} {err[-600:]}")
+                continue
+            if list(parent.iterdir()):  # nothing half-written in place, no temporary left
+                failures.append(f"{target} write {n}: left {[p.name for p in parent.iterdir()]}")
+                continue
+            assert main([*args, "--out", str(out)]) == 0
+            assert _files(out) == _files(good), target
+    print(f"export {fmt}: ENOSPC at {sum(map(len, sites.values()))} writes of {len(sites)} files: {sorted(sites)}")
+    assert not failures, "\n".join(failures)
+
+
+def test_subset_fitness_record_disk_full(tmp_path):
+    """Subset fitness's append-only records (responses.jsonl, rescored.jsonl): a full disk cuts the partial line
+    back and stops with the one-line error; the file keeps its complete lines."""
+    from dfsmerge.io.diskspace import DiskFullError
+    from dfsmerge.search.subset_fitness import _append, _lines
+
+    path = tmp_path / "responses.jsonl"
+    _append(path, {"key": "a", "generation": 0})
+    undo, hit = inject.install(str(path), 1)
+    try:
+        with pytest.raises(DiskFullError, match=r"no space left on device writing .*responses.jsonl.* needed, .* free"):
+            _append(path, {"key": "b", "generation": 0, "responses": list(range(100))})
+    finally:
+        undo()
+    assert hit["hit"] is not None
+    assert path.read_text().endswith("\n")
+    assert _lines(path) == [{"key": "a", "generation": 0}]
+    _append(path, {"key": "b", "generation": 1})
+    assert [r["key"] for r in _lines(path)] == ["a", "b"]

@@ -1,8 +1,9 @@
 """Untrusted model files: crafted GGUF files (huge declared counts, strings, arrays, shapes and ranks, truncated data,
 random bytes, a valid header over content transformers rejects) and crafted LoRA adapters (a huge or garbled
 safetensors header, data past the file's end, a bad config, factors whose product would be enormous) each fail
-through ``dfsmerge convert`` and ``dfsmerge eval`` with a one-line error and exit 2, no traceback, and the process's
-peak RSS stays under 1 GB. Valid GGUF headers read the same as with the gguf package's own reader."""
+through ``dfsmerge convert`` and ``dfsmerge eval`` (and named by a recipe through ``dfsmerge merge``, by a plan
+through ``dfsmerge eval PLAN``) with a one-line error and exit 2, no traceback, and the process's peak RSS stays
+under 1 GB. Valid GGUF headers read the same as with the gguf package's own reader."""
 
 from __future__ import annotations
 
@@ -169,12 +170,25 @@ CHILD = textwrap.dedent('''
 def test_crafted_files_fail_in_one_line_without_large_allocation(tiny_models, tmp_path):
     files = crafted_gguf(tmp_path)
     adapters = crafted_adapters(tmp_path, tiny_models["base"])
+    import yaml
+
+    from dfsmerge.dfs.plan import PathPlan
+
     runs = []
     for name, p in files.items():
         runs.append([name, ["convert", str(p), str(tmp_path / f"out-{name}")]])
         runs.append([name, ["eval", str(p), "--tasks", "anything"]])
     for name, d in adapters.items():
         runs.append([name, ["eval", str(d), "--tasks", "anything"]])
+    for name, ref in [*files.items(), *adapters.items()]:  # the same files named by a recipe and by a plan
+        recipe = tmp_path / f"recipe-{name}.yaml"
+        recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+            {"model": str(tiny_models["base"]), "parameters": {"weight": 0.5}},
+            {"model": str(ref), "parameters": {"weight": 0.5}}]}))
+        runs.append([name, ["merge", str(recipe), str(tmp_path / f"out-merge-{name}"), "--quiet"]])
+        plan = tmp_path / f"plan-{name}.yaml"
+        plan.write_text(PathPlan.identity("X", 1, models={"X": str(ref)}).to_yaml())
+        runs.append([name, ["eval", str(plan), "--tasks", "anything"]])
     child = tmp_path / "child.py"
     child.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO), "DFSMERGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
