@@ -104,8 +104,8 @@ def cached_score(name: str, model_dir: str, args, tasks_dir: Path, *, split: str
 def merged(name: str, recipe_text: str, work: Path) -> str:
     import yaml
 
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
 
     out = work / "models" / name
     if not (out / "config.json").is_file():

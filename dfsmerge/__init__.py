@@ -14,7 +14,7 @@ _EXPORTS = {
     "open_run": "rundir.reader", "RunReader": "rundir.reader", "RunRecord": "rundir.reader",
     "load_plan": "report.experiment", "evaluate": "report.experiment", "compare": "report.experiment",
     "eval_options": "report.experiment",
-    "run_ablation": "report.ablation", "LayerPool": "pool", "PathPlan": "dfs.plan",
+    "run_ablation": "report.ablation", "LayerPool": "runtime.pool", "PathPlan": "genome.plan",
 }
 _ALIASES = {"Pool": "LayerPool"}
 __all__ = sorted([*_EXPORTS, *_ALIASES])

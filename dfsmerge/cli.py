@@ -162,8 +162,8 @@ def _eval_options(args: argparse.Namespace) -> dict:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from dfsmerge.config import torch_dtype
     from dfsmerge.objectives import evaluate_model, format_table
+    from dfsmerge.recipe.config import torch_dtype
     from dfsmerge.runtime.loading import load_model_or_plan
 
     options = _eval_options(args)
@@ -233,7 +233,7 @@ def _zoo(args: argparse.Namespace) -> int:
 def _moe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dfsmerge.moe import build_moe, load_moe_config
+    from dfsmerge.tools.moe import build_moe, load_moe_config
 
     config = load_moe_config(args.config)
     out = build_moe(config, args.out, seed=args.seed, allow_all_same=args.allow_all_same, force=args.force,
@@ -245,7 +245,7 @@ def _moe(args: argparse.Namespace) -> int:
 
 @_command("extract-lora")
 def _extract_lora(args: argparse.Namespace) -> int:
-    from dfsmerge.lora import extract_lora
+    from dfsmerge.tools.lora import extract_lora
 
     out = extract_lora(args.finetuned, args.base, args.out, rank=args.rank, exclude=args.exclude,
                        include=args.include, modules_to_save=args.save_module, embed_lora=args.embed_lora,
@@ -258,8 +258,8 @@ def _extract_lora(args: argparse.Namespace) -> int:
 
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
-    from dfsmerge.config import torch_dtype
     from dfsmerge.io.gguf import convert_gguf
+    from dfsmerge.recipe.config import torch_dtype
 
     out = convert_gguf(args.gguf, args.out, dtype=torch_dtype(args.dtype), force=args.force)
     print(f"converted checkpoint written to {out}")
@@ -268,8 +268,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 @_command("merge")
 def _merge(args: argparse.Namespace) -> int:
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
 
     config = load_merge_config(args.config)
     out = run_merge(config, args.out, device=args.device, seed=args.seed, allow_pickle=args.allow_pickle,

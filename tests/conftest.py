@@ -26,7 +26,7 @@ def one_torch_thread():
 def tiny_family_models(tmp_path_factory):
     """``{family: {"base": path, "ft1": path, "ft2": path, "ft3": path}}``: a base and three perturbed fine-tunes
     per supported family (2 layers, hidden 32)."""
-    from dfsmerge.testing import FAMILIES, make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import FAMILIES, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_families")
     out = {}

@@ -20,8 +20,8 @@ directory beside the target, renamed into place at the end.
 PS-merged models in a plan: a plan's ``models`` entry whose value is ``"@ps"``
 (:data:`dfsmerge.genome.PS_MODEL_IN_PLAN`) stands for the model produced by
 the candidate's PS recipe (joint and staged searches). The exporter runs that recipe with
-:func:`dfsmerge.recipe.run_merge` into a temporary directory beside the target (removed afterwards) and exports the
-path over it.
+:func:`dfsmerge.recipe.executor.run_merge` into a temporary directory beside the target (removed afterwards) and
+exports the path over it.
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ import torch
 import yaml
 
 from dfsmerge.arch import Architecture, get_architecture, hf_config, layout_reader
-from dfsmerge.config import load_merge_config
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import fold
 from dfsmerge.export.card import model_card
 from dfsmerge.export.info import ExportInfo
 from dfsmerge.export.mergekit_yaml import mergekit_yaml
 from dfsmerge.genome import MERGED, PS_MODEL_IN_PLAN
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 from dfsmerge.io import ShardedWriter, copy_tokenizer, open_checkpoint
-from dfsmerge.recipe import run_merge
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
 
 FORMATS = ("folded", "compact", "gguf")
 MODELING_FILE = "compact_modeling.py"

@@ -78,7 +78,7 @@ def task_dirs(task_paths) -> list[str]:
     out = []
     for p in task_paths:
         if str(p).startswith("real:"):
-            from dfsmerge.realmodels import real_task_dir
+            from dfsmerge.io.realmodels import real_task_dir
 
             p = real_task_dir(str(p)[len("real:"):])
         if not Path(p).is_dir():

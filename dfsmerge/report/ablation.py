@@ -180,8 +180,8 @@ class AblationScorer:
         """``(scores, per-document values)`` of a variant (``ps_recipe``: the PSRecipe object of ``variant.ps``)."""
         import torch
 
-        from dfsmerge.dfs.plan import PathPlan
         from dfsmerge.genome import Candidate
+        from dfsmerge.genome.plan import PathPlan
 
         w = self.worker
         if w.runtime is None:
@@ -215,7 +215,7 @@ def write_variant(variant: Variant, out_dir: Path, merged: tuple[str, int] | Non
     into ``out_dir``; returns the file names."""
     import yaml
 
-    from dfsmerge.dfs.plan import PathPlan
+    from dfsmerge.genome.plan import PathPlan
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -277,8 +277,8 @@ def run_ablation(run_dir: str | Path, *, candidate: str | int = "best", split: s
     variants = ablation_variants(rec.ps, rec.path, sources=sources, ps_base=ps_base)
     merged = None
     if rec.ps is not None:  # merged once to disk so that every row is a plain plan file (dfsmerge eval, export)
-        from dfsmerge.config import load_merge_config
-        from dfsmerge.recipe import run_merge
+        from dfsmerge.recipe.config import load_merge_config
+        from dfsmerge.recipe.executor import run_merge
 
         mdir = run_merge(load_merge_config(dict(rec.ps)), out_dir / "merged", seed=run.config.get("seed", 0),
                          force=True, progress=False)

@@ -193,7 +193,7 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
     import networkx as nx
     from matplotlib.patches import Rectangle
 
-    from dfsmerge.dfs.plan import LayerRef, PathPlan
+    from dfsmerge.genome.plan import LayerRef, PathPlan
 
     plan = PathPlan.from_dict(path)
     models = list(plan.models)

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.errors import CheckpointError
+from dfsmerge.genome.plan import PathPlan
 from dfsmerge.io import open_checkpoint
-from dfsmerge.pool import LayerPool
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.stitched import StitchedModel
 from dfsmerge.zoo import resolve_zoo_model
 

@@ -125,7 +125,7 @@ def plan_or_model_estimate(ref: str | Path, dtype_name: str) -> MemoryEstimate:
     b = _DTYPE_BYTES.get(dtype_name, 4)
     est = MemoryEstimate()
     if is_plan_file(ref):
-        from dfsmerge.dfs.plan import PathPlan
+        from dfsmerge.genome.plan import PathPlan
 
         refs = PathPlan.load(ref).models
     else:

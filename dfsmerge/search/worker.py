@@ -136,8 +136,8 @@ class Worker:
         self.doc_positions = positions
 
     def _load_runtime(self) -> None:
-        from dfsmerge.pool import LayerPool
         from dfsmerge.runtime import Runtime
+        from dfsmerge.runtime.pool import LayerPool
 
         m = self.models
         spec = MODE_TABLE[self.config.genome.mode]

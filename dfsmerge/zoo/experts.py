@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dfsmerge.errors import ConfigError
-from dfsmerge.realmodels import expert_set_dir
+from dfsmerge.io.realmodels import expert_set_dir
 from dfsmerge.zoo.mgsm import PROMPT, TASKS_VERSION, MathDoc, SplitSpec, build_splits, write_jsonl, write_tasks
 
 __all__ = ["EXPERT_SETS", "ExpertSet", "TrainSpec", "build_experts", "load_split_docs"]

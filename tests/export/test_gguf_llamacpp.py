@@ -31,7 +31,7 @@ def _bench():
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_llamacpp_greedy_equals_folded_export(name, tmp_path):
-    from dfsmerge.realmodels import real_model_dir
+    from dfsmerge.io.realmodels import real_model_dir
 
     bench = _bench()
     src = real_model_dir(name)

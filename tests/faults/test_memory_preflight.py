@@ -82,7 +82,7 @@ def test_eval_of_a_model_larger_than_the_machine_refused(tiny_models, tmp_path, 
 
 
 def test_eval_of_a_plan_over_budget(tiny_models, tmp_path, capsys):
-    from dfsmerge.dfs.plan import PathPlan
+    from dfsmerge.genome.plan import PathPlan
 
     plan = PathPlan.identity("A", 2, models={"A": str(tiny_models["base"])})
     (tmp_path / "plan.yaml").write_text(plan.to_yaml())

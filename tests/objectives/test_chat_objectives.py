@@ -43,7 +43,7 @@ def task_dir(tmp_path_factory):
 def smol():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dfsmerge.realmodels import real_model_dir
+    from dfsmerge.io.realmodels import real_model_dir
 
     path = real_model_dir("smollm2-135m")
     return (AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(),

@@ -4,7 +4,7 @@ Models are built on the ``meta`` device from their ``config.json`` and filled fr
 ``load_state_dict(..., assign=True)``, so loading allocates each tensor once (gpt-fast's zero-copy loading).
 The pool checks that its models can share one layer path (same family, hidden size, heads, KV heads, head dim,
 rope, vocabulary and tokenizer) and names the mismatch otherwise. Layers are addressed by
-:class:`~dfsmerge.dfs.plan.LayerRef`; model A (``base``) supplies tokenizer, final norm, head and rotary
+:class:`~dfsmerge.genome.plan.LayerRef`; model A (``base``) supplies tokenizer, final norm, head and rotary
 embedding, and by default the input embedding.
 """
 
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from dfsmerge.arch import Architecture, attention_types, get_architecture, hf_config, layout_reader
-from dfsmerge.dfs.plan import LayerRef, PathPlan
 from dfsmerge.errors import ArchitectureError, CheckpointError, ConfigError
+from dfsmerge.genome.plan import LayerRef, PathPlan
 from dfsmerge.io import open_checkpoint
 
 

@@ -61,7 +61,7 @@ def load_moe_config(path_or_data: str | Path | dict[str, Any]) -> MoEConfig:
     Raises:
         ConfigError: the first problem, naming the field, the value and the fix.
     """
-    from dfsmerge.config import format_validation_error
+    from dfsmerge.recipe.config import format_validation_error
 
     if isinstance(path_or_data, dict):
         data, src = path_or_data, "moe config"
@@ -243,8 +243,8 @@ def build_moe(cfg: MoEConfig, out_dir: str | Path, *, seed: int = 0, allow_all_s
     Raises:
         ConfigError, ArchitectureError, CheckpointError, OutputExistsError: before anything is written.
     """
-    from dfsmerge.config import torch_dtype
     from dfsmerge.io import ShardedWriter, copy_tokenizer, open_checkpoint
+    from dfsmerge.recipe.config import torch_dtype
 
     _check(cfg)
     if Path(out_dir).exists() and not force:

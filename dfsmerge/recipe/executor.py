@@ -27,7 +27,11 @@ from typing import Any
 import torch
 
 from dfsmerge.arch import Architecture, get_architecture, layout_reader, path_layer_config
-from dfsmerge.config import (
+from dfsmerge.errors import ArchitectureError, ConfigError, MergeError
+from dfsmerge.io import CheckpointReader, ShardedWriter, copy_tokenizer, open_checkpoint
+from dfsmerge.io.writer import save_tokenizer
+from dfsmerge.merge.vocab import VocabularyPlan, align_rows, build_vocabulary
+from dfsmerge.recipe.config import (
     ConditionalParameter,
     InputSlice,
     MergeConfig,
@@ -37,10 +41,6 @@ from dfsmerge.config import (
     torch_dtype,
     validator_for,
 )
-from dfsmerge.errors import ArchitectureError, ConfigError, MergeError
-from dfsmerge.io import CheckpointReader, ShardedWriter, copy_tokenizer, open_checkpoint
-from dfsmerge.io.writer import save_tokenizer
-from dfsmerge.merge.vocab import VocabularyPlan, align_rows, build_vocabulary
 
 
 @dataclass(frozen=True, slots=True)
