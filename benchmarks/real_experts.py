@@ -56,8 +56,8 @@ def score(model_dir: str, tasks_dir: Path, target: str, *, split: str, limit: in
     import torch
 
     from dfsmerge.objectives import evaluate_model
+    from dfsmerge.objectives.lm_adapter import DfsLM
     from dfsmerge.objectives.tasks import simple_evaluate
-    from dfsmerge.runtime.lm_adapter import DfsLM
     from dfsmerge.runtime.loading import load_model_or_plan
     from dfsmerge.zoo.mgsm import MAX_GEN_TOKS
 

@@ -56,8 +56,8 @@ def main() -> None:
 
     from dfsmerge.io.realmodels import real_model_dir
     from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
+    from dfsmerge.objectives.lm_adapter import DfsLM
     from dfsmerge.objectives.tasks import simple_evaluate
-    from dfsmerge.runtime.lm_adapter import DfsLM
 
     path = real_model_dir(args.model.removeprefix("real:")) if args.model.startswith("real:") else args.model
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

@@ -67,7 +67,7 @@ def test_hflm_on_export_scores_as_dfslm_on_plan(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    from dfsmerge.runtime.lm_adapter import DfsLM
+    from dfsmerge.objectives.lm_adapter import DfsLM
     from dfsmerge.runtime.pool import LayerPool
 
     a, b, plan, out, tasks = _setup(tmp_path)

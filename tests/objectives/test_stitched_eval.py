@@ -8,7 +8,7 @@ import pytest
 from objectives_helpers import GEN_TASK, MC_TASK, run_lm_eval, strip_stderr
 
 from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
-from dfsmerge.runtime.lm_adapter import DfsLM
+from dfsmerge.objectives.lm_adapter import DfsLM
 from dfsmerge.runtime.stitched import StitchedModel
 
 pytest.importorskip("dfsmerge.runtime.pool")
