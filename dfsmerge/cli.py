@@ -174,7 +174,7 @@ def _eval(args: argparse.Namespace) -> int:
                           "--gen_kwargs/--num_fewshot score one model at a time; give one MODEL, or put the "
                           "settings in the task YAML for a paired comparison")
     if len(args.model) > 1:  # several models: scored on the same documents, paired tests against the first
-        from dfsmerge.report.experiment import compare
+        from dfsmerge.analysis.experiment import compare
 
         cmp = compare(args.model, args.tasks, split=args.split, limit=args.limit, native=args.native,
                       task_paths=args.task_search_path, zoo=args.zoo, batch_size=args.batch_size, device=args.device,
@@ -203,7 +203,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 @_command("ablate")
 def _ablate(args: argparse.Namespace) -> int:
-    from dfsmerge.report.ablation import run_ablation
+    from dfsmerge.analysis.ablation import run_ablation
 
     out = run_ablation(args.run, candidate=args.candidate, split=args.split, out=args.out,
                        log=None if args.quiet else print)

@@ -90,9 +90,10 @@ def search_command(args: argparse.Namespace) -> int:
         return 128 + e.signum
     print(f"search finished: {result.n_evals} evaluations in {result.run_dir} ({result.stop_reason})")
     if result.best is not None and "report" in result.outputs:  # is the best better than the start and sources?
+        from dfsmerge.analysis.ablation import run_significance
         from dfsmerge.report import write_report
 
-        write_report(result.run_dir, significance=True)  # rescoring the best, the start and each source once
+        write_report(result.run_dir, significance=run_significance)  # rescoring the best, start and sources once
     if result.best is not None:
         from dfsmerge.report import describe_best
 
@@ -124,9 +125,10 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Handler of ``dfsmerge inspect``."""
+    from dfsmerge.analysis.ablation import run_significance
     from dfsmerge.report import describe_best, load_evals, summarize, write_report
 
-    out = write_report(args.run, significance=args.significance)
+    out = write_report(args.run, significance=run_significance if args.significance else None)
     s = summarize(load_evals(args.run))
     best = s["best"]
     print(f"{s['n']} evaluations ({s['failed']} failed, {s['infeasible']} infeasible, {s['cached']} cached) in "
