@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run in the CPU interpreter (tests/kernels). triton.jit reads TRITON_INTERPRET when triton is
+# imported, and any test module may import it first (peft does, in tests/io), so it is set here, before them all.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
