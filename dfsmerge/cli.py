@@ -162,8 +162,8 @@ def _eval_options(args: argparse.Namespace) -> dict:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
+    from dfsmerge.io.dtypes import torch_dtype
     from dfsmerge.objectives import evaluate_model, format_table
-    from dfsmerge.recipe.config import torch_dtype
     from dfsmerge.runtime.loading import load_model_or_plan
 
     options = _eval_options(args)
@@ -258,8 +258,8 @@ def _extract_lora(args: argparse.Namespace) -> int:
 
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
+    from dfsmerge.io.dtypes import torch_dtype
     from dfsmerge.io.gguf import convert_gguf
-    from dfsmerge.recipe.config import torch_dtype
 
     out = convert_gguf(args.gguf, args.out, dtype=torch_dtype(args.dtype), force=args.force)
     print(f"converted checkpoint written to {out}")

@@ -63,8 +63,8 @@ def evaluate(model_or_plan: Any, tasks: str | Sequence[str], *, tokenizer=None, 
         ConfigError: unknown task, empty split, a loaded model without ``tokenizer``.
         CheckpointError: nothing loadable at ``model_or_plan``.
     """
+    from dfsmerge.io.dtypes import torch_dtype
     from dfsmerge.objectives import evaluate_model
-    from dfsmerge.recipe.config import torch_dtype
 
     paths = [str(p) for p in task_paths]
     if zoo is not None:

@@ -11,13 +11,12 @@ from typing import Any
 import torch
 
 from dfsmerge.errors import MergeError
-from dfsmerge.kernels._common import resolve_params
+from dfsmerge.kernels._common import SUPPORTED_DTYPES, resolve_params
 from dfsmerge.merge import get_method
 
 BACKENDS = ("auto", "triton", "reference")
 KERNELS = ("gta", "linear", "slerp")
 """The fused kernels, by the name a :class:`~dfsmerge.merge.MergeMethod` declares in ``kernel``."""
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def triton_available() -> bool:
@@ -35,7 +34,7 @@ def triton_supports(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = 
         return False
     first = every[0]
     return all(
-        t.device == first.device and t.device.type == "cuda" and t.is_contiguous() and t.dtype in _KERNEL_DTYPES
+        t.device == first.device and t.device.type == "cuda" and t.is_contiguous() and t.dtype in SUPPORTED_DTYPES
         and t.shape == first.shape
         for t in every
     )

@@ -29,6 +29,7 @@ import torch
 from dfsmerge.arch import Architecture, get_architecture, layout_reader, path_layer_config
 from dfsmerge.errors import ArchitectureError, ConfigError, MergeError
 from dfsmerge.io import CheckpointReader, ShardedWriter, copy_tokenizer, open_checkpoint
+from dfsmerge.io.dtypes import canonical_dtype, torch_dtype
 from dfsmerge.io.writer import save_tokenizer
 from dfsmerge.merge.vocab import VocabularyPlan, align_rows, build_vocabulary
 from dfsmerge.recipe.config import (
@@ -36,9 +37,7 @@ from dfsmerge.recipe.config import (
     InputSlice,
     MergeConfig,
     OutputSlice,
-    canonical_dtype,
     resolve_parameter,
-    torch_dtype,
     validator_for,
 )
 

@@ -21,7 +21,6 @@ from dfsmerge.errors import ConfigError
 __all__ = ["MemoryEstimate", "check_memory", "checkpoint_numel", "machine_memory", "parse_memory",
            "plan_or_model_estimate", "search_estimate"]
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
@@ -95,8 +94,10 @@ class MemoryEstimate:
 def search_estimate(config, models) -> MemoryEstimate:
     """Peak memory of one search worker (:class:`dfsmerge.search.worker.Worker`) for ``config`` over the resolved
     ``models`` (:class:`dfsmerge.search.space.ResolvedModels`)."""
+    from dfsmerge.io.dtypes import dtype_bytes
+
     dtype = config.eval_dtype if config.eval_dtype != "auto" else config.dtype  # auto starts in config.dtype
-    b = _DTYPE_BYTES.get(str(dtype), 4)
+    b = dtype_bytes(str(dtype))
     est = MemoryEstimate()
     numel = {}
     for name, path in models.pool.items():
@@ -120,9 +121,10 @@ def search_estimate(config, models) -> MemoryEstimate:
 def plan_or_model_estimate(ref: str | Path, dtype_name: str) -> MemoryEstimate:
     """Peak memory of ``dfsmerge eval MODEL_OR_PLAN``: the models a plan's layer pool loads (each once), or the one
     checkpoint, in ``dtype_name``."""
+    from dfsmerge.io.dtypes import dtype_bytes
     from dfsmerge.runtime.loading import is_plan_file
 
-    b = _DTYPE_BYTES.get(dtype_name, 4)
+    b = dtype_bytes(dtype_name)
     est = MemoryEstimate()
     if is_plan_file(ref):
         from dfsmerge.genome.plan import PathPlan
