@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
+    from dfsmerge.objectives.lm_adapter import DfsLM
     from dfsmerge.objectives.tasks import simple_evaluate
-    from dfsmerge.runtime.lm_adapter import DfsLM
 
     zoo, where = _zoo(args)
     path = zoo.model_path(args.model)

@@ -27,7 +27,7 @@ HIDDEN, LAYERS, TRUE_RANK = 128, 4, 8
 def make_models(root: Path) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM
 
-    from dfsmerge.testing import make_tiny_checkpoint, save_tiny_tokenizer
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint, save_tiny_tokenizer
 
     base = make_tiny_checkpoint("llama", root / "base", seed=0, num_layers=LAYERS, hidden=HIDDEN)
     full = make_tiny_checkpoint("llama", root / "full-rank", seed=1, like=base, delta_std=0.1)
@@ -53,7 +53,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dfsmerge.lora import extract_lora
+    from dfsmerge.tools.lora import extract_lora
 
     torch.set_num_threads(1)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="dfsmerge-lora-"))

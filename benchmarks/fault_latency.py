@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--candidate-s", type=float, default=2.0)
     a = ap.parse_args()
     from dfsmerge.rundir.lock import RunLock
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:

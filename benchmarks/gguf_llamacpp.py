@@ -25,7 +25,7 @@ LAYERS = {"smollm2-135m": 30, "gemma3-270m": 18}
 
 
 def plans(name: str, src: Path):
-    from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
+    from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 
     n = LAYERS[name]
     block = [10, 11] if name == "smollm2-135m" else list(range(6, 12))  # Gemma 3: one whole 5:1 block
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="where the exports go (default: a temporary directory)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from dfsmerge.realmodels import real_model_dir
+    from dfsmerge.io.realmodels import real_model_dir
 
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     root = Path(args.out or tmp.name)

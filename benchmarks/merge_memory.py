@@ -28,7 +28,7 @@ CHUNK = 32 << 20
 CHILD = r'''
 import json, math, sys
 import dfsmerge.recipe as R
-from dfsmerge.config import MergeConfig
+from dfsmerge.recipe.config import MergeConfig
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
@@ -69,7 +69,7 @@ def write_models(root: Path, k: int) -> list[Path]:
     import torch
 
     from dfsmerge.io import ShardedWriter
-    from dfsmerge.testing import save_tiny_tokenizer, tiny_config
+    from dfsmerge.zoo.tiny import save_tiny_tokenizer, tiny_config
 
     cfg = tiny_config("llama", num_layers=1, hidden=HIDDEN, heads=16, kv_heads=16, intermediate=INTER,
                       vocab_size=VOCAB).to_dict()

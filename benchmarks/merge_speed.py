@@ -36,7 +36,7 @@ SETS = {"32k": (2048, 5632, 4, 32000), "128k": (4096, 4096, 2, 128256)}
 
 def write_set(root: Path, geometry: tuple[int, int, int, int]) -> dict[str, Path]:
     from dfsmerge.io import ShardedWriter
-    from dfsmerge.testing import save_tiny_tokenizer, tiny_config
+    from dfsmerge.zoo.tiny import save_tiny_tokenizer, tiny_config
 
     HIDDEN, INTER, LAYERS, VOCAB = geometry  # noqa: N806
     cfg = tiny_config("llama", num_layers=LAYERS, hidden=HIDDEN, heads=16, kv_heads=16, intermediate=INTER,

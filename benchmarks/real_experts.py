@@ -58,8 +58,8 @@ def score(model_dir: str, tasks_dir: Path, target: str, *, split: str, limit: in
     import torch
 
     from dfsmerge.objectives import evaluate_model
+    from dfsmerge.objectives.lm_adapter import DfsLM
     from dfsmerge.objectives.tasks import simple_evaluate
-    from dfsmerge.runtime.lm_adapter import DfsLM
     from dfsmerge.runtime.loading import load_model_or_plan
     from dfsmerge.zoo.mgsm import MAX_GEN_TOKS
 
@@ -120,8 +120,8 @@ def cached_score(name: str, model_dir: str, args, tasks_dir: Path, *, split: str
 def merged(name: str, recipe_text: str, work: Path) -> str:
     import yaml
 
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
 
     out = work / "models" / name
     if not (out / "config.json").is_file():

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct (dfsmerge.realmodels, from its PyPI wheel): what one search candidate costs, and
+"""The real SmolLM2-135M-Instruct (dfsmerge.io.realmodels, from its PyPI wheel): what one search candidate costs, and
 a DFS search from the source at a fixed budget.
 
 1. Per-candidate evaluation, fp32 and bf16: dfsmerge's native evaluator on the stitched identity plan (what a
@@ -79,8 +79,8 @@ def _forward_tps(model, batches: list[torch.Tensor], reps: int = 2) -> float:
 def part1(smol: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
-    from dfsmerge.pool import LayerPool
+    from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+    from dfsmerge.runtime.pool import LayerPool
     from dfsmerge.runtime.stitched import StitchedModel
 
     tok = AutoTokenizer.from_pretrained(str(smol))
@@ -154,7 +154,7 @@ def main() -> None:
     import os
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from dfsmerge.realmodels import real_model_dir
+    from dfsmerge.io.realmodels import real_model_dir
 
     smol = real_model_dir("smollm2-135m")
     print(f"SmolLM2-135M-Instruct at {smol}; torch threads {args.threads}\n")

@@ -67,11 +67,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from dfsmerge.dfs.genome import DFSGenome, Infeasible
-    from dfsmerge.dfs.plan import PathPlan
-    from dfsmerge.pool import LayerPool
+    from dfsmerge.genome.dfs import DFSGenome, Infeasible
+    from dfsmerge.genome.plan import PathPlan
+    from dfsmerge.runtime.pool import LayerPool
     from dfsmerge.runtime.stitched import StitchedModel
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ def main() -> None:
     from dfsmerge.search import load_search_config
     from dfsmerge.search.loop import Search
     from dfsmerge.search.state import RunDir
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     logging.getLogger("dfsmerge.search").setLevel(logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="search_overhead_"))

@@ -54,10 +54,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dfsmerge.io.realmodels import real_model_dir
     from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
+    from dfsmerge.objectives.lm_adapter import DfsLM
     from dfsmerge.objectives.tasks import simple_evaluate
-    from dfsmerge.realmodels import real_model_dir
-    from dfsmerge.runtime.lm_adapter import DfsLM
 
     path = real_model_dir(args.model.removeprefix("real:")) if args.model.startswith("real:") else args.model
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

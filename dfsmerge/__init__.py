@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "open_run": "rundir.reader", "RunReader": "rundir.reader", "RunRecord": "rundir.reader",
-    "load_plan": "report.experiment", "evaluate": "report.experiment", "compare": "report.experiment",
-    "eval_options": "report.experiment",
-    "run_ablation": "report.ablation", "LayerPool": "pool", "PathPlan": "dfs.plan",
+    "load_plan": "analysis.experiment", "evaluate": "analysis.experiment", "compare": "analysis.experiment",
+    "eval_options": "analysis.experiment",
+    "run_ablation": "analysis.ablation", "LayerPool": "runtime.pool", "PathPlan": "genome.plan",
 }
 _ALIASES = {"Pool": "LayerPool"}
 __all__ = sorted([*_EXPORTS, *_ALIASES])

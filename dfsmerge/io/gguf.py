@@ -242,7 +242,9 @@ def _check_supported(path: Path) -> str:
 def _write_checkpoint(path: Path, out: Path, *, dtype: Any) -> None:
     """Dequantise ``path`` with transformers and save it as a plain checkpoint into ``out`` (an empty dir)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from dfsmerge.io.tokenizer import load_tokenizer
 
     kwargs = dict(gguf_file=path.name, dtype=dtype or torch.float32)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
@@ -250,7 +252,7 @@ def _write_checkpoint(path: Path, out: Path, *, dtype: Any) -> None:
     if quantizer is not None:  # the GGUF quantizer refuses save_pretrained until it is removed
         quantizer.remove_quantization_config(model)
     model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     tokenizer.save_pretrained(str(out))
     if not (out / "generation_config.json").exists():
         with contextlib.suppress(ValueError):  # a config with nothing to generate with

@@ -25,14 +25,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def resolve_model_path(ref: str | Path, *, revision: str | None = None) -> Path:
     """A local directory for ``ref``: the directory itself, a ``.gguf`` file's cached conversion, a ``real:<name>``
-    fixture (:mod:`dfsmerge.realmodels`), or a hub snapshot (cache first, then download).
+    fixture (:mod:`dfsmerge.io.realmodels`), or a hub snapshot (cache first, then download).
 
     Raises:
         CheckpointError: ``ref`` is neither a directory, a GGUF file nor a reachable hub id.
         ArchitectureError: a GGUF file of an unsupported architecture.
     """
     if str(ref).startswith("real:"):
-        from dfsmerge.realmodels import real_model_dir
+        from dfsmerge.io.realmodels import real_model_dir
 
         return real_model_dir(str(ref)[len("real:"):])
     p = Path(str(ref)).expanduser()

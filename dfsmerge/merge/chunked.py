@@ -6,7 +6,7 @@ parameters and the tensor's number of entries
 (None: these parameters need the whole tensor, e.g. DARE's random draws or an L1 rescale). A method without a
 factory always merges whole tensors.
 
-The executor (``dfsmerge.recipe``) drives a :class:`ChunkedMerge` over the row chunks of a tensor in order:
+The executor (``dfsmerge.recipe.executor``) drives a :class:`ChunkedMerge` over the row chunks of a tensor in order:
 ``passes`` streaming passes of :meth:`~ChunkedMerge.gather` (each followed by :meth:`~ChunkedMerge.end_pass`;
 ``passes`` is read again after each, so a chunker may ask for another)
 collect the whole-tensor statistics, then :meth:`~ChunkedMerge.apply` merges each chunk. Every chunk holds

@@ -49,22 +49,18 @@ class VocabularyPlan:
     tokens: Mapping[str, Any]
 
 
-def _load_tokenizer(path: str | Path, model: str):
-    from transformers import AutoTokenizer
+def _model_tokenizer(path: str | Path, model: str):
+    from dfsmerge.io.tokenizer import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path), use_fast=True)
-    except Exception as err:  # transformers raises many types for a missing or broken tokenizer
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model {model!r} has no loadable tokenizer ({first}); tokenizer merging needs every "
-                          "model's tokenizer: add its tokenizer files, or drop tokenizer_source/tokenizer:") from None
+    return load_tokenizer(path, name=model, use_fast=True, fix="tokenizer merging needs every model's tokenizer: "
+                          "add its tokenizer files, or drop tokenizer_source/tokenizer:")
 
 
 def _stripped_tokenizer(path: str | Path, model: str, vocab_size: int | None):
     """The model's tokenizer without the tokens whose ids are ``>= vocab_size`` (rows the model does not have)."""
     from tokenizers import Tokenizer
 
-    tok = _load_tokenizer(path, model)
+    tok = _model_tokenizer(path, model)
     size = vocab_size or len(tok.get_vocab())
     unused = {t for t, i in tok.get_vocab().items() if i >= size}
     if not unused:
@@ -89,7 +85,7 @@ def _union_tokenizer(base_tok, toks: Mapping[str, Any], sizes: Mapping[str, int 
     wins), each only where its id is a row of its model."""
     import tempfile
 
-    from transformers import AutoTokenizer
+    from dfsmerge.io.tokenizer import load_tokenizer
 
     plain: dict[str, None] = {}
     added: dict[str, Any] = {}
@@ -109,7 +105,7 @@ def _union_tokenizer(base_tok, toks: Mapping[str, Any], sizes: Mapping[str, int 
             added.setdefault(info.content, info)
     with tempfile.TemporaryDirectory() as tmp:  # a copy, so the base model's tokenizer is left as loaded
         base_tok.save_pretrained(tmp)
-        out = AutoTokenizer.from_pretrained(tmp, use_fast=True)
+        out = load_tokenizer(tmp, use_fast=True)
     base_vocab = base_tok.get_vocab()
     for t in plain:
         if t not in added and t not in base_vocab:
@@ -147,14 +143,14 @@ def build_vocabulary(source: str, *, models: Sequence[str], base: str, paths: Ma
     toks = {base: base_tok}
     for m in models:
         if m != base:
-            toks[m] = _load_tokenizer(paths[m], m)
+            toks[m] = _model_tokenizer(paths[m], m)
     if source == "base":
         out = base_tok
     elif source == "union":
         out = _union_tokenizer(base_tok, toks, vocab_sizes)
     else:
         name = source.removeprefix("model:")
-        out = _load_tokenizer(paths.get(name, name), name)
+        out = _model_tokenizer(paths.get(name, name), name)
     existing = set(out.get_vocab())
     for t in tokens:
         if t not in existing:

@@ -1,4 +1,4 @@
-"""Objectives: lm-eval tasks (through :class:`dfsmerge.runtime.lm_adapter.DfsLM`), native fast tasks and cost
+"""Objectives: lm-eval tasks (through :class:`dfsmerge.objectives.lm_adapter.DfsLM`), native fast tasks and cost
 objectives, turned into direction-aware values to minimise, with a result cache keyed by the decoded candidate."""
 
 from dfsmerge.objectives.cache import ResultCache, candidate_key

@@ -85,7 +85,7 @@ class Evaluator:
         """Each document's value of every task objective (``{objective key: [value per document]}``, document order),
         for paired tests between models scored on the same documents; see :meth:`TaskSuite.per_document`."""
         if self._scorer is None and any(p.native is None for p in self.suite.prepared):
-            from dfsmerge.runtime.lm_adapter import Scorer
+            from dfsmerge.objectives.lm_adapter import Scorer
 
             self._scorer = Scorer(self.tokenizer, model_config=getattr(model, "config", None),
                                   batch_size=self.config.batch_size, max_gen_toks=self.config.max_gen_toks)
@@ -152,7 +152,7 @@ class Evaluator:
 
     def _evaluate(self, model, description) -> EvalResult:
         if self._scorer is None and any(p.native is None for p in self.suite.prepared):
-            from dfsmerge.runtime.lm_adapter import Scorer
+            from dfsmerge.objectives.lm_adapter import Scorer
 
             self._scorer = Scorer(self.tokenizer, model_config=getattr(model, "config", None),
                                   batch_size=self.config.batch_size, max_gen_toks=self.config.max_gen_toks)

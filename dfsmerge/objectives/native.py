@@ -19,7 +19,7 @@ its first run). Scores agree with the unshared computation up to float rounding 
 a batch of one instead of inside each padded batch).
 
 Prompts are built by lm-eval itself (the task's YAML, Jinja templates, few-shot sampler, delimiters) once, at
-preparation; they are tokenised once too, by the :class:`dfsmerge.runtime.lm_adapter.Scorer` the lm-eval adapter
+preparation; they are tokenised once too, by the :class:`dfsmerge.objectives.lm_adapter.Scorer` the lm-eval adapter
 uses, which also runs every forward pass. lm-eval's task objects are read through
 :mod:`dfsmerge.objectives.lm_eval_compat` only. Anything
 else (filters, metric options, sampling, rolling loglikelihood, multiple targets) raises :class:`ConfigError`
@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from dfsmerge.errors import ConfigError
+from dfsmerge.objectives.lm_adapter import Scorer, model_device
 from dfsmerge.objectives.lm_eval_compat import memoize_doc_fields, metric_options, pad_and_concat, prepared_instances
-from dfsmerge.runtime.lm_adapter import Scorer, model_device
 
 _MC_TYPES = ("multiple_choice", "loglikelihood")
 _NO_MATCH = "\u241f"  # appended to the target: a response that is certainly not the target

@@ -1,5 +1,5 @@
 """lm-eval tasks as objectives: finding, loading and validating them once, before a search starts, and scoring a
-model on them through :class:`dfsmerge.runtime.lm_adapter.DfsLM` without reseeding the caller's RNGs.
+model on them through :class:`dfsmerge.objectives.lm_adapter.DfsLM` without reseeding the caller's RNGs.
 
 Unlike mergekit-evolve (which calls ``simple_evaluate`` per candidate, reloading every dataset), tasks are loaded once
 into a :class:`TaskSuite` and each candidate is scored with ``lm_eval.evaluator.evaluate`` over the prepared tasks.
@@ -53,7 +53,7 @@ def simple_evaluate(lm, tasks: list[str], *, task_paths=(), include_defaults: bo
     """``lm_eval.simple_evaluate`` over ``lm`` that neither reseeds nor advances the caller's global RNGs.
 
     Args:
-        lm: an ``lm_eval`` LM, e.g. :class:`dfsmerge.runtime.lm_adapter.DfsLM`.
+        lm: an ``lm_eval`` LM, e.g. :class:`dfsmerge.objectives.lm_adapter.DfsLM`.
         tasks: task names.
         task_paths: custom task YAML directories (``TaskManager(include_path=...)``).
         include_defaults: also index lm-eval's built-in tasks.
@@ -78,7 +78,7 @@ def task_dirs(task_paths) -> list[str]:
     out = []
     for p in task_paths:
         if str(p).startswith("real:"):
-            from dfsmerge.realmodels import real_task_dir
+            from dfsmerge.io.realmodels import real_task_dir
 
             p = real_task_dir(str(p)[len("real:"):])
         if not Path(p).is_dir():
@@ -193,7 +193,7 @@ def _validate(task, obj: ObjectiveConfig, cfg: EvalConfig, builtin: bool) -> tup
     from dfsmerge.objectives.lm_eval_compat import produced_metrics
 
     if out_type == "generate_until":
-        from dfsmerge.runtime.lm_adapter import check_generation_kwargs
+        from dfsmerge.objectives.lm_adapter import check_generation_kwargs
 
         check_generation_kwargs(dict(task.config.generation_kwargs or {}), task=obj.name)
     metrics = produced_metrics(task)
@@ -316,9 +316,9 @@ class TaskSuite:
         """Score ``model`` on every task; returns ``{task: {metric key: value}}`` (lm-eval's keys).
 
         Args:
-            model: HF-like causal LM (see :mod:`dfsmerge.runtime.lm_adapter`).
+            model: HF-like causal LM (see :mod:`dfsmerge.objectives.lm_adapter`).
             tokenizer: its tokenizer.
-            scorer: an existing :class:`dfsmerge.runtime.lm_adapter.Scorer` to score the harness tasks with (a
+            scorer: an existing :class:`dfsmerge.objectives.lm_adapter.Scorer` to score the harness tasks with (a
                 search reuses one for every candidate); default: a new one with this suite's settings.
         """
         with preserve_rng():
@@ -390,8 +390,8 @@ class TaskSuite:
             return self._per_document(model, tokenizer, scorer)
 
     def _per_document(self, model, tokenizer, scorer) -> dict[str, list[float]]:
+        from dfsmerge.objectives.lm_adapter import DfsLM
         from dfsmerge.objectives.lm_eval_compat import evaluate_task_samples
-        from dfsmerge.runtime.lm_adapter import DfsLM
 
         by_task: dict[str, dict[str, list[float]]] = {}
         for p in self.prepared:
@@ -425,8 +425,8 @@ class TaskSuite:
         return out
 
     def _evaluate(self, model, tokenizer, scorer) -> dict[str, dict[str, float]]:
+        from dfsmerge.objectives.lm_adapter import DfsLM
         from dfsmerge.objectives.lm_eval_compat import evaluate_tasks
-        from dfsmerge.runtime.lm_adapter import DfsLM
 
         results: dict[str, dict[str, float]] = {}
         first = [p for p in self.prepared if not p.extra.get("twin")]

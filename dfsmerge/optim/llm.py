@@ -143,13 +143,12 @@ def _openai_client(options: LLMOptions, *, timeout: float):
 
 def _local_model(model: str):
     """(directory, tokenizer) of a ``local`` backend model: a directory, GGUF file, ``real:<name>`` or hub id."""
-    from transformers import AutoTokenizer
-
     from dfsmerge.io.reader import resolve_model_path
+    from dfsmerge.io.tokenizer import load_tokenizer
 
     try:
         path = resolve_model_path(model)
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = load_tokenizer(path)
     except Exception as e:  # noqa: BLE001 - any load failure is the same user error
         raise ConfigError(f"optimizer 'llm' option model={model!r} (backend: local) does not load "
                           f"({type(e).__name__}); give a model directory, a GGUF file, real:smollm2-135m or a "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,18 @@ def describe_best(best: dict[str, Any] | None) -> str:
     scores = best.get("objectives") or {}
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, int | float) else f"{k} {v}" for k, v in scores.items()) \
         or f"fitness {_fit(best):.6g}"
+
+
+def model_names(config: Mapping[str, Any]) -> dict[str, str]:
+    """``{pool name: the model as the user wrote it}`` (``zoo:math``, a hub id or a path) from a run's config."""
+    g = config.get("genome") or {}
+    out = {}
+    for m in list(g.get("models") or []) + list((g.get("dfs") or {}).get("models") or []):
+        if isinstance(m, dict) and m.get("name"):
+            out[m["name"]] = str(m.get("model", m["name"]))
+    if g.get("base_model"):
+        out.setdefault("base", str(g["base_model"]))
+    return out
 
 
 def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,7 +206,7 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
     import networkx as nx
     from matplotlib.patches import Rectangle
 
-    from dfsmerge.dfs.plan import LayerRef, PathPlan
+    from dfsmerge.genome.plan import LayerRef, PathPlan
 
     plan = PathPlan.from_dict(path)
     models = list(plan.models)
@@ -313,11 +326,11 @@ def _read_config(run: Path) -> dict[str, Any]:
         return {}
 
 
-def _significance_section(run: Path, evals: list[dict[str, Any]], compute: bool, test_split: str | None
-                          ) -> list[str]:
+def _significance_section(run: Path, evals: list[dict[str, Any]],
+                          compute: Callable[[Path], Mapping[str, Any]] | None) -> list[str]:
     """The report's significance lines: computed now (``compute``) or read from a ``significance.json`` written for
     the current best; a run without task objectives has none."""
-    from dfsmerge.report.ablation import SIGNIFICANCE_FILE, model_names, run_significance, significance_lines
+    from dfsmerge.report.significance import SIGNIFICANCE_FILE, significance_lines
 
     best = summarize(evals)["best"]
     if best is None:
@@ -329,8 +342,8 @@ def _significance_section(run: Path, evals: list[dict[str, Any]], compute: bool,
         cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
         if not any(o.get("type", "task") == "task" for o in (cfg or {}).get("objectives", [])):
             return []
-        if compute:
-            sig = run_significance(run, splits=(None,) if test_split is None else (None, test_split))
+        if compute is not None:
+            sig = compute(run)
         elif f.is_file():
             sig = json.loads(f.read_text())
             if sig.get("best") != best["id"]:
@@ -364,15 +377,17 @@ def _describe(c: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def write_report(run_dir: str | Path, *, significance: bool = False, test_split: str | None = None) -> Path:
+def write_report(run_dir: str | Path, *, significance: Callable[[Path], Mapping[str, Any]] | None = None) -> Path:
     """Write ``RUN/report/`` (fitness.png, pareto.png, path.png, report.md) and return the report directory.
 
     Args:
         run_dir: the run directory.
-        significance: rescore the best, the start and the sources and test the best against each
-            (:func:`dfsmerge.report.ablation.run_significance`, written to ``significance.json``); the search does
-            it in its final step. Without it, a ``significance.json`` of the same best is reported as it is.
-        test_split: with ``significance``, also test on this split (e.g. ``test``).
+        significance: computes the run's significance tests now, e.g.
+            :func:`dfsmerge.analysis.ablation.run_significance` (rescores the best, the start and the sources, tests
+            the best against each and writes ``significance.json``; ``functools.partial(run_significance,
+            splits=(None, "test"))`` also tests on the test split); ``dfsmerge search`` does it in its final step.
+            None: a ``significance.json`` of the same best is reported as it is. The report reads the run directory
+            only, so rescoring, which loads models, is passed in by its caller.
 
     Raises:
         CheckpointError: ``run_dir`` is not a run directory.
@@ -381,7 +396,7 @@ def write_report(run_dir: str | Path, *, significance: bool = False, test_split:
     evals = load_evals(run)
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    sig_lines = _significance_section(run, evals, significance, test_split)
+    sig_lines = _significance_section(run, evals, significance)
     s = summarize(evals)
     keys = s["keys"]
     images = []
@@ -393,8 +408,6 @@ def write_report(run_dir: str | Path, *, significance: bool = False, test_split:
     best = s["best"]
     if best and (best.get("candidate") or {}).get("path"):
         cand = best["candidate"]
-        from dfsmerge.report.ablation import model_names
-
         images.append(("Best path", plot_path(cand["path"], out / "path.png",
                                               pool_layer_counts(cand["path"], cand.get("ps")),
                                               names=model_names(_read_config(run)))))

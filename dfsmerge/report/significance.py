@@ -14,8 +14,9 @@ document), so the tests here use the pairing:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -135,3 +136,30 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10_000,
     if is_binary(a) and is_binary(b):
         return mcnemar_exact(a, b)
     return paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
+
+
+# ================================================================================================ report lines
+SIGNIFICANCE_FILE = "significance.json"
+"""Where :func:`dfsmerge.analysis.ablation.run_significance` writes a run's tests (in ``RUN/report/``)."""
+
+
+def significance_lines(sig: Mapping[str, Any], names: Mapping[str, str] | None = None) -> list[str]:
+    """The report's section on ``significance.json``: per split, the best against the start and each source."""
+    lines = []
+    for split, s in sig["splits"].items():
+        where = "the objectives' own split" if split == "objective" else f"split `{split}`"
+        lines += [f"Best (id {sig['best']}) against the start and each source on {where}, paired on the same "
+                  "documents (exact McNemar for 0/1 outcomes, paired bootstrap otherwise):", "",
+                  "| against | " + " | ".join(f"{k} (best {s['best'][k]:.4g})" for k in s["objectives"]) + " |",
+                  "|---|" + "---|" * len(s["objectives"])]
+        for a in s["against"]:
+            model = a["model"]
+            if model.startswith("source ") and names and names.get(model[7:], model[7:]) != model[7:]:
+                model += f" ({names[model[7:]]})"
+            cells = []
+            for k in s["objectives"]:
+                t = a["tests"][k]
+                cells.append(f"{a['scores'][k]:.4g}: Δ {t['delta']:+.4g}, p={t['p_value']:.3g}")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines

@@ -192,8 +192,8 @@ class RunRecord:
 
     @property
     def plan(self):
-        """The DFS part as a :class:`dfsmerge.dfs.plan.PathPlan` (None without one)."""
-        from dfsmerge.dfs.plan import PathPlan
+        """The DFS part as a :class:`dfsmerge.genome.plan.PathPlan` (None without one)."""
+        from dfsmerge.genome.plan import PathPlan
 
         return None if self.path is None else PathPlan.from_dict(self.path)
 

@@ -1,4 +1,5 @@
-"""Runtime: stitched layer paths with per-hop KV caches, in-place PS buffers, and the candidate runtime."""
+"""Runtime: the resident layer pool, stitched layer paths with per-hop KV caches, in-place PS buffers, and the
+candidate runtime (the lm-eval adapter over it lives in :mod:`dfsmerge.objectives.lm_adapter`)."""
 
 from dfsmerge.runtime.ps_buffers import PSBuffers
 from dfsmerge.runtime.runtime import InfeasibleCandidateError, Runtime

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.errors import CheckpointError
+from dfsmerge.genome.plan import PathPlan
 from dfsmerge.io import open_checkpoint
-from dfsmerge.pool import LayerPool
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.stitched import StitchedModel
 from dfsmerge.zoo import resolve_zoo_model
 
@@ -43,12 +43,14 @@ def load_model_or_plan(ref: str | Path, *, device: str = "cpu", dtype: torch.dty
         models = {name: resolve_model_ref(src, zoo_dir=zoo_dir) for name, src in plan.models.items()}
         pool = LayerPool(models, base=plan.base, device=device, dtype=dtype)
         return StitchedModel.from_pool(pool, plan), pool.tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # only a checkpoint load needs transformers
+    from transformers import AutoModelForCausalLM  # only a checkpoint load needs transformers
+
+    from dfsmerge.io.tokenizer import load_tokenizer
 
     path = open_checkpoint(resolve_model_ref(str(ref), zoo_dir=zoo_dir), allow_pickle=allow_pickle).path
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=not allow_pickle or None)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"model {str(ref)!r}: transformers cannot load {path} ({str(e).splitlines()[0]})") \
             from None

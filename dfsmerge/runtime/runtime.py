@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from dfsmerge.dfs.genome import Infeasible
 from dfsmerge.errors import DfsmergeError
+from dfsmerge.genome.dfs import Infeasible
 from dfsmerge.runtime.prefix import DEFAULT_MEMORY_MB, PrefixStats, PrefixStore
 from dfsmerge.runtime.ps_buffers import PSBuffers
 from dfsmerge.runtime.stitched import StitchedModel
 
 if TYPE_CHECKING:
     from dfsmerge.genome import Candidate
-    from dfsmerge.pool import LayerPool
+    from dfsmerge.runtime.pool import LayerPool
 
 
 class InfeasibleCandidateError(DfsmergeError):

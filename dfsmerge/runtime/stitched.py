@@ -30,8 +30,8 @@ from dfsmerge.errors import ConfigError
 from dfsmerge.runtime.prefix import PrefixStats, PrefixStore, lineage_of, reindexed, set_lineage
 
 if TYPE_CHECKING:
-    from dfsmerge.dfs.plan import PathPlan
-    from dfsmerge.pool import LayerPool
+    from dfsmerge.genome.plan import PathPlan
+    from dfsmerge.runtime.pool import LayerPool
 
 
 class Hop(NamedTuple):

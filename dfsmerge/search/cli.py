@@ -91,7 +91,7 @@ def search_command(args: argparse.Namespace) -> int:
                  "seed": args.seed, "backend": args.backend, "ray_address": args.address, "num_workers": args.workers,
                  "device": args.device, "zoo_dir": args.zoo_dir,
                  "task_paths": list(task_paths) if args.task_path else None}
-    from dfsmerge.runtime.memory import parse_memory
+    from dfsmerge.io.memory import parse_memory
     from dfsmerge.search.signals import SearchPaused
 
     max_memory = None if args.max_memory is None else parse_memory(args.max_memory)
@@ -104,12 +104,13 @@ def search_command(args: argparse.Namespace) -> int:
         return 128 + e.signum
     print(f"search finished: {result.n_evals} evaluations in {result.run_dir} ({result.stop_reason})")
     if result.best is not None and "report" in result.outputs:  # is the best better than the start and sources?
+        from dfsmerge.analysis.ablation import run_significance
         from dfsmerge.io.diskspace import guard_disk_full
         from dfsmerge.report import write_report
         from dfsmerge.search.state import DISK_FULL_FIX
 
         with guard_disk_full(result.outputs["report"], None, fix=DISK_FULL_FIX):  # the resume writes it again
-            write_report(result.run_dir, significance=True)  # rescoring the best, the start and each source once
+            write_report(result.run_dir, significance=run_significance)  # rescoring the best, start and sources once
     if result.best is not None:
         from dfsmerge.report import describe_best
 
@@ -141,9 +142,10 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Handler of ``dfsmerge inspect``."""
+    from dfsmerge.analysis.ablation import run_significance
     from dfsmerge.report import describe_best, load_evals, summarize, write_report
 
-    out = write_report(args.run, significance=args.significance)
+    out = write_report(args.run, significance=run_significance if args.significance else None)
     s = summarize(load_evals(args.run))
     best = s["best"]
     print(f"{s['n']} evaluations ({s['failed']} failed, {s['infeasible']} infeasible, {s['cached']} cached) in "

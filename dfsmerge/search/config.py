@@ -45,12 +45,12 @@ from pydantic import (
     model_validator,
 )
 
-from dfsmerge.config import format_validation_error, load_yaml
 from dfsmerge.errors import ConfigError
 from dfsmerge.genome import MERGED, MODE_TABLE, Mode, genome_method_error
 from dfsmerge.merge import get_method
 from dfsmerge.objectives.config import ObjectiveConfig
 from dfsmerge.optim import OPTIMIZERS, validate_options
+from dfsmerge.recipe.config import format_validation_error, load_yaml
 
 MERGEKIT_EVOLVE_SIGMA0 = 1 / 6  # mergekit-evolve's --sigma0 default
 MERGEKIT_EVOLVE_MAX_EVALS = 100  # mergekit-evolve's --max-fevals default
@@ -83,7 +83,7 @@ def _entries(value: Any) -> Any:
 
 
 class DFSSection(BaseModel):
-    """DFS genome options (see :class:`dfsmerge.dfs.genome.DFSGenome`). ``models`` defaults to the genome's models;
+    """DFS genome options (see :class:`dfsmerge.genome.dfs.DFSGenome`). ``models`` defaults to the genome's models;
     in joint/staged mode the PS-merged model is prepended as model A."""
 
     model_config = _FROZEN

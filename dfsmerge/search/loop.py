@@ -235,7 +235,8 @@ class Search:
         self.space, self.models = build_space(config)
         check_models(self.models)
         if config.needs_model:  # from the checkpoints' headers, before any model is loaded
-            from dfsmerge.runtime.memory import check_memory, search_estimate
+            from dfsmerge.io.memory import check_memory
+            from dfsmerge.runtime.memory import search_estimate
 
             check_memory(search_estimate(config, self.models), what="each search worker", budget=self.max_memory,
                          device=config.device)

@@ -73,7 +73,7 @@ def write_best(best_dir: Path, record: dict[str, Any], space=None) -> dict[str, 
         atomic_write(best_dir / "recipe.yaml", yaml.safe_dump(ps, sort_keys=False))
         out["recipe"] = best_dir / "recipe.yaml"
     if path is not None:
-        from dfsmerge.dfs.plan import PathPlan
+        from dfsmerge.genome.plan import PathPlan
 
         atomic_write(best_dir / "plan.yaml", PathPlan.from_dict(path).to_yaml())
         out["plan"] = best_dir / "plan.yaml"

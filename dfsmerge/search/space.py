@@ -9,11 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from dfsmerge.arch import get_architecture
-from dfsmerge.dfs.genome import DFSGenome
 from dfsmerge.errors import ConfigError
 from dfsmerge.genome import MERGED, MODE_TABLE, PS_MODEL_IN_PLAN, GenomeSpace, PSGenome
+from dfsmerge.genome.dfs import DFSGenome
 from dfsmerge.io import open_checkpoint, resolve_model_path
-from dfsmerge.pool import check_compatible
+from dfsmerge.runtime.pool import check_compatible
 from dfsmerge.search.config import SearchConfig
 from dfsmerge.zoo import default_zoo_dir, load_zoo, resolve_zoo_model
 

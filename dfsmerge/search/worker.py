@@ -53,12 +53,6 @@ def _path_length(u: np.ndarray, candidate, obj: SyntheticObjectiveConfig) -> flo
     return float(len(path)) if path is not None and hasattr(path, "steps") else 0.0
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def _device(name: str) -> str:
     if name == "auto":
         import torch
@@ -120,7 +114,7 @@ class Worker:
                         share_prompts=self.config.prefix_cache.share_prompts)
         tokenizer = None
         if any(o.type == "task" for o in objs):
-            tokenizer = _load_tokenizer(self._model_a_path())
+            tokenizer = _model_a_tokenizer(self._model_a_path())
         self.evaluator = Evaluator(ev, tokenizer)
         self.directions.update(self.evaluator.directions)
         if self.config.racing.enabled:
@@ -136,13 +130,14 @@ class Worker:
         self.doc_positions = positions
 
     def _load_runtime(self) -> None:
-        from dfsmerge.pool import LayerPool
+        from dfsmerge.io.dtypes import torch_dtype
         from dfsmerge.runtime import Runtime
+        from dfsmerge.runtime.pool import LayerPool
 
         m = self.models
         spec = MODE_TABLE[self.config.genome.mode]
         base = (m.base or next(iter(m.ps))) if m.ps else next(iter(m.dfs))
-        pool = LayerPool(m.pool, base=base, device=_device(self.config.device), dtype=_torch_dtype(self.eval_dtype))
+        pool = LayerPool(m.pool, base=base, device=_device(self.config.device), dtype=torch_dtype(self.eval_dtype))
         pc, rc = self.config.prefix_cache, self.config.racing
         self.runtime = Runtime(pool, ps_template=base if m.ps else None, merged_as_base=spec.merged_is_model_a,
                                seed=self.config.seed, prefix_cache_mb=pc.memory_mb if pc.enabled else None,
@@ -271,16 +266,10 @@ def _has_tok(pool) -> bool:
         return False
 
 
-def _load_tokenizer(path: str):
+def _model_a_tokenizer(path: str):
     """Model A's tokenizer, from its checkpoint directory (no weights are read)."""
-    from transformers import AutoTokenizer
-
     from dfsmerge.io import open_checkpoint
+    from dfsmerge.io.tokenizer import load_tokenizer
 
-    reader = open_checkpoint(path)
-    tok_dir = getattr(reader, "tokenizer_path", None) or path
-    try:
-        return AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"model {path!r} has no loadable tokenizer ({type(e).__name__}: {e}); task objectives "
-                          "need model A's tokenizer files (tokenizer.json)") from None
+    tok_dir = getattr(open_checkpoint(path), "tokenizer_path", None) or path
+    return load_tokenizer(tok_dir, name=path, fix="task objectives need model A's tokenizer files (tokenizer.json)")

@@ -13,7 +13,7 @@ back with ``weights_only=True``, data position and RNG in JSON) and writes each 
 plain Hugging Face checkpoint with its base's tokenizer.
 
 An expert set lives in ``$DFSMERGE_CACHE/real/experts/<set>/`` (``math/``, ``lang/``, ``tasks/``, ``log.txt``) and
-is referenced as ``real:<set>/math``, ``real:<set>/lang`` (:mod:`dfsmerge.realmodels` resolves them).
+is referenced as ``real:<set>/math``, ``real:<set>/lang`` (:mod:`dfsmerge.io.realmodels` resolves them).
 """
 
 from __future__ import annotations
@@ -33,12 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from dfsmerge.errors import ConfigError
-from dfsmerge.realmodels import expert_set_dir
+from dfsmerge.io.realmodels import expert_set_dir
 from dfsmerge.zoo.mgsm import PROMPT, TASKS_VERSION, MathDoc, SplitSpec, build_splits, write_jsonl, write_tasks
 
 __all__ = ["EXPERT_SETS", "ExpertSet", "TrainSpec", "build_experts", "load_split_docs"]
 
 MANIFEST = "expert.json"
+TRAIN_VERSION = 2
+"""Bumped whenever training makes different weights from the same spec (2: length-bucketed batch order), so a cached
+expert built by other code is rebuilt instead of reused (its key changes)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class ExpertSet:
         return self.lang.language
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        blob = json.dumps({**asdict(self), "train_version": TRAIN_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

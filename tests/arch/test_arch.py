@@ -14,7 +14,7 @@ from dfsmerge.arch import attention_types, get_architecture, hf_config, layout_r
 from dfsmerge.arch.families import FAMILIES as FACTS
 from dfsmerge.errors import ArchitectureError
 from dfsmerge.io import open_checkpoint
-from dfsmerge.testing import FAMILIES, tiny_config
+from dfsmerge.zoo.tiny import FAMILIES, tiny_config
 
 
 def _stored_names(path) -> set[str]:

@@ -18,12 +18,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dfsmerge.arch import get_architecture, hf_config
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import export_plan
-from dfsmerge.pool import LayerPool
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.stitched import StitchedModel
-from dfsmerge.testing import FAMILIES, make_tiny_checkpoint
+from dfsmerge.zoo.tiny import FAMILIES, make_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,13 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from dfsmerge.arch import get_architecture, layout_reader
 from dfsmerge.arch.families import FAMILIES as FACTS
-from dfsmerge.config import load_merge_config
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.export import export_plan
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 from dfsmerge.io import open_checkpoint
 from dfsmerge.merge import get_method, registered_methods
-from dfsmerge.recipe import run_merge
-from dfsmerge.testing import FAMILIES
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
+from dfsmerge.zoo.tiny import FAMILIES
 from tests.mergekit_oracle import load_dir as _load_dir
 from tests.mergekit_oracle import oracle_recipe
 from tests.mergekit_oracle import run_mergekit as _mergekit

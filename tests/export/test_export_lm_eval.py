@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.export import export_plan
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 from dfsmerge.runtime.stitched import StitchedModel
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
 MC, GEN = "dfsx_mc", "dfsx_gen"
 
@@ -67,8 +67,8 @@ def test_hflm_on_export_scores_as_dfslm_on_plan(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    from dfsmerge.pool import LayerPool
-    from dfsmerge.runtime.lm_adapter import DfsLM
+    from dfsmerge.objectives.lm_adapter import DfsLM
+    from dfsmerge.runtime.pool import LayerPool
 
     a, b, plan, out, tasks = _setup(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(a))

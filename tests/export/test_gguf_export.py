@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import export_plan
 from dfsmerge.export.gguf_out import chat_template_kind
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
 # the tokenizers trained here are no model llama.cpp knows, so the export warns that it writes pre-tokenizer 'default'
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.export import export_plan
-from dfsmerge.realmodels import real_model_dir
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.io.realmodels import real_model_dir
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 MULTILINGUAL = ("The capital of France is Paris. Grüße aus Köln! ¿Dónde está la estación? Привет, как дела? "

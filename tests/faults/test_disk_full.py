@@ -244,7 +244,7 @@ def test_export_disk_full_at_every_write_site(reference, tmp_path, capsys, fmt):
     cfg, ref = reference
     args = ["export", str(ref), "--candidate", "best", "--format", fmt]
     if fmt == "gguf":
-        from dfsmerge.dfs.plan import PathPlan
+        from dfsmerge.genome.plan import PathPlan
         from tests.export.test_gguf_export import _tiny
 
         src = _tiny("llama", tmp_path / "src")

@@ -17,15 +17,9 @@ import yaml
 
 from dfsmerge.cli import main
 from dfsmerge.errors import ConfigError
+from dfsmerge.io.memory import MemoryEstimate, check_memory, checkpoint_numel, machine_memory, parse_memory
 from dfsmerge.merge import registered_methods
-from dfsmerge.runtime.memory import (
-    MemoryEstimate,
-    check_memory,
-    checkpoint_numel,
-    machine_memory,
-    parse_memory,
-    search_estimate,
-)
+from dfsmerge.runtime.memory import search_estimate
 from dfsmerge.search import load_search_config
 from tests.search.conftest import read_evals
 
@@ -87,7 +81,7 @@ def test_eval_of_a_model_larger_than_the_machine_refused(tiny_models, tmp_path, 
 
 
 def test_eval_of_a_plan_over_budget(tiny_models, tmp_path, capsys):
-    from dfsmerge.dfs.plan import PathPlan
+    from dfsmerge.genome.plan import PathPlan
 
     plan = PathPlan.identity("A", 2, models={"A": str(tiny_models["base"])})
     (tmp_path / "plan.yaml").write_text(plan.to_yaml())
@@ -170,8 +164,8 @@ def _recipe(path, method: str, base, others, **params) -> str:
 
 
 def _estimate(recipe: str, **kw) -> int:
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.recipe import merge_memory, open_models, plan_merge
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import merge_memory, open_models, plan_merge
 
     cfg = load_merge_config(recipe)
     return merge_memory(plan_merge(cfg, open_models(cfg)), **kw).total
@@ -207,7 +201,7 @@ def medium_models(tmp_path_factory):
     """A base and two fine-tunes, random bf16 Llama-shaped checkpoints of 27M parameters (embedding and head
     8192x1024): large enough that the merge's tensors, not the interpreter, set its peak."""
     from dfsmerge.io import ShardedWriter
-    from dfsmerge.testing import save_tiny_tokenizer, tiny_config
+    from dfsmerge.zoo.tiny import save_tiny_tokenizer, tiny_config
 
     root = tmp_path_factory.mktemp("medium_models")
     hidden, inter, vocab = 1024, 2048, 8192
@@ -298,7 +292,7 @@ def test_merge_refusal_suggests_one_worker_when_that_fits(medium_models, tmp_pat
 JOB_CHILD = textwrap.dedent('''
     import json, math, sys
     import dfsmerge.recipe as R
-    from dfsmerge.config import load_merge_config
+    from dfsmerge.recipe.config import load_merge_config
 
     def status(key):
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))

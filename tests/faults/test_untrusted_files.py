@@ -172,7 +172,7 @@ def test_crafted_files_fail_in_one_line_without_large_allocation(tiny_models, tm
     adapters = crafted_adapters(tmp_path, tiny_models["base"])
     import yaml
 
-    from dfsmerge.dfs.plan import PathPlan
+    from dfsmerge.genome.plan import PathPlan
 
     runs = []
     for name, p in files.items():
@@ -216,8 +216,8 @@ def test_real_gguf_passes_the_checks_and_converts(tmp_path):
     its own weights (f32: exact)."""
     from safetensors.torch import load_file
 
-    from dfsmerge.dfs.plan import PathPlan
     from dfsmerge.export import export_plan
+    from dfsmerge.genome.plan import PathPlan
     from dfsmerge.io.gguf import convert_gguf
     from tests.export.test_gguf_export import _tiny
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfsmerge.config import MergeConfig
 from dfsmerge.merge import get_method, registered_methods
 from dfsmerge.merge.chunked import _RadixSelect, _SampledSelect
 from dfsmerge.merge.sparsify import kth_largest, top_k_mask
-from dfsmerge.recipe import execute_job, job_chunking, open_models, plan_merge, run_merge
-from tests.test_recipe import _models_recipe
+from dfsmerge.recipe.config import MergeConfig
+from dfsmerge.recipe.executor import execute_job, job_chunking, open_models, plan_merge, run_merge
+from tests.recipe.test_recipe import _models_recipe
 
 # (method, extra recipe keys): every method with the shared test recipe, plus the variants that switch a
 # method between its chunked and whole-tensor paths

@@ -11,7 +11,7 @@ import yaml
 
 from dfsmerge.errors import MergeError
 from dfsmerge.merge import get_method, merge_tensor, registered_methods
-from tests.test_recipe import _models_recipe
+from tests.recipe.test_recipe import _models_recipe
 
 METHODS = registered_methods()
 RANGED = [(m, p.name) for m in METHODS for p in get_method(m).params if p.range_text()]

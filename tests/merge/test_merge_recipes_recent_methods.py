@@ -1,14 +1,15 @@
 """`dfsmerge merge` against mergekit 0.1.5's ``run_merge`` for sce, multislerp, karcher, nearswap, arcee_fusion,
 ram and ramplus_tl: several recipes each with gradients, filters, per-model and per-slice parameters, within 1e-6
-in float32 on tiny checkpoints (tests/test_recipe.py runs one default recipe of every method on every family)."""
+in float32 on tiny checkpoints (tests/recipe/test_recipe.py runs one default recipe of every method on every
+family)."""
 
 from __future__ import annotations
 
 import pytest
 
-from dfsmerge.config import load_merge_config
-from dfsmerge.recipe import run_merge
-from tests.test_recipe import _assert_same, _mergekit
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
+from tests.recipe.test_recipe import _assert_same, _mergekit
 
 
 def _models(m, names, params=None):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from dfsmerge.errors import ConfigError
 from dfsmerge.genome import PSGenome
 from dfsmerge.merge import get_method, merge_tensor, registered_methods
-from tests.test_recipe import _models_recipe
+from tests.recipe.test_recipe import _models_recipe
 
 METHODS = registered_methods()
 GENOME_METHODS = [m for m in METHODS if get_method(m).genes]

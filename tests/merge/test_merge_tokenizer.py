@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfsmerge.config import load_merge_config
 from dfsmerge.errors import ConfigError
-from dfsmerge.recipe import run_merge
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 from tests.mergekit_oracle import run_mergekit
 
 pytest.importorskip("mergekit.merge", reason="mergekit 0.1.5 is the test oracle")

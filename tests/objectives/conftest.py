@@ -19,7 +19,7 @@ def _save_round_trip_tokenizer(out_dir: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from dfsmerge.testing import _VOCAB
+    from dfsmerge.zoo.tiny import _VOCAB
 
     vocab = {t: i for i, t in enumerate(_VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -39,7 +39,7 @@ def _one_torch_thread(one_torch_thread):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt") / "tiny", seed=3, num_layers=2)
     _save_round_trip_tokenizer(path)

@@ -43,7 +43,7 @@ def task_dir(tmp_path_factory):
 def smol():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dfsmerge.realmodels import real_model_dir
+    from dfsmerge.io.realmodels import real_model_dir
 
     path = real_model_dir("smollm2-135m")
     return (AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(),
@@ -81,9 +81,9 @@ def test_chat_objective_scores_as_lm_eval_hf(smol, task_dir, oracle, native):
     assert out["per_document"]["chat_mc"] == oracle["chat_mc"]
     assert out["per_document"]["chat_gen"] == oracle["chat_gen"]
     if not native:  # the adapter's raw responses through lm-eval: the same generations, the same loglikelihoods
+        from dfsmerge.objectives.lm_adapter import DfsLM
         from dfsmerge.objectives.lm_eval_compat import evaluate_task_samples
         from dfsmerge.objectives.tasks import prepare_tasks
-        from dfsmerge.runtime.lm_adapter import DfsLM
 
         for p in prepare_tasks(cfg, tok).prepared:
             (samples,) = evaluate_task_samples(DfsLM(model, tok, batch_size=4), {p.task.task_name: p.task},

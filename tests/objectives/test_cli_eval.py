@@ -9,7 +9,7 @@ import json
 from objectives_helpers import GEN_TASK, MC_TASK
 
 from dfsmerge.cli import main
-from dfsmerge.dfs import PathPlan
+from dfsmerge.genome import PathPlan
 from dfsmerge.objectives import evaluate_model
 
 

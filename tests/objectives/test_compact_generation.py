@@ -8,7 +8,7 @@ import random
 import torch
 from objectives_helpers import reference_greedy
 
-from dfsmerge.runtime.lm_adapter import Scorer
+from dfsmerge.objectives.lm_adapter import Scorer
 
 
 def test_compact_batches_keep_each_rows_text_with_fewer_positions(tiny_model):

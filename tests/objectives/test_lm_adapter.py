@@ -9,7 +9,7 @@ import pytest
 import torch
 from objectives_helpers import GEN_TASK, MC_TASK, PPL_TASK, run_lm_eval, strip_stderr
 
-from dfsmerge.runtime.lm_adapter import DfsLM
+from dfsmerge.objectives.lm_adapter import DfsLM
 
 
 @pytest.fixture(scope="module")

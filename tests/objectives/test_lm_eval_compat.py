@@ -49,7 +49,7 @@ def test_only_the_compat_module_imports_lm_eval():
 
 
 @pytest.mark.parametrize("rel", ["objectives/native.py", "objectives/tasks.py", "objectives/evaluator.py",
-                                 "runtime/lm_adapter.py"])
+                                 "objectives/lm_adapter.py"])
 def test_scoring_modules_read_no_private_attribute_of_other_objects(rel):
     """A private attribute (``task._instances``, ``lm._forward``) is read only on ``self``/``cls``."""
     tree = ast.parse((PKG / rel).read_text())

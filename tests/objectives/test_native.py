@@ -7,8 +7,8 @@ from objectives_helpers import GEN_TASK, MC_TASK, PPL_TASK
 
 from dfsmerge.errors import ConfigError
 from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
+from dfsmerge.objectives.lm_adapter import DfsLM
 from dfsmerge.objectives.native import NativeTask
-from dfsmerge.runtime.lm_adapter import DfsLM
 
 
 def _suite(task_dir, tok, objectives):

@@ -11,8 +11,8 @@ from objectives_helpers import reference_greedy, run_lm_eval, strip_stderr
 from objectives_helpers import write_task as _write_task
 
 from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
+from dfsmerge.objectives.lm_adapter import DfsLM
 from dfsmerge.objectives.native import _nested
-from dfsmerge.runtime.lm_adapter import DfsLM
 
 NAME = "dfst_nested"
 

@@ -8,21 +8,21 @@ import pytest
 from objectives_helpers import GEN_TASK, MC_TASK, run_lm_eval, strip_stderr
 
 from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
-from dfsmerge.runtime.lm_adapter import DfsLM
+from dfsmerge.objectives.lm_adapter import DfsLM
 from dfsmerge.runtime.stitched import StitchedModel
 
-pytest.importorskip("dfsmerge.pool")
+pytest.importorskip("dfsmerge.runtime.pool")
 
 
 @pytest.fixture(scope="module")
 def pool(tiny_ckpt):
-    from dfsmerge.pool import LayerPool
+    from dfsmerge.runtime.pool import LayerPool
 
     return LayerPool({"A": str(tiny_ckpt)})
 
 
 def _identity(pool):
-    from dfsmerge.dfs.plan import PathPlan
+    from dfsmerge.genome.plan import PathPlan
 
     return StitchedModel.from_pool(pool, PathPlan.identity("A", 2)).eval()
 
@@ -45,7 +45,7 @@ def test_identity_plan_adapter_equals_hflm_on_vanilla(pool, tiny_model, task_dir
 
 @pytest.mark.parametrize("path", ["identity", "repeat"])
 def test_native_equals_adapter_on_stitched(pool, tiny_model, task_dir, path):
-    from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
+    from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 
     _, tok = tiny_model
     if path == "identity":

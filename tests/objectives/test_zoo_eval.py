@@ -13,8 +13,8 @@ def test_zoo_task_hflm_adapter_native_agree(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dfsmerge.objectives import EvalConfig, ObjectiveConfig, TaskSuite
+    from dfsmerge.objectives.lm_adapter import DfsLM
     from dfsmerge.objectives.tasks import simple_evaluate
-    from dfsmerge.runtime.lm_adapter import DfsLM
     from dfsmerge.zoo.build import build_zoo
 
     zoo = build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", progress=False)

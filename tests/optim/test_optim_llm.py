@@ -409,7 +409,7 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endf
 def chat_model(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("chat") / "m", seed=5, num_layers=2, hidden=16)
     tok = AutoTokenizer.from_pretrained(path)
@@ -500,7 +500,7 @@ def digit_chat_model(chat_model, tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from dfsmerge.testing import _VOCAB
+    from dfsmerge.zoo.tiny import _VOCAB
 
     path = tmp_path_factory.mktemp("digits") / "m"
     shutil.copytree(chat_model, path)
@@ -560,7 +560,7 @@ def test_local_backend_constrained_answer_is_greedy_under_the_grammar(digit_chat
 
 def test_local_backend_preflight_needs_a_chat_template(tmp_path):
     from dfsmerge.optim import validate_options
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     path = make_tiny_checkpoint("llama", tmp_path / "plain", seed=0, num_layers=1, hidden=16)
     with pytest.raises(ConfigError, match="has no chat template"):

@@ -74,7 +74,7 @@ def read_evals_complete(run):
 
 
 def test_path_diagram_of_a_plan_with_repeats(tmp_path):
-    from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
+    from dfsmerge.genome.plan import LayerRef, PathPlan, Step
     from dfsmerge.report.report import plot_path
 
     plan = PathPlan((Step(LayerRef("A", 0)), Step(LayerRef("B", 1), 0.8), Step(LayerRef("A", 0), 1.2),

@@ -174,6 +174,6 @@ def test_import_dfsmerge_stays_light_and_exports_the_api(finished_run):
     assert int(n) == len(_lines(finished_run)) and torch_loaded == "False"
     assert int(best) == open_run(finished_run).best.id
     import dfsmerge
-    from dfsmerge.pool import LayerPool
+    from dfsmerge.runtime.pool import LayerPool
 
     assert dfsmerge.Pool is LayerPool and math.isfinite(open_run(finished_run).best.fitness)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dfsmerge.testing import FAMILIES, make_tiny_checkpoint
+from dfsmerge.zoo.tiny import FAMILIES, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
-from dfsmerge.pool import LayerPool
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.prefix import PrefixStore
 from dfsmerge.runtime.stitched import StitchedModel
 

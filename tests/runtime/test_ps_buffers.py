@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfsmerge.dfs.genome import DFSGenome
-from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.genome import MERGED, Candidate, GenomeSpace, PSGenome
+from dfsmerge.genome.dfs import DFSGenome
+from dfsmerge.genome.plan import PathPlan
 from dfsmerge.merge import merge_tensor
-from dfsmerge.pool import LayerPool
 from dfsmerge.runtime import PSBuffers, Runtime
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.runtime.pool import LayerPool
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

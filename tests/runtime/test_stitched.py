@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
-from dfsmerge.pool import LayerPool
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.stitched import StitchedModel
-from dfsmerge.testing import FAMILIES
+from dfsmerge.zoo.tiny import FAMILIES
 
 
 def _hf(path):
@@ -230,7 +230,7 @@ def mistral_window8(tmp_path_factory):
     """A tiny Mistral with an 8-token sliding window (sdpa attention, sliding masks on every layer)."""
     import json
 
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("mistral_w8")
     a = make_tiny_checkpoint("mistral", root / "a", seed=8, num_layers=2, hidden=32)

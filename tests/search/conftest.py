@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("search_models")
     base = make_tiny_checkpoint("llama", root / "base", seed=0, num_layers=2, hidden=16)

@@ -30,12 +30,12 @@ def test_time_limit(make_config, tmp_path):
 
 
 def test_unknown_task_fails_before_models_load(make_config, mc_task_dir, tmp_path, monkeypatch):
-    import dfsmerge.pool
+    import dfsmerge.runtime.pool
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the tasks were validated")
 
-    monkeypatch.setattr(dfsmerge.pool, "load_model", no_load)
+    monkeypatch.setattr(dfsmerge.runtime.pool, "load_model", no_load)
     d = make_config("ps", "cma", objectives=[{"name": "no_such_task_xyz"}], builtin_tasks=False,
                     task_paths=[str(mc_task_dir)])
     with pytest.raises(ConfigError, match="no_such_task_xyz"):

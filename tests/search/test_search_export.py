@@ -50,10 +50,10 @@ def test_best_candidate_exports_and_matches_the_runtime(mode, make_config, tmp_p
     assert (found.ps, found.path) == (best["candidate"]["ps"], best["candidate"]["path"])
 
     # independent reference: merge the logged recipe with `dfsmerge merge`, stitch the logged path over it
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.dfs.plan import PathPlan
-    from dfsmerge.pool import LayerPool
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.genome.plan import PathPlan
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
+    from dfsmerge.runtime.pool import LayerPool
 
     merged = None
     if best["candidate"]["ps"] is not None:

@@ -61,14 +61,14 @@ def test_search_end_to_end(mode, optimizer, make_config, tmp_path):
     if best["candidate"]["ps"] is not None:
         from mergekit.config import MergeConfiguration
 
-        from dfsmerge.config import load_merge_config
+        from dfsmerge.recipe.config import load_merge_config
 
         recipe = yaml.safe_load((run / "best" / "recipe.yaml").read_text())
         assert recipe == best["candidate"]["ps"]
         MergeConfiguration.model_validate(recipe)  # the oracle reads it
         load_merge_config(run / "best" / "recipe.yaml")
     if best["candidate"]["path"] is not None:
-        from dfsmerge.dfs.plan import PathPlan
+        from dfsmerge.genome.plan import PathPlan
 
         assert PathPlan.load(run / "best" / "plan.yaml") == PathPlan.from_dict(best["candidate"]["path"])
     assert (run / "best" / "mergekit.yaml").is_file()
@@ -95,9 +95,9 @@ def test_ps_recipe_reproduces_runtime_weights(make_config, tmp_path, tiny_models
     """best/recipe.yaml run through `dfsmerge merge` gives the weights the search evaluated (PS buffers)."""
     import torch
 
-    from dfsmerge.config import load_merge_config
     from dfsmerge.io import open_checkpoint
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
     from dfsmerge.search.worker import Worker
 
     cfg = load_search_config(make_config("ps", "random", popsize=4, max_evals=4))
@@ -125,10 +125,10 @@ def test_best_mergekit_passthrough_reproduces_the_path(tiny_models, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.dfs.plan import PathPlan
-    from dfsmerge.pool import LayerPool
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.genome.plan import PathPlan
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
+    from dfsmerge.runtime.pool import LayerPool
     from dfsmerge.search.outputs import write_best
 
     models = {"A": str(tiny_models["m1"]), "B": str(tiny_models["m2"])}

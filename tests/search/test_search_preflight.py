@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dfsmerge.search import load_search_config, run_search
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 from tests.search.conftest import MC_TASK, read_evals
 
 

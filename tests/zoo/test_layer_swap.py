@@ -7,12 +7,12 @@ import pytest
 import torch
 import yaml
 
-from dfsmerge.config import load_merge_config
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import export_plan
-from dfsmerge.recipe import run_merge
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
 from dfsmerge.zoo.layer_swap import LayerSwap, layer_swap_plan, layer_swap_recipe
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 from tests.mergekit_oracle import load_dir, run_mergekit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

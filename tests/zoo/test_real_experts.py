@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dfsmerge.config import load_merge_config
-from dfsmerge.realmodels import expert_set_dir, real_model_dir
-from dfsmerge.recipe import run_merge
+from dfsmerge.io.realmodels import expert_set_dir, real_model_dir
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
 from dfsmerge.search.config import load_search_config
 from dfsmerge.search.loop import run_search
 from dfsmerge.zoo.experts import build_experts, tiny_set

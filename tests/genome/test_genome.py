@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfsmerge.dfs.genome import DFSGenome, Infeasible
-from dfsmerge.dfs.plan import PathPlan
 from dfsmerge.errors import ConfigError
 from dfsmerge.genome import MERGED, Candidate, GenomeSpace, PSGenome
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.genome.dfs import DFSGenome, Infeasible
+from dfsmerge.genome.plan import PathPlan
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,10 @@ from typing import Any
 
 from dfsmerge.errors import ConfigError
 
+GENE_DECIMALS = 9
+"""Decimals kept in decoded gene values (PS recipe values, DFS step scales), so ``decode(encode(x)) == x``
+exactly."""
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class LayerRef:

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfsmerge.dfs.genome import SCALE_MODES, DFSGenome, Infeasible
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
+from dfsmerge.genome.dfs import SCALE_MODES, DFSGenome, Infeasible
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 
 
 def _vec(g, on_slots=(), scale_genes=None, off=-0.5):

@@ -9,7 +9,7 @@ import yaml
 from dfsmerge.cli import main as cli_main
 from dfsmerge.errors import ArchitectureError, ConfigError, OutputExistsError
 from dfsmerge.io import open_checkpoint
-from dfsmerge.moe import build_moe, load_moe_config
+from dfsmerge.tools.moe import build_moe, load_moe_config
 
 
 def _recipe(models, *, mode, arch, shared=False, **extra):

@@ -7,8 +7,8 @@ import pickle
 import pytest
 import yaml
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 
 PLAN_YAML = """\
 models: {A: path/or/hub-id, B: path/or/hub-id}

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dfsmerge.errors import ConfigError
+from dfsmerge.io.dtypes import DTYPES
 
 Scalar = Union[bool, int, float, str]  # noqa: UP007 - pydantic union order matters
 
@@ -200,23 +201,6 @@ class MergeConfig(_Frozen):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
-
-
-DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "float64")
-
-
-def torch_dtype(name: str | None):
-    """``torch.dtype`` of a config dtype name (``None`` stays ``None``)."""
-    import torch
-
-    if name is None:
-        return None
-    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}[name]
-
-
-def canonical_dtype(name: str) -> str:
-    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
 
 
 # -- parameter resolution ----------------------------------------------------------------------------

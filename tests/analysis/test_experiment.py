@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dfsmerge.dfs.plan import PathPlan
+from dfsmerge.analysis.experiment import compare, evaluate, load_plan
 from dfsmerge.errors import ConfigError
-from dfsmerge.report.experiment import compare, evaluate, load_plan
+from dfsmerge.genome.plan import PathPlan
 from dfsmerge.report.significance import paired_test
 from tests.search.conftest import MC_TASK
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dfsmerge.cli import main as cli_main
 from dfsmerge.errors import ConfigError, OutputExistsError
-from dfsmerge.lora import extract_lora
+from dfsmerge.tools.lora import extract_lora
 
 
 def _mergekit_extract(ft, base, out, rank):

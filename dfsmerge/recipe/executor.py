@@ -27,20 +27,19 @@ from typing import Any
 import torch
 
 from dfsmerge.arch import Architecture, get_architecture, layout_reader, path_layer_config
-from dfsmerge.config import (
+from dfsmerge.errors import ArchitectureError, ConfigError, MergeError
+from dfsmerge.io import CheckpointReader, ShardedWriter, copy_tokenizer, open_checkpoint
+from dfsmerge.io.dtypes import canonical_dtype, torch_dtype
+from dfsmerge.io.writer import save_tokenizer
+from dfsmerge.merge.vocab import VocabularyPlan, align_rows, build_vocabulary
+from dfsmerge.recipe.config import (
     ConditionalParameter,
     InputSlice,
     MergeConfig,
     OutputSlice,
-    canonical_dtype,
     resolve_parameter,
-    torch_dtype,
     validator_for,
 )
-from dfsmerge.errors import ArchitectureError, ConfigError, MergeError
-from dfsmerge.io import CheckpointReader, ShardedWriter, copy_tokenizer, open_checkpoint
-from dfsmerge.io.writer import save_tokenizer
-from dfsmerge.merge.vocab import VocabularyPlan, align_rows, build_vocabulary
 
 
 @dataclass(frozen=True, slots=True)
@@ -660,11 +659,11 @@ def merge_memory(plan: MergePlan, *, device: str = "cpu", workers: int | None = 
     slower.) The interpreter and its libraries are not counted.
 
     Returns:
-        :class:`dfsmerge.runtime.memory.MemoryEstimate` whose parts are the tensors in flight at the peak and the
+        :class:`dfsmerge.io.memory.MemoryEstimate` whose parts are the tensors in flight at the peak and the
         allocator's allowance.
     """
     from dfsmerge.io import parse_size
-    from dfsmerge.runtime.memory import MemoryEstimate
+    from dfsmerge.io.memory import MemoryEstimate
 
     if workers is None:
         workers = 1 if device.startswith("cuda") else 2
@@ -715,7 +714,7 @@ def check_merge_memory(plan: MergePlan, *, device: str = "cpu", workers: int | N
         ConfigError: one line naming the estimate, the tensors in flight at its peak, the limit and the fix.
     """
     from dfsmerge.io.diskspace import human_bytes
-    from dfsmerge.runtime.memory import check_memory, memory_limit
+    from dfsmerge.io.memory import check_memory, memory_limit
 
     est = merge_memory(plan, device=device, workers=workers, memory_budget=memory_budget, manifest=manifest)
     limit, _ = memory_limit(max_memory, device)

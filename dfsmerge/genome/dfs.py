@@ -30,12 +30,11 @@ from typing import Literal
 
 import numpy as np
 
-from dfsmerge.dfs.plan import FrozenDict, LayerRef, PathPlan, Step
 from dfsmerge.errors import ConfigError
+from dfsmerge.genome.plan import GENE_DECIMALS, FrozenDict, LayerRef, PathPlan, Step
 
 ScaleMode = Literal["full", "per_layer", "per_step", "none"]
 SCALE_MODES: tuple[str, ...] = ("full", "per_layer", "per_step", "none")
-_ROUND = 9  # decimals kept in decoded scales, so decode(encode(plan)) == plan exactly
 
 
 _FLIPS = 0.5  # expected indicator flips per first-generation candidate (DFSGenome.initial_stds)
@@ -136,7 +135,7 @@ class DFSGenome:
         """A genome over ``pool``'s models ``names`` (default all, model A first), paths taken from the pool.
 
         Args:
-            pool: a :class:`dfsmerge.pool.LayerPool` (duck-typed: ``names``, ``base``, ``num_layers``,
+            pool: a :class:`dfsmerge.runtime.pool.LayerPool` (duck-typed: ``names``, ``base``, ``num_layers``,
                 ``model_paths``).
             kwargs: the other fields (``repetitions``, ``scales``, constraints, ...).
         """
@@ -271,7 +270,7 @@ class DFSGenome:
                 s = genes[p]
             else:  # full: W_ij on the input to layer j from layer i
                 s = 0.0 if prev is None else genes[prev * M + p]
-            steps.append(Step(self.pool_layers[p], round(math.exp(float(s)), _ROUND)))
+            steps.append(Step(self.pool_layers[p], round(math.exp(float(s)), GENE_DECIMALS)))
             prev = p
         embed = None
         if self.num_embed_genes:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dfsmerge.dfs.plan import LayerRef, PathPlan, Step
 from dfsmerge.errors import ArchitectureError, CheckpointError, ConfigError
-from dfsmerge.pool import LayerPool
+from dfsmerge.genome.plan import LayerRef, PathPlan, Step
+from dfsmerge.runtime.pool import LayerPool
 from dfsmerge.runtime.stitched import StitchedModel
-from dfsmerge.testing import make_tiny_checkpoint
+from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_plans_validated_against_pool(ckpts):
 
 
 def test_dfs_genome_for_pool_starts_at_model_a(ckpts):
-    from dfsmerge.dfs.genome import DFSGenome
+    from dfsmerge.genome.dfs import DFSGenome
 
     pool = LayerPool({"B": str(ckpts["b"]), "A": str(ckpts["a"])}, base="A")
     genome = DFSGenome.for_pool(pool, repetitions=2)

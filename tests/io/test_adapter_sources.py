@@ -24,7 +24,7 @@ def _make_adapter(base_dir, out, *, seed, **lora_kwargs):
     """A PEFT LoRA adapter with random (non-zero) factors on ``base_dir``, and PEFT's merge of it (the reference)."""
     from transformers import AutoModelForCausalLM
 
-    from dfsmerge.testing import save_tiny_tokenizer
+    from dfsmerge.zoo.tiny import save_tiny_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -46,7 +46,7 @@ def _make_adapter(base_dir, out, *, seed, **lora_kwargs):
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("adapters")
     base = make_tiny_checkpoint("llama", root / "base", seed=0, num_layers=2, hidden=32)
@@ -86,8 +86,8 @@ def test_cache_reused_and_base_override(adapters, cache):
 
 
 def test_merge_recipe_over_adapters_equals_recipe_over_merged(adapters, cache, tmp_path, one_torch_thread):
-    from dfsmerge.config import load_merge_config
-    from dfsmerge.recipe import run_merge
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import run_merge
 
     def recipe(a, b):
         return {"merge_method": "ties", "base_model": str(adapters["base"]), "dtype": "float32",

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from dfsmerge.config import load_merge_config
 from dfsmerge.merge import get_method, registered_methods
-from dfsmerge.recipe import run_merge
+from dfsmerge.recipe.config import load_merge_config
+from dfsmerge.recipe.executor import run_merge
 from tests.mergekit_oracle import load_dir as _load_dir
 from tests.mergekit_oracle import oracle_recipe as _models_recipe
 from tests.mergekit_oracle import run_mergekit as _mergekit
@@ -194,7 +194,7 @@ def _cli(*args: str, subprocess_: bool = False) -> subprocess.CompletedProcess:
     (lambda r, m: r.update(parameters={"normalise": True}), "normalise"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(mutate, expect, tiny_family_models, tmp_path):
-    from dfsmerge.testing import make_tiny_checkpoint
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
 
     m = dict(tiny_family_models["llama"])
     m["other"] = make_tiny_checkpoint("llama", tmp_path / "other", num_layers=2, hidden=48)
@@ -225,7 +225,7 @@ def test_refuses_to_overwrite_without_force(tiny_family_models, tmp_path):
 
 
 def test_failure_midway_leaves_no_output_and_keeps_old(tiny_family_models, tmp_path, monkeypatch):
-    import dfsmerge.recipe as recipe_mod
+    import dfsmerge.recipe.executor as recipe_mod
 
     cfg = load_merge_config(_models_recipe("linear", tiny_family_models["llama"]))
     out = tmp_path / "out"

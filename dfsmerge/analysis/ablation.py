@@ -180,8 +180,8 @@ class AblationScorer:
         """``(scores, per-document values)`` of a variant (``ps_recipe``: the PSRecipe object of ``variant.ps``)."""
         import torch
 
-        from dfsmerge.dfs.plan import PathPlan
         from dfsmerge.genome import Candidate
+        from dfsmerge.genome.plan import PathPlan
 
         w = self.worker
         if w.runtime is None:
@@ -215,7 +215,7 @@ def write_variant(variant: Variant, out_dir: Path, merged: tuple[str, int] | Non
     into ``out_dir``; returns the file names."""
     import yaml
 
-    from dfsmerge.dfs.plan import PathPlan
+    from dfsmerge.genome.plan import PathPlan
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -248,6 +248,7 @@ def run_ablation(run_dir: str | Path, *, candidate: str | int = "best", split: s
         ConfigError: unknown candidate, an infeasible one, a run without task objectives.
         CheckpointError: not a run directory.
     """
+    from dfsmerge.report.report import model_names
     from dfsmerge.report.significance import paired_test
     from dfsmerge.rundir.reader import RunReader
 
@@ -277,8 +278,8 @@ def run_ablation(run_dir: str | Path, *, candidate: str | int = "best", split: s
     variants = ablation_variants(rec.ps, rec.path, sources=sources, ps_base=ps_base)
     merged = None
     if rec.ps is not None:  # merged once to disk so that every row is a plain plan file (dfsmerge eval, export)
-        from dfsmerge.config import load_merge_config
-        from dfsmerge.recipe import run_merge
+        from dfsmerge.recipe.config import load_merge_config
+        from dfsmerge.recipe.executor import run_merge
 
         mdir = run_merge(load_merge_config(dict(rec.ps)), out_dir / "merged", seed=run.config.get("seed", 0),
                          force=True, progress=False)
@@ -302,18 +303,6 @@ def run_ablation(run_dir: str | Path, *, candidate: str | int = "best", split: s
     if rec.path is not None:
         plot_contributions(rows, scorer.keys[0], out_dir / "contribution.png", names)
     return out_dir
-
-
-def model_names(config: Mapping[str, Any]) -> dict[str, str]:
-    """``{pool name: the model as the user wrote it}`` (``zoo:math``, a hub id or a path) from a run's config."""
-    g = config.get("genome") or {}
-    out = {}
-    for m in list(g.get("models") or []) + list((g.get("dfs") or {}).get("models") or []):
-        if isinstance(m, dict) and m.get("name"):
-            out[m["name"]] = str(m.get("model", m["name"]))
-    if g.get("base_model"):
-        out.setdefault("base", str(g["base_model"]))
-    return out
 
 
 def _write_tables(rows: list[AblationRow], out_dir: Path, cand_id: int, keys: list[str],
@@ -389,9 +378,6 @@ def plot_contributions(rows: list[AblationRow], key: str, out: Path, names: Mapp
 
 
 # ================================================================================================ run significance
-SIGNIFICANCE_FILE = "significance.json"
-
-
 def run_significance(run_dir: str | Path, *, splits: tuple[str | None, ...] = (None,),
                      out: str | Path | None = None) -> dict[str, Any]:
     """Is the best better than the start and than each source? Rescores the best, the start (record 0) and every
@@ -401,7 +387,7 @@ def run_significance(run_dir: str | Path, *, splits: tuple[str | None, ...] = (N
     Raises:
         ConfigError: a run without task objectives or without a scored candidate.
     """
-    from dfsmerge.report.significance import paired_test
+    from dfsmerge.report.significance import SIGNIFICANCE_FILE, paired_test
     from dfsmerge.rundir.reader import RunReader
 
     run = RunReader.open(run_dir)
@@ -434,25 +420,3 @@ def run_significance(run_dir: str | Path, *, splits: tuple[str | None, ...] = (N
     path = Path(out) if out is not None else run.path / "report" / SIGNIFICANCE_FILE
     atomic_write(path, json.dumps(result, indent=2) + "\n")  # a full disk never leaves half a file in its place
     return result
-
-
-def significance_lines(sig: Mapping[str, Any], names: Mapping[str, str] | None = None) -> list[str]:
-    """The report's section on ``significance.json``: per split, the best against the start and each source."""
-    lines = []
-    for split, s in sig["splits"].items():
-        where = "the objectives' own split" if split == "objective" else f"split `{split}`"
-        lines += [f"Best (id {sig['best']}) against the start and each source on {where}, paired on the same "
-                  "documents (exact McNemar for 0/1 outcomes, paired bootstrap otherwise):", "",
-                  "| against | " + " | ".join(f"{k} (best {s['best'][k]:.4g})" for k in s["objectives"]) + " |",
-                  "|---|" + "---|" * len(s["objectives"])]
-        for a in s["against"]:
-            model = a["model"]
-            if model.startswith("source ") and names and names.get(model[7:], model[7:]) != model[7:]:
-                model += f" ({names[model[7:]]})"
-            cells = []
-            for k in s["objectives"]:
-                t = a["tests"][k]
-                cells.append(f"{a['scores'][k]:.4g}: Δ {t['delta']:+.4g}, p={t['p_value']:.3g}")
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return lines

@@ -4,7 +4,7 @@ Models are built on the ``meta`` device from their ``config.json`` and filled fr
 ``load_state_dict(..., assign=True)``, so loading allocates each tensor once (gpt-fast's zero-copy loading).
 The pool checks that its models can share one layer path (same family, hidden size, heads, KV heads, head dim,
 rope, vocabulary and tokenizer) and names the mismatch otherwise. Layers are addressed by
-:class:`~dfsmerge.dfs.plan.LayerRef`; model A (``base``) supplies tokenizer, final norm, head and rotary
+:class:`~dfsmerge.genome.plan.LayerRef`; model A (``base``) supplies tokenizer, final norm, head and rotary
 embedding, and by default the input embedding.
 """
 
@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from dfsmerge.arch import Architecture, attention_types, get_architecture, hf_config, layout_reader
-from dfsmerge.dfs.plan import LayerRef, PathPlan
 from dfsmerge.errors import ArchitectureError, CheckpointError, ConfigError
+from dfsmerge.genome.plan import LayerRef, PathPlan
 from dfsmerge.io import open_checkpoint
+from dfsmerge.io.tokenizer import has_tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +170,9 @@ class LayerPool:
     def _check_tokenizers(self) -> None:
         vocabs = {}
         for pm in self._models.values():
-            if pm.tokenizer_path is None or not _has_tokenizer(pm.tokenizer_path):
+            if pm.tokenizer_path is None or not has_tokenizer(pm.tokenizer_path):
                 continue
-            vocabs[pm.name] = _load_tokenizer(pm.tokenizer_path).get_vocab()
+            vocabs[pm.name] = load_tokenizer(pm.tokenizer_path).get_vocab()
         if not vocabs:
             return
         ref_name, ref = next(iter(vocabs.items()))
@@ -275,9 +276,9 @@ class LayerPool:
         """
         if self._tokenizer is None:
             path = self[self.base].tokenizer_path
-            if path is None or not _has_tokenizer(path):
+            if path is None or not has_tokenizer(path):
                 raise CheckpointError(f"model {self.base!r} has no tokenizer files at {path}; add tokenizer.json")
-            self._tokenizer = _load_tokenizer(path)
+            self._tokenizer = load_tokenizer(path)
         return self._tokenizer
 
     def model_paths(self) -> dict[str, str]:
@@ -325,13 +326,3 @@ def _rope(config) -> Any:
     if params is not None:
         return dict(params)
     return (getattr(config, "rope_theta", None), getattr(config, "rope_scaling", None))
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))

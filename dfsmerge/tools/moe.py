@@ -61,7 +61,7 @@ def load_moe_config(path_or_data: str | Path | dict[str, Any]) -> MoEConfig:
     Raises:
         ConfigError: the first problem, naming the field, the value and the fix.
     """
-    from dfsmerge.config import format_validation_error
+    from dfsmerge.recipe.config import format_validation_error
 
     if isinstance(path_or_data, dict):
         data, src = path_or_data, "moe config"
@@ -168,12 +168,11 @@ def gate_vectors(cfg: MoEConfig, experts: list[Expert], *, num_layers: int, hidd
     if cfg.gate_mode == "uniform_random":
         scale = math.sqrt(1.0 / hidden_size)
         return torch.rand(shape, generator=gen) * 2 * scale - scale
-    from transformers import AutoTokenizer
-
     from dfsmerge.io import open_checkpoint, resolve_model_path
+    from dfsmerge.io.tokenizer import load_tokenizer
 
     base_dir = resolve_model_path(cfg.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    tokenizer = load_tokenizer(base_dir)
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:
@@ -243,8 +242,8 @@ def build_moe(cfg: MoEConfig, out_dir: str | Path, *, seed: int = 0, allow_all_s
     Raises:
         ConfigError, ArchitectureError, CheckpointError, OutputExistsError: before anything is written.
     """
-    from dfsmerge.config import torch_dtype
     from dfsmerge.io import ShardedWriter, copy_tokenizer, open_checkpoint
+    from dfsmerge.io.dtypes import canonical_dtype, dtype_name, torch_dtype
 
     _check(cfg)
     if Path(out_dir).exists() and not force:
@@ -267,10 +266,10 @@ def build_moe(cfg: MoEConfig, out_dir: str | Path, *, seed: int = 0, allow_all_s
             if ec.get(key) != bc.get(key):
                 raise ArchitectureError(f"expert {e.source_model!r} has {key}={ec.get(key)} but base_model "
                                         f"{cfg.base_model!r} has {bc.get(key)}; experts must share the base's shapes")
-    if cfg.dtype is not None and cfg.dtype not in ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
+    if cfg.dtype is not None and canonical_dtype(cfg.dtype) not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"dtype={cfg.dtype!r} is unknown; use float32, float16 or bfloat16")
-    out_dtype = torch_dtype(cfg.dtype) or torch_dtype(str(bc.get("dtype") or bc.get("torch_dtype") or "float32")
-                                                      .removeprefix("torch."))
+    out_dtype = torch_dtype(cfg.dtype) or torch_dtype(dtype_name(bc.get("dtype") or bc.get("torch_dtype")
+                                                                 or "float32"))
     layers, hidden = int(bc["num_hidden_layers"]), int(bc["hidden_size"])
     out_cfg = _out_config(arch, base.path, cfg, out_dtype)
 

@@ -16,13 +16,13 @@ from dfsmerge.errors import ConfigError
 
 
 def load_plan(path: str | Path):
-    """A :class:`dfsmerge.dfs.plan.PathPlan` from a plan file, or from a directory holding ``plan.yaml`` (a run's
+    """A :class:`dfsmerge.genome.plan.PathPlan` from a plan file, or from a directory holding ``plan.yaml`` (a run's
     ``best/``, a row of ``RUN/ablation/rows/``).
 
     Raises:
         ConfigError: no plan there (names what to pass instead).
     """
-    from dfsmerge.dfs.plan import PathPlan
+    from dfsmerge.genome.plan import PathPlan
 
     p = Path(path)
     if p.is_dir():
@@ -48,7 +48,7 @@ def evaluate(model_or_plan: Any, tasks: str | Sequence[str], *, tokenizer=None, 
 
     Args:
         model_or_plan: a checkpoint directory, hub id, ``zoo:<name>``, plan file or candidate directory (``plan.yaml``
-            inside), a :class:`~dfsmerge.dfs.plan.PathPlan`, or a loaded model (then pass ``tokenizer``).
+            inside), a :class:`~dfsmerge.genome.plan.PathPlan`, or a loaded model (then pass ``tokenizer``).
         tasks: task names (a list or ``"a,b"``).
         split, limit, native, batch_size: as ``dfsmerge eval``. task_paths: custom task YAML directories.
         zoo: the toy zoo's directory (resolves ``zoo:<name>`` and adds its tasks).
@@ -63,7 +63,7 @@ def evaluate(model_or_plan: Any, tasks: str | Sequence[str], *, tokenizer=None, 
         ConfigError: unknown task, empty split, a loaded model without ``tokenizer``.
         CheckpointError: nothing loadable at ``model_or_plan``.
     """
-    from dfsmerge.config import torch_dtype
+    from dfsmerge.io.dtypes import torch_dtype
     from dfsmerge.objectives import evaluate_model
 
     paths = [str(p) for p in task_paths]
@@ -81,7 +81,7 @@ def evaluate(model_or_plan: Any, tasks: str | Sequence[str], *, tokenizer=None, 
 def _load(ref: Any, *, tokenizer, zoo, device, dtype, allow_pickle):
     import torch
 
-    from dfsmerge.dfs.plan import PathPlan
+    from dfsmerge.genome.plan import PathPlan
     from dfsmerge.runtime.loading import load_model_or_plan, resolve_model_ref
 
     if isinstance(ref, torch.nn.Module):
@@ -89,7 +89,7 @@ def _load(ref: Any, *, tokenizer, zoo, device, dtype, allow_pickle):
             raise ConfigError("evaluate: a loaded model needs its tokenizer; pass tokenizer=...")
         return ref, tokenizer
     if isinstance(ref, PathPlan):
-        from dfsmerge.pool import LayerPool
+        from dfsmerge.runtime.pool import LayerPool
         from dfsmerge.runtime.stitched import StitchedModel
 
         models = {n: resolve_model_ref(s, zoo_dir=zoo) for n, s in ref.models.items()}
