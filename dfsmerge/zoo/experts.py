@@ -237,16 +237,17 @@ def _load_state(state_dir: Path, model, opt) -> tuple[int, list[float], float]:
 
 def train_expert(spec: ExpertSet, role: str, root: Path, *, log: Callable[[str], None]) -> Path:
     """Fine-tune the base into ``root/<role>`` (``math`` or ``lang``); resumes from ``root/<role>.state``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from dfsmerge.io.reader import resolve_model_path
+    from dfsmerge.io.tokenizer import load_tokenizer
 
     train = spec.math if role == "math" else spec.lang
     out = root / role
     if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("key") == spec.key():
         return out
     base = resolve_model_path(spec.base)
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = load_tokenizer(base)
     docs = load_split_docs(root, train.language, "train")
     examples = _examples(docs, train.kind, tok, train.max_tokens)
     order = _order([len(e[0]) for e in examples], train.steps, train.batch, spec.seed + (0 if role == "math" else 1))
