@@ -5,9 +5,9 @@
 For every registered method and number of inputs, a child process plans a recipe over random bf16 Llama-shaped
 checkpoints (embedding 8192x1024), merges its largest tensor once whole and once in 32 MiB row chunks, and reads its
 own peak resident set (VmHWM, reset before each merge through /proc/self/clear_refs). Printed: the measured peak
-increase over the cost model (``dfsmerge.recipe._working_bytes``: the whole tensor, or the chunk's rows) and over
-the estimate the memory preflight uses (``dfsmerge.recipe.job_memory``); the preflight's ``_PEAK_FACTOR`` table is
-the largest ratio per method with a 20% margin, rounded up to 0.05.
+increase over the cost model (``dfsmerge.recipe.executor._working_bytes``: the whole tensor, or the chunk's rows)
+and over the estimate the memory preflight uses (``dfsmerge.recipe.executor.job_memory``); the preflight's
+``_PEAK_FACTOR`` table is the largest ratio per method with a 20% margin, rounded up to 0.05.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ CHUNK = 32 << 20
 
 CHILD = r'''
 import json, math, sys
-import dfsmerge.recipe as R
+import dfsmerge.recipe.executor as R
 from dfsmerge.recipe.config import MergeConfig
 
 def status(key):

@@ -106,7 +106,7 @@ MERGE_CHILD = textwrap.dedent('''
     import contextlib, io, json, sys
     import tqdm.auto  # noqa: F401 - what `dfsmerge merge` imports, loaded before anything is measured
     import dfsmerge.merge  # noqa: F401
-    import dfsmerge.recipe  # noqa: F401
+    import dfsmerge.recipe.executor  # noqa: F401
     from dfsmerge.cli import main
     from dfsmerge.io import CheckpointReader
 
@@ -291,7 +291,7 @@ def test_merge_refusal_suggests_one_worker_when_that_fits(medium_models, tmp_pat
 
 JOB_CHILD = textwrap.dedent('''
     import json, math, sys
-    import dfsmerge.recipe as R
+    import dfsmerge.recipe.executor as R
     from dfsmerge.recipe.config import load_merge_config
 
     def status(key):
@@ -327,7 +327,7 @@ JOB_CHILD = textwrap.dedent('''
 def test_every_method_merges_within_its_estimate(medium_models, tmp_path, method):
     """Each method's largest tensor (8192x1024, bf16), merged whole and in 32 MiB row chunks: the merging
     process's peak increase (VmHWM) is at most ``job_memory``'s estimate plus one thread's allocator allowance
-    (as :func:`dfsmerge.recipe.merge_memory` counts them)."""
+    (as :func:`dfsmerge.recipe.executor.merge_memory` counts them)."""
     import os
     import subprocess
     import sys
