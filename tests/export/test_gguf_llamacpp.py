@@ -45,11 +45,17 @@ def test_llamacpp_greedy_equals_folded_export(name, tmp_path):
 
     src = real_model_dir(name)
     for kind, plan in bench.plans(name, src).items():
-        rows = bench.compare(name, kind, plan, tmp_path, tokens=16, quant="f32", threads=1, python=python)
-        assert len(rows) == len(bench.PROMPTS)
+        rows = bench.compare(name, kind, plan, tmp_path, tokens=16, quant="f32", threads=1, python=python,
+                             kv=("f16", "f32"))
+        assert len(rows) == 2 * len(bench.PROMPTS)
         for r in rows:
-            assert r["tokenizer_same"], f"{name} {kind} {r['prompt']!r}: llama.cpp tokenizes differently"
-            assert r["same"], (f"{name} {kind} {r['prompt']!r}: greedy tokens differ from step {r['first_diff']} "
-                               f"(top-2 margins there: HF {r['hf_margin']:.3g}, llama.cpp {r['cpp_margin']:.3g}; "
-                               f"max rel logit diff over the prompt {r['rel_logits']:.3g})")
-            assert r["rel_logits"] < 1e-3, f"{name} {kind} {r['prompt']!r}: logits differ by {r['rel_logits']:.3g}"
+            assert r["tokenizer_same"], f"{name} {kind} kv {r['kv']} {r['prompt']!r}: llama.cpp tokenizes differently"
+            assert r["same"], (f"{name} {kind} kv {r['kv']} {r['prompt']!r}: greedy tokens differ from step "
+                               f"{r['first_diff']} (top-2 margins there: HF {r['hf_margin']:.3g}, llama.cpp "
+                               f"{r['cpp_margin']:.3g}; max rel logit diff over the prompt {r['rel_logits']:.3g})")
+            # measured (docs/llama-cpp.md): SmolLM2 1.6e-6 with llama.cpp's KV cache in f32 (f32 arithmetic on both
+            # sides), 7e-4 with its default f16 cache; Gemma 3 1.3e-3 at most either way (llama.cpp's CPU GELU is an
+            # f16 lookup table, which alone moves transformers' logits by as much)
+            bound = 1e-5 if (name, r["kv"]) == ("smollm2-135m", "f32") else 3e-3
+            assert r["rel_logits"] < bound, (f"{name} {kind} kv {r['kv']} {r['prompt']!r}: logits differ by "
+                                             f"{r['rel_logits']:.3g} relative (bound {bound:g})")
