@@ -15,8 +15,10 @@ What is relied on, per lm-eval 0.4.x (``lm_eval/api/task.py``, ``lm_eval/models/
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,20 @@ def task_index_entry(tm, name: str) -> tuple[str | None, dict[str, Any]]:
     return getattr(entry, "yaml_path", None), dict(getattr(entry, "cfg", None) or {})
 
 
+@contextlib.contextmanager
+def _no_request_bars() -> Iterator[None]:
+    """lm-eval draws a progress bar each time a task builds its requests (``Task.build_all_requests``, no option to
+    turn it off); a search builds them for every candidate, so inside dfsmerge's calls that bar is off."""
+    import lm_eval.api.task as lm_task
+
+    drawn = lm_task.tqdm
+    lm_task.tqdm = functools.partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        lm_task.tqdm = drawn
+
+
 # ---------------------------------------------------------------------------------------------- task objects
 def produced_metrics(task) -> list[str]:
     """Metric keys (``metric,filter``) a task's results carry."""
@@ -115,10 +131,11 @@ def prepared_instances(task, limit: int | None, *, chat_template=None, system_in
     """The task's requests for its first ``limit`` documents, built as ``lm_eval.evaluator.evaluate`` builds them
     (``chat_template``: the callable rendering a chat, ``HFLM.apply_chat_template``'s role, used when
     ``apply_chat_template``); the task keeps no copy (the harness path builds its own)."""
-    task.build_all_requests(limit=limit, rank=0, world_size=1, system_instruction=system_instruction,
-                            apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
-                            chat_template=chat_template if apply_chat_template else None,
-                            tokenizer_name=tokenizer_name if apply_chat_template else "")
+    with _no_request_bars():
+        task.build_all_requests(limit=limit, rank=0, world_size=1, system_instruction=system_instruction,
+                                apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+                                chat_template=chat_template if apply_chat_template else None,
+                                tokenizer_name=tokenizer_name if apply_chat_template else "")
     out = list(task.instances)
     task._instances = None
     return out
@@ -156,8 +173,9 @@ def evaluate_tasks(lm, tasks: Mapping[str, Any], *, limit: int | None, **chat_ar
         ``{task name: lm-eval's result dict}``.
     """
     task_dict = {"tasks": dict(tasks), "groups": {}, "group_map": {}}
-    out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR",
-                       **chat_args)
+    with _no_request_bars():
+        out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR",
+                           **chat_args)
     return out["results"]
 
 
@@ -170,11 +188,13 @@ def evaluate_task_samples(lm, tasks: Mapping[str, Any], *, limit: int | None,
         document's metric values (``"acc": 1.0``), as lm-eval logs them.
     """
     task_dict = {"tasks": dict(tasks), "groups": {}, "group_map": {}}
-    out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=True, verbosity="ERROR",
-                       **chat_args)
+    with _no_request_bars():
+        out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=True, verbosity="ERROR",
+                           **chat_args)
     return {name: list(samples) for name, samples in (out.get("samples") or {}).items()}
 
 
 def run_simple_evaluate(lm, tasks: Sequence[str], *, task_manager, limit, **kwargs) -> dict:
     """``lm_eval.simple_evaluate`` over an LM object, with the caller's task manager."""
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit, **kwargs)
+    with _no_request_bars():
+        return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit, **kwargs)

@@ -215,3 +215,19 @@ def test_no_task_paths_and_no_builtins_is_a_clean_error():
 
     with pytest.raises(ConfigError, match="'zoo_math_b' is not a known lm-eval task"):
         make_task_manager(["zoo_math_b"], (), builtin_tasks=False)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_no_third_party_progress_bar(task_dir, tiny_model, capfd, native):
+    """lm-eval draws a bar whenever a task builds its requests; dfsmerge's evaluation shows none (a search builds
+    them for every candidate). The bar is lm-eval's again outside dfsmerge's calls."""
+    import lm_eval.api.task as lm_task
+
+    model, tok = tiny_model
+    drawn = lm_task.tqdm
+    capfd.readouterr()
+    r = evaluate_model(model, tok, [MC_TASK], task_paths=[str(task_dir)], split="validation", native=native)
+    assert 0.0 <= r["results"][MC_TASK]["acc,none"] <= 1.0
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "%|" not in err, err
+    assert lm_task.tqdm is drawn
