@@ -17,7 +17,7 @@ same ``until`` / ``max_gen_toks`` handling. Generation is a greedy loop over the
 :mod:`dfsmerge.objectives.lm_eval_compat`, the one module that touches lm-eval.
 
 Model interface expected:
-    ``model(input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False)``
+    ``model(input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False, logits_to_keep=0)``
     -> output with ``.logits`` of shape (B, T, V) and, when ``use_cache``, ``.cache``;
     ``model.config`` (for ``max_position_embeddings``), ``model.device``.
 """
@@ -346,7 +346,8 @@ class Scorer:
         cache = None
         inp, inp_pos = ids, pos
         for _ in range(max_new_tokens):
-            o = self.forward(model, inp, attention_mask=mask, position_ids=inp_pos, cache=cache, use_cache=True)
+            o = self.forward(model, inp, attention_mask=mask, position_ids=inp_pos, cache=cache, use_cache=True,
+                             logits_to_keep=1)  # the prompt's other positions' logits are never read
             cache = o.cache
             nxt_list = o.logits[:, -1, :].argmax(dim=-1).tolist()  # (len(rows),)
             for j, b in enumerate(rows):
