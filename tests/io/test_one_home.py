@@ -1,9 +1,12 @@
-"""One dtype map (:mod:`dfsmerge.io.dtypes`) and one tokenizer loader (:mod:`dfsmerge.io.tokenizer`): each checked
-against torch and transformers, and a scan of the package's syntax trees that no second one exists elsewhere."""
+"""One dtype map (:mod:`dfsmerge.io.dtypes`), one tokenizer loader (:mod:`dfsmerge.io.tokenizer`) and one mergekit
+parameter resolver (:func:`dfsmerge.recipe.config.tensor_parameters`): each checked against its reference (torch,
+transformers, ``dfsmerge merge``'s plan), and a scan of the package's syntax trees that no second one exists
+elsewhere."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from dfsmerge.io.tokenizer import has_tokenizer, load_tokenizer
 PKG = Path(__file__).resolve().parents[2] / "dfsmerge"
 DTYPE_MODULE = PKG / "io" / "dtypes.py"
 TOKENIZER_MODULE = PKG / "io" / "tokenizer.py"
+RESOLVER_MODULE = PKG / "recipe" / "config.py"
 NOT_YET: dict = {}
 """Files allowed a tokenizer load of their own, with why (empty once the merge lands)."""
 
@@ -51,6 +55,34 @@ def tokenizer_loads(tree: ast.AST) -> list[int]:
         if call or named:
             out.append(node.lineno)
     return out
+
+
+def _is_len_minus_one(node: ast.AST) -> bool:
+    return (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Sub) and isinstance(node.left, ast.Call)
+            and isinstance(node.left.func, ast.Name) and node.left.func.id == "len"
+            and isinstance(node.right, ast.Constant) and node.right.value == 1)
+
+
+RESOLVER_NAME = re.compile(r"interp(?!reter)|resolve_parameter|evaluate_setting|tensor_parameters")
+
+
+def parameter_resolvers(tree: ast.AST) -> list[int]:
+    """Lines of a gradient's anchor position (``t * (len(values) - 1)``: mergekit's interpolation over layers) and
+    of a function named like a parameter resolver or an interpolation (``*interp*``, ``resolve_parameter``,
+    ``evaluate_setting``, ``tensor_parameters``)."""
+    out = []
+    for node in ast.walk(tree):
+        anchor = (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult)
+                  and (_is_len_minus_one(node.left) or _is_len_minus_one(node.right)))
+        named = isinstance(node, ast.FunctionDef) and RESOLVER_NAME.search(node.name)
+        if anchor or named:
+            out.append(node.lineno)
+    return out
+
+
+def calls(tree: ast.AST, name: str) -> bool:
+    return any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == name
+               for n in ast.walk(tree))
 
 
 def _scan(find, home: Path, skip=()) -> list[str]:
@@ -111,3 +143,58 @@ def test_loader_loads_a_checkpoint_tokenizer_and_names_a_missing_one(tmp_path):
     with pytest.raises(Exception) as raw:  # noqa: PT011 - without a fix, transformers' own error propagates
         load_tokenizer(tmp_path / "empty")
     assert not isinstance(raw.value, ConfigError)
+
+
+# ------------------------------------------------------------------------------------------------ parameter resolver
+def test_no_second_parameter_resolver():
+    """Outside recipe/config.py: the PS genome's runtime merge and ``dfsmerge merge`` both call its
+    ``tensor_parameters`` (the merge registry's ``resolve_params``, which checks and defaults the values of one
+    merge, is another fact)."""
+    snippet = "def _interp(v, t):\n    return v[int(t * (len(v) - 1))]\ndef interpreter_enabled(): ...\n"
+    assert parameter_resolvers(ast.parse(snippet)) == [1, 2]
+    assert parameter_resolvers(ast.parse(RESOLVER_MODULE.read_text())), "the scan must see the resolver it guards"
+    offenders = _scan(parameter_resolvers, RESOLVER_MODULE)
+    assert offenders == [], f"parameter resolvers besides recipe/config.py (use tensor_parameters): {offenders}"
+    for user in ("genome/ps.py", "recipe/executor.py"):
+        assert calls(ast.parse((PKG / user).read_text()), "tensor_parameters"), user
+
+
+@pytest.fixture(scope="module")
+def four_layer_models(tmp_path_factory):
+    from dfsmerge.zoo.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("four_layers")
+    base = make_tiny_checkpoint("llama", root / "base", seed=0, num_layers=4, hidden=32)
+    return {"base": str(base), **{k: str(make_tiny_checkpoint("llama", root / k, seed=i, like=base, delta_std=0.2))
+                                  for i, k in ((1, "a"), (2, "b"))}}
+
+
+@pytest.mark.parametrize("kw", [
+    {"merge_method": "linear", "smooth": True, "layer_granularity": 2, "filters": ("self_attn", "mlp")},
+    {"merge_method": "ties", "layer_granularity": 2, "filters": ("mlp",), "base_model": "base"},
+    {"merge_method": "dare_ties", "smooth": True, "layer_granularity": 1, "base_model": "base"},
+    {"merge_method": "slerp", "layer_granularity": 2, "base_model": "a"},
+], ids=["linear-smooth-filters", "ties-groups", "dare_ties-smooth", "slerp"])
+def test_ps_recipe_parameters_are_the_merge_plans(kw, four_layer_models):
+    """Every tensor's parameters as the search merges them (:meth:`PSRecipe.tensor_params`) equal the ones
+    ``dfsmerge merge`` plans from the recipe's mergekit YAML: gradients, filters, groups, pre/post-layer tensors."""
+    import numpy as np
+
+    from dfsmerge.genome import PSGenome
+    from dfsmerge.recipe.config import load_merge_config
+    from dfsmerge.recipe.executor import open_models, plan_merge
+
+    m = four_layer_models
+    extra = {"base": m["base"]} if kw.get("base_model") == "base" else {}
+    genome = PSGenome({"a": m["a"], "b": m["b"]}, num_layers=4, extra_models=extra, **kw)
+    lo, hi = genome.bounds
+    recipe = genome.decode(lo + (hi - lo) * np.random.default_rng(0).uniform(0.1, 0.9, genome.dim))
+    config = load_merge_config(recipe.to_mergekit())
+    plan = plan_merge(config, open_models(config))
+    arch, cfg = plan.arch, plan.out_config
+    post = set(arch.post_tensor_names(cfg))
+    assert {j.out_name for j in plan.jobs} >= {f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)}
+    for job in plan.jobs:
+        want = [dict(p) for p in job.params], dict(job.global_params)
+        got = recipe.tensor_params(job.out_name, arch.layer_index(job.out_name), post=job.out_name in post)
+        assert got == want, job.out_name
