@@ -1,7 +1,7 @@
-"""One dtype map (:mod:`dfsmerge.io.dtypes`), one tokenizer loader (:mod:`dfsmerge.io.tokenizer`) and one mergekit
-parameter resolver (:func:`dfsmerge.recipe.config.tensor_parameters`): each checked against its reference (torch,
-transformers, ``dfsmerge merge``'s plan), and a scan of the package's syntax trees that no second one exists
-elsewhere."""
+"""One dtype map (:mod:`dfsmerge.io.dtypes`), one tokenizer loader (:mod:`dfsmerge.io.tokenizer`), one mergekit
+parameter resolver (:func:`dfsmerge.recipe.config.tensor_parameters`) and one mergekit-YAML builder
+(:mod:`dfsmerge.genome.mergekit_yaml`): each checked against its reference (torch, transformers, ``dfsmerge merge``'s
+plan, the export), and a scan of the package's syntax trees that no second one exists elsewhere."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ PKG = Path(__file__).resolve().parents[2] / "dfsmerge"
 DTYPE_MODULE = PKG / "io" / "dtypes.py"
 TOKENIZER_MODULE = PKG / "io" / "tokenizer.py"
 RESOLVER_MODULE = PKG / "recipe" / "config.py"
+BUILDER_MODULE = PKG / "genome" / "mergekit_yaml.py"
+RECIPE_WRITERS = {
+    PKG / "genome" / "ps.py": "PSRecipe.to_mergekit, the PS recipe writing itself (the builder writes it as it is)",
+    PKG / "zoo" / "layer_swap.py": "Layer Swapping's hand-made linear recipe, a baseline, not a candidate",
+}
+"""Files allowed a mergekit recipe dict of their own, with why."""
 NOT_YET: dict = {}
 """Files allowed a tokenizer load of their own, with why (empty once the merge lands)."""
 
@@ -83,6 +89,20 @@ def parameter_resolvers(tree: ast.AST) -> list[int]:
 def calls(tree: ast.AST, name: str) -> bool:
     return any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == name
                for n in ast.walk(tree))
+
+
+def mergekit_recipes(tree: ast.AST) -> list[int]:
+    """Lines of a dict literal keyed ``merge_method`` or ``layer_range`` (a mergekit recipe or slice being built)
+    and of a read of an architecture's ``residual_filters`` (what a passthrough's ``scale`` folds into)."""
+    out = []
+    for node in ast.walk(tree):
+        keyed = isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in ("merge_method",
+                                                                                              "layer_range")
+                                                   for k in node.keys)
+        if keyed or (isinstance(node, ast.Attribute) and node.attr == "residual_filters"
+                     and isinstance(node.ctx, ast.Load)):
+            out.append(node.lineno)
+    return out
 
 
 def _scan(find, home: Path, skip=()) -> list[str]:
@@ -198,3 +218,46 @@ def test_ps_recipe_parameters_are_the_merge_plans(kw, four_layer_models):
         want = [dict(p) for p in job.params], dict(job.global_params)
         got = recipe.tensor_params(job.out_name, arch.layer_index(job.out_name), post=job.out_name in post)
         assert got == want, job.out_name
+
+
+# ------------------------------------------------------------------------------------------------ mergekit YAML
+def test_no_second_mergekit_yaml_builder():
+    """Outside genome/mergekit_yaml.py and the recipes that write themselves: a search's ``best/mergekit.yaml`` and
+    an export's ``mergekit.yaml`` are built by it (each writer adds its own header comment)."""
+    snippet = 'a = {"merge_method": "passthrough"}\nb = {"model": m, "layer_range": [0, 1]}\nc = {"model": m}\n' \
+              "d = arch.residual_filters\n"
+    assert mergekit_recipes(ast.parse(snippet)) == [1, 2, 4]
+    assert mergekit_recipes(ast.parse(BUILDER_MODULE.read_text())), "the scan must see the builder it guards"
+    assert all(mergekit_recipes(ast.parse(p.read_text())) for p in RECIPE_WRITERS), "RECIPE_WRITERS is stale"
+    offenders = _scan(mergekit_recipes, BUILDER_MODULE, skip=RECIPE_WRITERS)
+    assert offenders == [], f"mergekit recipes built besides genome/mergekit_yaml.py (use it): {offenders}"
+    assert not (PKG / "export" / "mergekit_yaml.py").exists()
+    for user in ("search/outputs.py", "export/card.py"):
+        assert calls(ast.parse((PKG / user).read_text()), "passthrough"), user
+
+
+def test_best_and_export_write_one_passthrough(four_layer_models, tmp_path):
+    """A path's ``best/mergekit.yaml`` and the ``mergekit.yaml`` of its compact export (the same fold: ``D_k = C_k``,
+    ``e = 1``) hold the same recipe; a path whose embedding is not the first slice's model gets none in ``best/``,
+    with the reason."""
+    import yaml
+
+    from dfsmerge.export import export_plan
+    from dfsmerge.genome.plan import PathPlan
+    from dfsmerge.search.outputs import write_best
+
+    m = four_layer_models
+    path = {"models": {"A": m["a"], "B": m["b"]}, "base": "A",
+            "path": [{"model": "A", "layer": 0, "scale": 1.3}, {"model": "B", "layer": 2, "scale": 0.7},
+                     {"model": "B", "layer": 1, "scale": 1.0}, {"model": "A", "layer": 3, "scale": 0.9}]}
+    write_best(tmp_path / "best", {"id": 0, "fitness": 0.0, "candidate": {"ps": None, "path": path}})
+    best = yaml.safe_load((tmp_path / "best" / "mergekit.yaml").read_text())
+    out = export_plan(PathPlan.from_dict(path), tmp_path / "out", format="compact")
+    exported = list(yaml.safe_load_all((out / "mergekit.yaml").read_text()))[-1]
+    assert best == exported
+    assert [s["sources"][0]["parameters"]["scale"][0]["value"] for s in best["slices"]] == \
+        [1 / 1.3, 1 / (1.3 * 0.7), 1 / (1.3 * 0.7), 1 / (1.3 * 0.7 * 0.9)]
+    embed_b = {**path, "embed": "B"}
+    write_best(tmp_path / "best_b", {"id": 0, "fitness": 0.0, "candidate": {"ps": None, "path": embed_b}})
+    text = (tmp_path / "best_b" / "mergekit.yaml").read_text()
+    assert "merge_method" not in text and "the embedding comes from model 'B'" in text
