@@ -1,15 +1,23 @@
-"""Model card (``README.md``) of an export: sources, the path drawn as text, scales, recipe, scores, loading."""
+"""What an export says about itself: the model card (``README.md``: sources, the path drawn as text, scales, recipe,
+scores, loading) and the header of its ``mergekit.yaml`` around the recipe :mod:`dfsmerge.genome.mergekit_yaml`
+builds."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dfsmerge.export.fold import eps_bound
 from dfsmerge.export.info import ExportInfo
 from dfsmerge.genome import PS_MODEL_IN_PLAN
+from dfsmerge.genome.mergekit_yaml import PS_STAGE_NAME, config_gaps, passthrough, passthrough_gaps, ps_stage
 from dfsmerge.genome.plan import PathPlan
+
+if TYPE_CHECKING:
+    from dfsmerge.arch import Architecture
 
 
 def draw_path(plan: PathPlan) -> str:
@@ -89,3 +97,45 @@ def model_card(info: ExportInfo) -> str:
               "mergekit cannot express it exactly); `dfsmerge_plan.yaml` / `dfsmerge_recipe.yaml` are dfsmerge's "
               "own description.", ""]
     return "\n".join(lines)
+
+
+def mergekit_text(info: ExportInfo, paths: Mapping[str, str], configs: Mapping[str, Mapping[str, Any]],
+                  arch: Architecture) -> str:
+    """The ``mergekit.yaml`` text of an export: a header comment that says how to run it and, when mergekit cannot
+    reproduce the export exactly, why; then the PS recipe, the passthrough recipe of the path, or both as two
+    ``mergekit-multi`` documents (the path's recipe with this export's fold: ``D_k`` and ``e``).
+
+    Args:
+        info: what the export wrote.
+        paths: model name -> path used for the export (the PS model is named by its stage name instead).
+        configs: model name -> ``config.json`` dict.
+        arch: the family's architecture.
+    """
+    plan = info.plan
+    if info.ps_only:
+        head = ["# Reproduce this model with: mergekit-yaml mergekit.yaml OUT (or dfsmerge merge mergekit.yaml OUT)"]
+        return "\n".join(head) + "\n" + yaml.safe_dump(dict(info.ps_recipe), sort_keys=False)
+    ps = [n for n, s in plan.models.items() if s == PS_MODEL_IN_PLAN]
+    names = {m: (PS_STAGE_NAME if m in ps else str(p)) for m, p in paths.items()}
+    body = passthrough(plan, names, arch, divisors=info.divisors, embed_factor=info.embed_factor, dtype=info.dtype)
+    notes = passthrough_gaps(plan, arch, divisors=info.divisors, embed_factor=info.embed_factor) + config_gaps(configs)
+    if info.format == "compact":
+        notes.append("this export is in the compact format; the YAML describes the equivalent folded checkpoint")
+    head = [f"# dfsmerge export of a {len(plan.steps)}-step layer path ({arch.model_type}).",
+            "# Passthrough slices, one per step; `scale` divides each step's residual-branch outputs by",
+            "# D_k = C_k / e, C_k the cumulative product of the step scales and e the factor the embedding",
+            f"# absorbs (e = {info.embed_factor!r}, set on the first slice); the fold of dfsmerge/export/fold.py."]
+    if ps:
+        head += ["# Model " + repr(ps[0]) + " is the PS merge (first document, named " + PS_STAGE_NAME + ").",
+                 "# Reproduce with: mergekit-multi mergekit.yaml -I INTERMEDIATE_DIR --out-path OUT"]
+    else:
+        head += ["# Reproduce with: mergekit-yaml mergekit.yaml OUT"]
+    if notes:
+        head += ["#", "# NOT EXACT: mergekit cannot express this model:"] + [f"#  - {n}" for n in notes]
+        head += ["# The checkpoint beside this file is the authority; this YAML is the closest mergekit recipe."]
+    else:
+        head += ["# mergekit reproduces this export's tensors (up to float rounding of 1/D_k)."]
+    text = "\n".join(head) + "\n"
+    if ps:
+        text += yaml.safe_dump(ps_stage(info.ps_recipe), sort_keys=False) + "---\n"
+    return text + yaml.safe_dump(body, sort_keys=False)

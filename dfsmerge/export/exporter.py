@@ -13,7 +13,7 @@ Three formats:
   card, ``mergekit.yaml`` and the plan beside it.
 
 Beside the weights: ``config.json``, ``generation_config.json``, the base model's tokenizer, ``mergekit.yaml``
-(:mod:`dfsmerge.export.mergekit_yaml`), ``dfsmerge_plan.yaml`` (the path; ``dfsmerge_recipe.yaml`` for PS) and a
+(:mod:`dfsmerge.genome.mergekit_yaml`), ``dfsmerge_plan.yaml`` (the path; ``dfsmerge_recipe.yaml`` for PS) and a
 model card ``README.md``. Everything is written through :class:`~dfsmerge.io.ShardedWriter`: into a temporary
 directory beside the target, renamed into place at the end.
 
@@ -41,9 +41,8 @@ import yaml
 from dfsmerge.arch import Architecture, get_architecture, hf_config, layout_reader
 from dfsmerge.errors import ConfigError
 from dfsmerge.export import fold
-from dfsmerge.export.card import model_card
+from dfsmerge.export.card import mergekit_text, model_card
 from dfsmerge.export.info import ExportInfo
-from dfsmerge.export.mergekit_yaml import mergekit_yaml
 from dfsmerge.genome import MERGED, PS_MODEL_IN_PLAN
 from dfsmerge.genome.plan import LayerRef, PathPlan, Step
 from dfsmerge.io import ShardedWriter, copy_tokenizer, open_checkpoint
@@ -268,7 +267,7 @@ def _write(plan: PathPlan, paths: Mapping[str, str], out_dir: Path, *, format: s
         w.write_json("generation_config.json", _generation_config(readers[plan.base].path, base_cfg))
         copy_tokenizer(readers[plan.base].path, w)
         source_paths = {m: paths[m] for m in used}
-        w.write_text("mergekit.yaml", mergekit_yaml(info, source_paths, configs, arch))
+        w.write_text("mergekit.yaml", mergekit_text(info, source_paths, configs, arch))
         if not ps_only:
             w.write_text("dfsmerge_plan.yaml", PathPlan(plan.steps, models=dict(plan.models), base=plan.base,
                                                         embed=plan.embed).to_yaml())

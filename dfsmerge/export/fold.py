@@ -39,22 +39,13 @@ import torch
 from dfsmerge.arch import Architecture, get_architecture
 from dfsmerge.arch import path_layer_config as arch_path_layer_config
 from dfsmerge.errors import ArchitectureError, ConfigError
-from dfsmerge.genome.plan import PathPlan
+from dfsmerge.genome.plan import PathPlan, cumulative_scales
 
 # Config keys that change what a decoder layer computes; a folded checkpoint has one config, so every model that
 # lends a layer must agree with the base model on them.
 LAYER_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "hidden_act", "hidden_activation", "rms_norm_eps", "attention_bias", "mlp_bias",
                      "query_pre_attn_scalar", "attn_logit_softcapping", "use_qk_norm")
-
-
-def cumulative_scales(scales: Sequence[float]) -> list[float]:
-    """``C_k = s_1 ... s_k`` for every step (computed in float64)."""
-    out, c = [], 1.0
-    for s in scales:
-        c *= float(s)
-        out.append(c)
-    return out
 
 
 def check_foldable(plan: PathPlan) -> list[float]:

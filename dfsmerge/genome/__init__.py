@@ -8,6 +8,8 @@
   mergekit recipe;
 - :mod:`~dfsmerge.genome.space`: :class:`GenomeSpace`, the two joined in one vector per search mode -> a
   :class:`Candidate`.
+- :mod:`~dfsmerge.genome.mergekit_yaml`: a candidate as a mergekit recipe (a path's passthrough with its scales
+  folded), which a search's ``best/`` and an export both write.
 
 The names are resolved on first use (PEP 562), so importing one part does not import the others.
 """

@@ -28,6 +28,16 @@ GENE_DECIMALS = 9
 exactly."""
 
 
+
+def cumulative_scales(scales: Iterable[float]) -> list[float]:
+    """``C_k = s_1 ... s_k`` for every step (computed in float64): what the scale of step ``k`` and the ones before
+    it multiply the hidden state by, and what the folded export divides step ``k``'s residual branch by."""
+    out, c = [], 1.0
+    for s in scales:
+        c *= float(s)
+        out.append(c)
+    return out
+
 @dataclass(frozen=True, slots=True, order=True)
 class LayerRef:
     """Decoder layer ``index`` of pool model ``model``."""

@@ -211,9 +211,10 @@ class PSRecipe:
     """A decoded PS candidate: the genome definition and its (post-processed) gene values.
 
     :meth:`to_mergekit` gives the equivalent mergekit YAML dict; :meth:`tensor_params` resolves the parameters
-    of one tensor exactly as mergekit 0.1.5 reads that dict (pre-layer tensors use the first slice at t=0,
-    post-layer tensors the last slice at t=0; in a slice, parameter gradients are interpolated at
-    ``t = i / (n - 1)``; the first filter contained in the tensor name wins, the unfiltered set otherwise).
+    of one tensor from that dict with ``dfsmerge merge``'s own resolver, as mergekit 0.1.5 reads it (pre-layer
+    tensors use the first slice at t=0, post-layer tensors the last slice at t=0; in a slice, parameter gradients
+    are interpolated at ``t = i / (n - 1)``; the first filter contained in the tensor name wins, the unfiltered set
+    otherwise).
     """
 
     genome: PSGenome
@@ -289,52 +290,50 @@ class PSRecipe:
 
     def tensor_params(self, tensor_name: str, layer: int | None, *, post: bool = False
                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Per-input and global merge parameters of one tensor (inputs in :attr:`PSGenome.inputs` order).
+        """Per-input and global merge parameters of one tensor (inputs in :attr:`PSGenome.inputs` order), read from
+        :meth:`to_mergekit`'s dict by the resolver ``dfsmerge merge`` plans with
+        (:func:`dfsmerge.recipe.config.tensor_parameters`), so the search scores the model its recipe merges to.
 
         Args:
             tensor_name: the tensor's name (filters match substrings of it).
             layer: its decoder layer, or None for pre/post-layer tensors (``post`` tells which).
+
+        Raises:
+            ConfigError: ``layer`` lies outside the genome's layers.
         """
+        from dfsmerge.recipe.config import tensor_parameters
+
         g = self.genome
-        arr = self.array()
-        step = g.layer_granularity or g.num_layers
-        if layer is None:
-            group, t = (g.n_groups - 1 if post and not g.smooth else 0), 0.0
-        elif g.smooth:
-            group, t = 0, (layer / (g.num_layers - 1) if g.num_layers > 1 else 1.0)
+        config, slices = _mergekit_config(self)
+        if layer is None:  # mergekit: the first slice's parameters before the layers, the last's after, at t=0
+            sl, t = (slices[-1] if post else slices[0]), 0.0
         else:
-            group = layer // step
-            t = (layer - group * step) / (step - 1) if step > 1 else 1.0
-        fset = next((i for i, f in enumerate(g.filters) if f in tensor_name), len(g.filters))
-        glob: dict[str, Any] = {}
-        if _declares(g.merge_method, "normalize"):
-            glob["normalize"] = self.normalize
-        if _merge_method(g.merge_method).global_genes:  # no smooth, no filters: one value per layer group
-            glob.update({p: float(arr[group, 0, fset, k]) for k, p in enumerate(g.genes)})
-            return [{} for _ in g.inputs], glob
-        per_input: list[dict[str, Any]] = []
-        for i in range(len(g.models)):
-            p = {}
-            for k, name in enumerate(g.genes):
-                if g.smooth:
-                    p[name] = _interp([float(a) for a in arr[:, i, fset, k]], t)
-                else:
-                    p[name] = float(arr[group, i, fset, k])
-            per_input.append(p)
-        if len(g.inputs) > len(g.models):
-            per_input.append({})
-        return per_input, glob
+            sl, start, n = _slice_of(slices, layer)
+            t = (layer - start) / (n - 1) if n > 1 else 1.0
+        paths = {**g.extra_models, **g.models}
+        base_index = g.inputs.index(g.base_model) if g.base_model is not None else None
+        return tensor_parameters(_merge_method(g.merge_method), config, sl, [(paths[m], tensor_name) for m in g.inputs],
+                                 out_name=tensor_name, t=t, base_index=base_index)
 
 
-def _interp(values: list[float], t: float) -> float:
-    """mergekit's gradient: linear interpolation over evenly spaced anchors at ``t`` in [0, 1]."""
-    if len(values) == 1:
-        return values[0]
-    scaled = t * (len(values) - 1)
-    i0 = int(scaled)
-    i1 = min(len(values) - 1, i0 + 1)
-    frac = scaled - i0
-    return (1 - frac) * values[i0] + frac * values[i1]
+@functools.lru_cache(maxsize=8)
+def _mergekit_config(recipe: PSRecipe) -> tuple[Any, list[Any]]:
+    # parsed once per recipe: PS buffers ask for every tensor's parameters in turn
+    from dfsmerge.recipe.config import load_merge_config
+
+    config = load_merge_config(recipe.to_mergekit())
+    return config, config.normalized_slices(lambda _: recipe.genome.num_layers)
+
+
+def _slice_of(slices: Sequence[Any], layer: int) -> tuple[Any, int, int]:
+    """The output slice holding decoder ``layer``, its first layer and its length."""
+    start = 0
+    for sl in slices:
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        if layer < start + n:
+            return sl, start, n
+        start += n
+    raise ConfigError(f"layer {layer} is outside the PS recipe's {start} layers; use 0 to {start - 1}")
 
 
 def _declares(method: str, param: str) -> bool:

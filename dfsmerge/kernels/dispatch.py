@@ -95,49 +95,30 @@ def fused_merge(
     rp = resolve_params(method_name, len(tensors), base_index, params, global_params)
     use_triton = backend == "triton" or (backend == "auto" and triton_supports(tensors, out))
     kernel = get_method(method_name).kernel
-    if use_triton:
-        return _run_triton(kernel, method_name, tensors, base_index, rp, seed, out)
-    result = _run_reference(kernel, method_name, tensors, base_index, rp, seed,
-                            out.dtype if out is not None else None)
-    if out is None:
+    result = _run(kernel, method_name, tensors, base_index, rp, seed, triton=use_triton, out=out)
+    if use_triton or out is None:
         return result
     out.copy_(result)
     return out
 
 
 # The kernel modules are imported here, not at the top: ``triton.jit`` reads TRITON_INTERPRET when it decorates.
-def _run_triton(kernel, method, tensors, base_index, rp, seed, out):
+def _run(kernel, method, tensors, base_index, rp, seed, *, triton, out):
+    """``kernel``'s Triton function (writing into ``out``) or its PyTorch reference (in ``out``'s dtype)."""
+    where = {"out": out} if triton else {"out_dtype": None if out is None else out.dtype}
     if kernel == "linear":
-        from .linear import linear_triton
+        from .linear import linear_reference, linear_triton
 
-        return linear_triton(tensors, weights=rp.weights, normalize=rp.normalize, out=out)
+        fn = linear_triton if triton else linear_reference
+        return fn(tensors, weights=rp.weights, normalize=rp.normalize, **where)
     if kernel == "slerp":
-        from .slerp import slerp_triton
+        from .slerp import slerp_reference, slerp_triton
 
-        return slerp_triton(rp.t, tensors[base_index], tensors[1 - base_index], out=out)
-    from .gta import gta_triton
+        fn = slerp_triton if triton else slerp_reference
+        return fn(rp.t, tensors[base_index], tensors[1 - base_index], **where)
+    from .gta import gta_reference, gta_triton
 
+    fn = gta_triton if triton else gta_reference
     sources = [t for i, t in enumerate(tensors) if i != base_index]
-    return gta_triton(
-        method, tensors[base_index], sources, weights=rp.weights, densities=rp.densities, gammas=rp.gammas,
-        epsilons=rp.epsilons, normalize=rp.normalize, rescale=rp.rescale, lam=rp.lam, seed=seed, out=out,
-    )
-
-
-def _run_reference(kernel, method, tensors, base_index, rp, seed, out_dtype):
-    if kernel == "linear":
-        from .linear import linear_reference
-
-        return linear_reference(tensors, weights=rp.weights, normalize=rp.normalize, out_dtype=out_dtype)
-    if kernel == "slerp":
-        from .slerp import slerp_reference
-
-        return slerp_reference(rp.t, tensors[base_index], tensors[1 - base_index], out_dtype=out_dtype)
-    from .gta import gta_reference
-
-    sources = [t for i, t in enumerate(tensors) if i != base_index]
-    return gta_reference(
-        method, tensors[base_index], sources, weights=rp.weights, densities=rp.densities, gammas=rp.gammas,
-        epsilons=rp.epsilons, normalize=rp.normalize, rescale=rp.rescale, lam=rp.lam, seed=seed,
-        out_dtype=out_dtype,
-    )
+    return fn(method, tensors[base_index], sources, weights=rp.weights, densities=rp.densities, gammas=rp.gammas,
+              epsilons=rp.epsilons, normalize=rp.normalize, rescale=rp.rescale, lam=rp.lam, seed=seed, **where)

@@ -9,7 +9,7 @@ interpolated across layers) and filters (``- filter: self_attn`` ``value: ...``)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -242,6 +242,48 @@ def resolve_parameter(name: str, scopes: Iterable[Mapping[str, Any] | None], *, 
             if v is not None:
                 return v
     return None
+
+
+def tensor_parameters(method: Any, config: MergeConfig, sl: OutputSlice, inputs: Sequence[tuple[str, str]], *,
+                      out_name: str, t: float, base_index: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The parameters of one output tensor as mergekit 0.1.5 resolves them: the one resolver, which ``dfsmerge
+    merge`` plans with and a PS recipe's runtime merge (:meth:`dfsmerge.genome.PSRecipe.tensor_params`) reads its
+    own mergekit dict with.
+
+    Each per-model parameter of an input comes from that model's slice sources, then the slice, then the recipe
+    (the base skips ``non_base`` ones, as in mergekit); each global parameter from the slice, then the recipe.
+    A parameter set nowhere is left out (the merge library fills its default).
+
+    Args:
+        method: the merge method (its ``params`` declare name, kind, ``per_model`` and ``non_base``).
+        config: the recipe.
+        sl: the output slice that holds the tensor.
+        inputs: ``(model, tensor name)`` of each input in merge order (filters match the tensor name).
+        out_name: the output tensor's name (filters of global parameters match it).
+        t: the tensor's relative depth in its slice, in [0, 1] (0 for tensors before or after the layers).
+        base_index: position of the base among ``inputs``, or None.
+
+    Returns:
+        ``(per-input parameters, global parameters)``.
+    """
+    per_input = []
+    for i, (model, name) in enumerate(inputs):
+        scopes = [s.parameters for s in sl.sources if s.model == model] + [sl.parameters, config.parameters]
+        p = {}
+        for spec in method.params:
+            if spec.per_model and not (i == base_index and spec.non_base):
+                v = resolve_parameter(spec.name, scopes, tensor_name=name, t=t, validate=validator_for(spec.kind))
+                if v is not None:
+                    p[spec.name] = v
+        per_input.append(p)
+    glob = {}
+    for spec in method.params:
+        if not spec.per_model:
+            v = resolve_parameter(spec.name, [sl.parameters, config.parameters], tensor_name=out_name, t=t,
+                                  validate=validator_for(spec.kind))
+            if v is not None:
+                glob[spec.name] = v
+    return per_input, glob
 
 
 def validator_for(kind: type) -> Callable[[Any], Any]:

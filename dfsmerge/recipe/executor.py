@@ -37,8 +37,7 @@ from dfsmerge.recipe.config import (
     InputSlice,
     MergeConfig,
     OutputSlice,
-    resolve_parameter,
-    validator_for,
+    tensor_parameters,
 )
 
 
@@ -68,14 +67,6 @@ def _method(name: str):
     from dfsmerge.merge import get_method
 
     return get_method(name)
-
-
-def _per_model_specs(method) -> list:
-    return [p for p in method.params if p.per_model]
-
-
-def _global_specs(method) -> list:
-    return [p for p in method.params if not p.per_model]
 
 
 def open_models(config: MergeConfig, *, allow_pickle: bool = False) -> dict[str, CheckpointReader]:
@@ -133,24 +124,8 @@ def plan_merge(config: MergeConfig, readers: Mapping[str, CheckpointReader]) -> 
             raise ConfigError(f"tensor {in_names[0]!r} is missing from {missing}; the checkpoints are incomplete")
         base = sl.base_model or base_ref
         base_index = next((i for i, (m, _) in enumerate(present) if m == base), None)
-        params = []
-        for i, (m, n) in enumerate(present):
-            scopes = [s.parameters for s in sources if s.model == m] + [sl.parameters, config.parameters]
-            p = {}
-            # As in mergekit, the base model only takes the per-input parameters that are not "non-base" ones.
-            for spec in _per_model_specs(method):
-                if i == base_index and spec.non_base:
-                    continue
-                v = resolve_parameter(spec.name, scopes, tensor_name=n, t=t, validate=validator_for(spec.kind))
-                if v is not None:
-                    p[spec.name] = v
-            params.append(p)
-        gparams = {}
-        for spec in _global_specs(method):
-            v = resolve_parameter(spec.name, [sl.parameters, config.parameters], tensor_name=out_name, t=t,
-                                  validate=validator_for(spec.kind))
-            if v is not None:
-                gparams[spec.name] = v
+        params, gparams = tensor_parameters(method, config, sl, present, out_name=out_name, t=t,
+                                            base_index=base_index)
         jobs.append(TensorJob(out_name, tuple(present), base_index, tuple(params), gparams))
 
     first, last = slices[0], slices[-1]

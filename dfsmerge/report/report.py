@@ -206,7 +206,7 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
     import networkx as nx
     from matplotlib.patches import Rectangle
 
-    from dfsmerge.genome.plan import LayerRef, PathPlan
+    from dfsmerge.genome.plan import LayerRef, PathPlan, cumulative_scales
 
     plan = PathPlan.from_dict(path)
     models = list(plan.models)
@@ -253,10 +253,7 @@ def plot_path(path: dict[str, Any], out: Path, num_layers: dict[str, int] | None
 
     # scales and their running product (what the folded export divides the residual branch by)
     ks = list(range(n_steps))
-    cum, c = [], 1.0
-    for sc in plan.scales:
-        c *= sc
-        cum.append(c)
+    cum = cumulative_scales(plan.scales)
     ax_c.plot(ks, plan.scales, "o-", ms=2.5 if big else 4, lw=1, color="C3", label="step scale")
     ax_c.plot(ks, cum, "--", lw=1, color="gray", label="running product")
     ax_c.axhline(1.0, color="black", lw=0.5)

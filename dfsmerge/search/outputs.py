@@ -1,10 +1,11 @@
 """What a search leaves besides its log: ``best/`` (plan, recipe, mergekit YAML) and the Pareto set.
 
-``best/mergekit.yaml`` is the PS recipe for PS-only candidates; for a layer path it is a mergekit ``passthrough``
-recipe with the step scales folded into the residual-branch outputs (DESIGN.md section 6: step k's branch outputs
-divided by the cumulative scale C_k; exact up to the norm's eps). In joint/staged mode the path's model A is the
-PS-merged model (``@ps`` in the plan), so that passthrough reads ``./merged`` and is run after
-``mergekit-yaml recipe.yaml ./merged``. ``dfsmerge export RUN`` is the exact route to a checkpoint.
+``best/mergekit.yaml`` is the PS recipe for PS-only candidates; for a layer path it is the mergekit ``passthrough``
+recipe of :mod:`dfsmerge.genome.mergekit_yaml` with the step scales folded into the residual-branch outputs (step
+k's branch outputs divided by the cumulative scale C_k; exact up to the norm's eps), or a header that says why
+mergekit cannot express the path. In joint/staged mode the path's model A is the PS-merged model (``@ps`` in the
+plan), so that passthrough reads ``./merged`` and is run after ``mergekit-yaml recipe.yaml ./merged``.
+``dfsmerge export RUN`` is the exact route to a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,41 +24,36 @@ from dfsmerge.search.state import EvalRecord, atomic_write, jsonable
 MERGED_DIR = "./merged"
 
 
-def _residual_filters(model_path: str) -> list[str] | None:
-    """Substrings naming the residual-branch outputs of a layer (``self_attn.o_proj``), or None when the
-    architecture folds scales into a norm (not expressible as a mergekit ``scale``)."""
-    try:
-        from dfsmerge.arch import get_architecture
-        from dfsmerge.io import open_checkpoint
+def _configs(plan, ps: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``config.json`` of each model of the plan (the PS-merged one: of the first model of its recipe)."""
+    from dfsmerge.io import open_checkpoint
 
-        arch = get_architecture(open_checkpoint(model_path).config)
-    except Exception:  # noqa: BLE001 - any unreadable model: no passthrough YAML
-        return None
-    if arch.residual_kind != "linear":
-        return None
-    return list(arch.residual_filters)  # the architecture's own exact filters (fused MoE parameters included)
+    out = {}
+    for name, ref in plan.models.items():
+        if ref == PS_MODEL_IN_PLAN:  # its sources share its architecture
+            from dfsmerge.recipe.config import load_merge_config
+
+            ref = load_merge_config(ps).referenced_models()[0]
+        out[name] = open_checkpoint(ref, name=name).config
+    return out
 
 
-def passthrough_recipe(path: dict[str, Any], *, dtype: str = "float32") -> dict[str, Any] | None:
-    """A mergekit passthrough recipe for a plan dict (scales folded), or None when it cannot be expressed."""
-    models = {k: (MERGED_DIR if v == PS_MODEL_IN_PLAN else v) for k, v in path["models"].items()}
-    steps = path["path"]
-    if path.get("embed") not in (None, path["base"]) or not steps or \
-            steps[0]["model"] != path["base"] or steps[-1]["model"] != path["base"]:
-        return None  # mergekit takes the embedding from the first slice's model, norm and head from the last's
-    probe = next((v for v in models.values() if v != MERGED_DIR), None)
-    filters = _residual_filters(probe) if probe else ["self_attn.o_proj", "mlp.down_proj"]
-    if filters is None:
-        return None
-    slices = []
-    c = 1.0
-    for step in path["path"]:
-        c *= float(step["scale"])  # cumulative scale C_k > 0
-        src: dict[str, Any] = {"model": models[step["model"]], "layer_range": [step["layer"], step["layer"] + 1]}
-        if not math.isclose(c, 1.0, rel_tol=0, abs_tol=1e-12):
-            src["parameters"] = {"scale": [*({"filter": f, "value": 1.0 / c} for f in filters), {"value": 1.0}]}
-        slices.append({"sources": [src]})
-    return {"merge_method": "passthrough", "slices": slices, "dtype": dtype}
+def passthrough_recipe(path: dict[str, Any], *, ps: dict[str, Any] | None = None,
+                       dtype: str = "float32") -> tuple[dict[str, Any] | None, list[str]]:
+    """The mergekit passthrough recipe of a plan dict (scales folded, the PS-merged model read from ``./merged``) and
+    the notes on it: why it cannot be expressed (the recipe is then None), or why mergekit cannot run it."""
+    from dfsmerge.arch import get_architecture
+    from dfsmerge.genome.mergekit_yaml import config_gaps, passthrough, passthrough_gaps
+    from dfsmerge.genome.plan import PathPlan
+
+    plan = PathPlan.from_dict(path)
+    configs = _configs(plan, ps)
+    arch = get_architecture(configs[plan.base], source=plan.base)
+    gaps = passthrough_gaps(plan, arch)
+    if gaps:
+        return None, gaps
+    models = {k: (MERGED_DIR if v == PS_MODEL_IN_PLAN else v) for k, v in plan.models.items()}
+    return passthrough(plan, models, arch, dtype=dtype), config_gaps(configs)
 
 
 def write_best(best_dir: Path, record: dict[str, Any], space=None) -> dict[str, Path]:
@@ -83,12 +79,15 @@ def write_best(best_dir: Path, record: dict[str, Any], space=None) -> dict[str, 
         mk = ps
         header += "# run: mergekit-yaml mergekit.yaml OUT   (or: dfsmerge merge mergekit.yaml OUT)\n"
     elif path is not None:
-        mk = passthrough_recipe(path, dtype=dtype)
+        mk, notes = passthrough_recipe(path, ps=ps, dtype=dtype)
         uses_ps = PS_MODEL_IN_PLAN in path["models"].values()
         header += ("# first: mergekit-yaml recipe.yaml ./merged   (the PS-merged model A)\n" if uses_ps else "")
         header += "# run: mergekit-yaml mergekit.yaml OUT   (step scales folded into o_proj/down_proj)\n"
         if mk is None:
-            header += "# this path cannot be written as a mergekit passthrough; use `dfsmerge export`\n"
+            header += "# this path cannot be written as a mergekit passthrough; use `dfsmerge export`:\n"
+        elif notes:
+            header += "# mergekit 0.1.5 cannot run it (`dfsmerge merge mergekit.yaml OUT` can):\n"
+        header += "".join(f"#  - {n}\n" for n in notes)
     atomic_write(best_dir / "mergekit.yaml", header + (yaml.safe_dump(mk, sort_keys=False) if mk else ""))
     out["mergekit"] = best_dir / "mergekit.yaml"
     return out
