@@ -10,8 +10,9 @@ Steps (each reuses what an earlier invocation finished; results under --out, mod
 1. ``dfsmerge zoo build --real SET``: data, tasks and the two experts (dfsmerge.zoo.experts).
 2. sources: the base and both experts.
 3. baselines: task arithmetic, TIES and DARE-TIES at their usual defaults (configs/real/experts/recipes/).
-4. layer swap: split points chosen on the validation split of the combined task (a small grid, greedy generation),
-   the chosen recipe written to --out/layer_swap.yaml and scored on test.
+4. layer swap: split points chosen on the validation split by the searches' own fitness (a grid of ten; greedy
+   generation on a few validation documents cannot tell them apart: the math expert writes 0.6% of French answers
+   right), the chosen recipe written to --out/layer_swap.yaml and scored on test.
 5. searches: ``dfsmerge search configs/real/experts/MODE.yaml --seed S`` (resumable), the best exported.
 
 Scores: English math and target-language math (the combined task) by greedy generation through lm-eval (our
@@ -33,9 +34,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 CONFIGS = ROOT / "configs" / "real" / "experts"
 MODES = ("ps", "dfs", "staged", "joint")
-SWAP_GRID = ((4, 2, 1), (6, 3, 2), (8, 4, 2), (6, 3, 0), (10, 4, 2))  # (bottom, top, transition) of 30 layers
+SOURCES = ("base", "math_expert", "language_expert")
+SWAP_GRID = ((1, 1, 0), (2, 1, 0), (2, 2, 1), (4, 2, 0), (4, 2, 1), (6, 3, 0), (6, 3, 1), (6, 3, 2), (8, 4, 2),
+             (10, 4, 2))  # (bottom, top, transition) of 30 layers; the paper's best sit near 4-7 / 2-3 / 1-2 of 32
 
 
 def _log(msg: str) -> None:
@@ -52,7 +56,7 @@ def _set_refs(text: str, name: str) -> str:
 
 
 def score(model_dir: str, tasks_dir: Path, target: str, *, split: str, limit: int | None, batch_size: int,
-          dtype: str = "bfloat16") -> dict:
+          dtype: str = "bfloat16", english: bool = True) -> dict:
     """Per-document results of one model: generation tasks through lm-eval with their raw responses, the rest
     native. ``{task: {"score": mean, "docs": [value...], "truncated": [bool...], "heldout": [bool...]}}``."""
     import torch
@@ -66,7 +70,7 @@ def score(model_dir: str, tasks_dir: Path, target: str, *, split: str, limit: in
     model, tok = load_model_or_plan(model_dir, dtype=getattr(torch, dtype))
     out: dict[str, dict] = {}
     # generation: our adapter with finished rows dropped from the batch (the same responses, half the time)
-    gen = ["mgsm_eng", f"mgsm_{target}"] if split == "test" else [f"mgsm_{target}"]
+    gen = (["mgsm_eng"] if english else []) + [f"mgsm_{target}"] if split == "test" else [f"mgsm_{target}"]
     paths = [str(tasks_dir)] if split == "test" else [str(_validation_tasks(tasks_dir, gen))]
     lm = DfsLM(model, tok, batch_size=batch_size, max_gen_toks=MAX_GEN_TOKS, compact_batches=True)
     names = gen if split == "test" else [f"{t}_val" for t in gen]
@@ -108,13 +112,37 @@ def cached_score(name: str, model_dir: str, args, tasks_dir: Path, *, split: str
         return json.loads(path.read_text())
     t0 = time.time()
     res = score(model_dir, tasks_dir, args.target, split=split, limit=limit, batch_size=args.batch_size,
-                dtype=args.dtype)
+                dtype=args.dtype, english=args.english or name in SOURCES)
     res["_seconds"] = round(time.time() - t0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
     _log(f"{name} ({split}): " + ", ".join(f"{t} {v['score']:.3f}" for t, v in res.items() if t[0] != "_")
          + f" in {res['_seconds']:.0f} s")
     return res
+
+
+def fitness(name: str, model_dir: str, args, tasks_dir: Path) -> float:
+    """The searches' fitness of one model: ``mgsm_TARGET_steps`` on the validation split, ``--fitness-limit`` rows,
+    native, in ``--dtype`` (cached in --out/scores/NAME.fitness.json)."""
+    path = Path(args.out) / "scores" / f"{name}.fitness.limit{args.fitness_limit}.{args.dtype}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["score"]
+    import torch
+
+    from dfsmerge.objectives import evaluate_model
+    from dfsmerge.runtime.loading import load_model_or_plan
+
+    t0 = time.time()
+    model, tok = load_model_or_plan(model_dir, dtype=getattr(torch, args.dtype))
+    task = f"mgsm_{args.target}_steps"
+    r = evaluate_model(model, tok, [task], task_paths=[str(tasks_dir)], split="validation", limit=args.fitness_limit,
+                       native=True, per_document=True, batch_size=args.batch_size)
+    docs = r["per_document"][task]
+    res = {"score": sum(docs) / len(docs), "docs": docs, "_seconds": round(time.time() - t0, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    _log(f"{name}: fitness {100 * res['score']:.1f} in {res['_seconds']:.0f} s")
+    return res["score"]
 
 
 def merged(name: str, recipe_text: str, work: Path) -> str:
@@ -142,8 +170,15 @@ def main() -> int:
     p.add_argument("--rank-limit", type=int, default=48, help="validation documents per candidate (rank stage)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--swap-limit", type=int, default=40, help="validation documents per layer-swap grid point")
+    p.add_argument("--record", action="store_true", help="searches keep every candidate's per-document fitness "
+                   "(RUN/subset/responses.jsonl, all documents scored) for benchmarks/subset_fitness.py --real-run; "
+                   "not in staged mode")
+    p.add_argument("--fitness-limit", type=int, default=96, help="validation rows of the fitness (as the search "
+                   "configs' limit) on which the layer-swap split points are chosen")
+    p.add_argument("--swap-limit", type=int, default=40, help="validation documents per language (language stage)")
     p.add_argument("--limit", type=int, default=None, help="test documents per task (default: all)")
+    p.add_argument("--no-english", dest="english", action="store_false", help="merged models: leave English math "
+                   "(greedy generation, half of a row's time) unscored; the sources always have it")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", help="scoring dtype (bfloat16: what eval_dtype auto picks for "
                    "SmolLM2 on a CPU with native bf16; float32 is 1.5x slower)")
@@ -192,21 +227,25 @@ def main() -> int:
             d = merged(name, _set_refs((CONFIGS / "recipes" / f"{name}.yaml").read_text(), spec.name), work)
             rows[name.replace("_", " ")] = cached_score(name, d, args, tasks_dir, limit=args.limit)
     if "swap" in stages:
+        import yaml
+
+        lines = [f"| bottom / top / transition (of 30) | fitness: {args.target} steps, validation |", "|---|---|"]
         best = None
         for b, t, tr in SWAP_GRID:
             swap = LayerSwap(30, b, t, tr)
             recipe = layer_swap_recipe(swap, math=str(root / "math"), lang=str(root / "lang"))
-            import yaml
-
             d = merged(f"swap_{b}_{t}_{tr}", yaml.safe_dump(recipe), work)
-            v = cached_score(f"swap_{b}_{t}_{tr}", d, args, tasks_dir, split="validation", limit=args.swap_limit)
-            val = v[f"mgsm_{args.target}"]["score"]
+            val = fitness(f"swap_{b}_{t}_{tr}", d, args, tasks_dir)
+            lines.append(f"| {b} / {t} / {tr} | {100 * val:.1f} |")
             if best is None or val > best[0]:
                 best = (val, swap, d)
-        _, swap, d = best
+        val, swap, d = best
+        (out / "layer_swap_grid.md").write_text(
+            f"# Layer Swapping split points, chosen on the search's fitness (validation, {args.fitness_limit} rows of "
+            f"mgsm_{args.target}_steps, {args.dtype})\n\n" + "\n".join(lines) + "\n")
         (out / "layer_swap.yaml").write_text(
-            f"# chosen on validation ({args.swap_limit} documents of mgsm_{args.target}) among {SWAP_GRID}: "
-            f"bottom {swap.bottom}, top {swap.top}, transition {swap.transition}\n"
+            f"# chosen on validation (the search's fitness, {args.fitness_limit} rows of mgsm_{args.target}_steps: "
+            f"{100 * val:.1f}) among {SWAP_GRID}: bottom {swap.bottom}, top {swap.top}, transition {swap.transition}\n"
             + yaml.safe_dump(layer_swap_recipe(swap, math=f"real:{spec.name}/math", lang=f"real:{spec.name}/lang"),
                              sort_keys=False, default_flow_style=None))
         rows[f"layer swap ({swap.bottom}/{swap.top}/{swap.transition})"] = cached_score(
@@ -217,7 +256,14 @@ def main() -> int:
                 run = work / f"{mode}-s{seed}"
                 cfg = work / f"{mode}.yaml"
                 cfg.parent.mkdir(parents=True, exist_ok=True)
-                cfg.write_text(_set_refs((CONFIGS / f"{mode}.yaml").read_text(), spec.name))
+                text = _set_refs((CONFIGS / f"{mode}.yaml").read_text(), spec.name)
+                if args.record and mode != "staged":
+                    import yaml
+
+                    from subset_fitness import RECORD, with_subset
+
+                    text = yaml.safe_dump(with_subset(yaml.safe_load(text), RECORD), sort_keys=False)
+                cfg.write_text(text)
                 t1 = time.time()
                 resume = ["--resume"] if (run / "evals.jsonl").is_file() else []
                 _run(["dfsmerge", "search", str(cfg), "--out", str(run), "--seed", str(seed), "--quiet", *resume])
@@ -286,7 +332,8 @@ def write_table(rows: dict[str, dict], timing: dict[str, float], args, out: Path
         held = [v for v, h in zip(c["docs"], c["heldout"], strict=True) if h]
         seen = [v for v, h in zip(c["docs"], c["heldout"], strict=True) if not h]
         trunc = sum(c["truncated"]) / len(c["truncated"])
-        lines.append(f"| {name} | {100 * r['mgsm_eng']['score']:.1f} | {100 * c['score']:.1f} | "
+        eng = f"{100 * r['mgsm_eng']['score']:.1f}" if "mgsm_eng" in r else "not scored"
+        lines.append(f"| {name} | {eng} | {100 * c['score']:.1f} | "
                      f"{100 * sum(held) / max(1, len(held)):.1f} / {100 * sum(seen) / max(1, len(seen)):.1f} | "
                      f"{100 * trunc:.1f}% | {100 * r[f'lang_{t}']['score']:.1f} | "
                      f"{100 * r[f'mgsm_{t}_steps']['score']:.1f} / {100 * r['mgsm_eng_steps']['score']:.1f} |")

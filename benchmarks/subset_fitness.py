@@ -163,6 +163,9 @@ def main() -> None:
     ap.add_argument("--search-method", default="anchor")
     ap.add_argument("--search-size", type=int, default=50)
     ap.add_argument("--real-max-evals", type=int, default=24)
+    ap.add_argument("--real-run", default=None, help="real-corr on this finished run instead of a new DFS search: a "
+                    "search that recorded every candidate's per-document results (e.g. benchmarks/real_experts.py "
+                    "--record writes runs/real_experts/MODE-sS)")
     ap.add_argument("--max-evals", type=int, default=None, help="toy budget override (default: the config's)")
     ap.add_argument("--workdir", default=str(ROOT / "runs/subset_fitness"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/subset_fitness.md"))
@@ -206,7 +209,13 @@ def main() -> None:
         lines += [f"| {s} | {lab} | {n} | {v:.1f} | {t:.1f} | {d:.0f} | {w:.0f} |"
                   for s, lab, n, v, t, d, w in search_rows]
         lines.append("")
-    if "real-corr" in parts:
+    if "real-corr" in parts and args.real_run:
+        full = Path(args.real_run)
+        cfg = yaml.safe_load((full / "config.yaml").read_text())
+        key = cfg["objectives"][0]["name"]
+        lines += corr_table(f"real: {full.name} ({cfg['genome']['mode']} over {', '.join(cfg['genome']['models'])}), "
+                            f"{key}", responses(full), key, sizes, args)
+    elif "real-corr" in parts:
         full = work / "real-full"
         wall, recs = run(with_subset(real_base(args.real_max_evals), RECORD), full, env)
         print(f"real full run: {len(recs)} evals in {wall:.0f} s", flush=True)
