@@ -1,4 +1,4 @@
-"""Hugging Face export of layer paths (DFS), merge recipes (PS) and both (DESIGN.md section 6).
+"""Hugging Face export of layer paths (DFS), merge recipes (PS) and both (docs/design.md section 6).
 
 ``export_plan`` writes a folded (plain architecture) or compact (``trust_remote_code``) checkpoint with
 ``mergekit.yaml`` and a model card; ``export_candidate`` does it for a candidate of a search run;

@@ -92,7 +92,7 @@ def mergekit_yaml(info: ExportInfo, paths: Mapping[str, str], configs: Mapping[s
     head = [f"# dfsmerge export of a {len(plan.steps)}-step layer path ({arch.model_type}).",
             "# Passthrough slices, one per step; `scale` divides each step's residual-branch outputs by",
             "# D_k = C_k / e, C_k the cumulative product of the step scales and e the factor the embedding",
-            f"# absorbs (e = {info.embed_factor!r}, set on the first slice); the fold of DESIGN.md section 6."]
+            f"# absorbs (e = {info.embed_factor!r}, set on the first slice); the fold of docs/design.md section 6."]
     if ps:
         head += ["# Model " + repr(ps[0]) + " is the PS merge (first document, named " + PS_STAGE_NAME + ").",
                  "# Reproduce with: mergekit-multi mergekit.yaml -I INTERMEDIATE_DIR --out-path OUT"]

@@ -1,4 +1,5 @@
-"""``dfsmerge search``: an explicit, checkpointed ask/evaluate/tell loop over the PS+DFS genome (DESIGN.md section 7).
+"""``dfsmerge search``: an explicit, checkpointed ask/evaluate/tell loop over the PS+DFS genome (docs/design.md
+section 7).
 
 Entry points: :func:`load_search_config` (validated before any model is loaded), :func:`run_search`. The loop
 never touches ``cma`` or ``pymoo`` directly (see :mod:`dfsmerge.optim`), and evaluates candidates through a
