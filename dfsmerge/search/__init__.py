@@ -5,8 +5,8 @@ Entry points: :func:`load_search_config` (validated before any model is loaded),
 never touches ``cma`` or ``pymoo`` directly (see :mod:`dfsmerge.optim`), and evaluates candidates through a
 backend: local in-process (default) or Ray actors each holding their own layer pool.
 
-The names are resolved on first use (PEP 562), so the command line can import ``dfsmerge.search.cli`` to build its
-parser without importing torch, cma or pymoo.
+The names are resolved on first use (PEP 562), so the command line can import ``dfsmerge.search.cli`` for its
+handlers while it builds its parser, without importing torch, cma or pymoo.
 """
 
 from dfsmerge._lazy import lazy_getattr
