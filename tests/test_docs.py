@@ -1,6 +1,6 @@
 """The documents the code and the front door point at exist: every ``*.md`` file a docstring or comment in dfsmerge/
-cites is in the repository, every cited section of docs/design.md is one of its sections, and every relative link
-of README.md and docs/ resolves."""
+cites is in the repository, every cited section of docs/design.md is one of its sections, every relative link (and
+its anchor) of README.md and docs/ resolves, and the README opens with the two commands a newcomer runs."""
 
 from __future__ import annotations
 
@@ -73,11 +73,38 @@ def test_every_cited_design_section_exists():
     assert sorted(c for c in cited if c[1] not in sections) == []
 
 
-LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+LINK = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_every_relative_link_of_the_readme_and_docs_resolves():
+    assert slug("## Results: the toy zoo".lstrip("# ")) == "results-the-toy-zoo"
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    broken = [f"{page.relative_to(ROOT)}: {target}" for page in pages for target in LINK.findall(page.read_text())
-              if "://" not in target and not (page.parent / target).exists()]
+    broken = []
+    for page in pages:
+        for target, anchor in LINK.findall(page.read_text()):
+            if "://" in target:
+                continue
+            file = page.parent / target if target else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+                if anchor not in {slug(h) for h in headings}:
+                    broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}")
     assert broken == []
+
+
+def test_the_readme_is_a_front_door():
+    """At most 150 lines, and its first commands are the two a newcomer runs: the demo and the tests (the test
+    command is what CI runs, .ci/run)."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    first_block = text.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert [line.split()[0] for line in first_block] == ["./scripts/demo", "./scripts/test"]
+    assert text.index("```bash") < text.index("\n## ", text.index("## Quickstart") + 1)
+    assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
