@@ -1,4 +1,4 @@
-"""What transformers cannot tell about a decoder family, declared per ``model_type`` (DESIGN.md section 6).
+"""What transformers cannot tell about a decoder family, declared per ``model_type`` (docs/design.md section 6).
 
 The layout of a family (its decoder-layer list, tensor names, tied head, attention types, rotary modules) is read
 from transformers itself (:mod:`dfsmerge.arch`). This table holds only the facts its modules do not expose:

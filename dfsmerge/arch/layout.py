@@ -1,4 +1,4 @@
-"""Decoder layouts read from transformers, with the facts declared per family (DESIGN.md section 2).
+"""Decoder layouts read from transformers, with the facts declared per family (``arch/`` in docs/architecture.md).
 
 One place answers "what is layer i of this model" for the pool, the runtime, the merge recipes and the export.
 For a ``config.json``, :func:`get_architecture` builds the family's own ``*ForCausalLM`` on the ``meta`` device

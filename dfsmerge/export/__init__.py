@@ -1,11 +1,11 @@
-"""Hugging Face export of layer paths (DFS), merge recipes (PS) and both (DESIGN.md section 6).
+"""Hugging Face export of layer paths (DFS), merge recipes (PS) and both (docs/design.md section 6).
 
 ``export_plan`` writes a folded (plain architecture) or compact (``trust_remote_code``) checkpoint with
 ``mergekit.yaml`` and a model card; ``export_candidate`` does it for a candidate of a search run;
-``dfsmerge.export.cli.add_export_parser`` adds ``dfsmerge export`` to the CLI.
+``dfsmerge.export.cli.run_export`` is the handler of ``dfsmerge export``.
 
-The names are resolved on first use (PEP 562), so the command line can import ``dfsmerge.export.cli`` to build its
-parser without importing torch.
+The names are resolved on first use (PEP 562), so the command line can import ``dfsmerge.export.cli`` for its
+handler while it builds its parser, without importing torch.
 """
 
 from dfsmerge._lazy import lazy_getattr

@@ -1,4 +1,4 @@
-"""Export a layer path (DFS), a merge recipe (PS) or both as a Hugging Face checkpoint (DESIGN.md section 6).
+"""Export a layer path (DFS), a merge recipe (PS) or both as a Hugging Face checkpoint (docs/design.md section 6).
 
 Three formats:
 

@@ -1,4 +1,4 @@
-"""Folding DFS step scales into weights (DESIGN.md section 6).
+"""Folding DFS step scales into weights (docs/design.md section 6).
 
 A layer path (Sakana AI, arXiv 2403.13187, sec. 3.2) runs ``h_k = layer_k(s_k * h_{k-1})``. Every foldable block
 is pre-norm, ``x -> x + f(N(x))`` with ``N`` an RMSNorm, and ``N(c x) = N(x)`` for ``c > 0`` up to the norm's

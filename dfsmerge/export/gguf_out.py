@@ -1,4 +1,4 @@
-"""A Hugging Face checkpoint written as one GGUF file for llama.cpp, Ollama and LM Studio (DESIGN.md section 6).
+"""A Hugging Face checkpoint written as one GGUF file for llama.cpp, Ollama and LM Studio (docs/design.md section 6).
 
 ``dfsmerge export --format gguf`` first writes the folded export (:mod:`dfsmerge.export.exporter`: a plain
 checkpoint, a path's repeated layers as copies, its scales folded into the weights, as mergekit's passthrough does),

@@ -152,7 +152,7 @@ class ParamSpec:
 
 @dataclass(frozen=True, slots=True)
 class Gene:
-    """A parameter a PS genome searches (DESIGN.md section 3): its bounds and start in the genome vector.
+    """A parameter a PS genome searches (docs/design.md section 3): its bounds and start in the genome vector.
 
     Attributes:
         name: a declared parameter of the method. Per-model parameters get one gene per (layer group, model,

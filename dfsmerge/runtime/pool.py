@@ -1,4 +1,4 @@
-"""LayerPool: every source model loaded once and kept resident (DESIGN.md section 4).
+"""LayerPool: every source model loaded once and kept resident (docs/design.md section 4).
 
 Models are built on the ``meta`` device from their ``config.json`` and filled from safetensors with
 ``load_state_dict(..., assign=True)``, so loading allocates each tensor once (gpt-fast's zero-copy loading).

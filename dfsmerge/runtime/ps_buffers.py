@@ -1,6 +1,6 @@
 """PS buffers: one resident merged copy of the base architecture, rewritten in place per PS candidate.
 
-Memory is the sources plus one merged copy (DESIGN.md section 4). Each :class:`~dfsmerge.genome.PSRecipe` is
+Memory is the sources plus one merged copy (docs/design.md section 4). Each :class:`~dfsmerge.genome.PSRecipe` is
 applied tensor by tensor with the merge library (:func:`dfsmerge.merge.merge_tensor`), or on CUDA with the fused
 kernels writing straight into the parameter's storage (:func:`dfsmerge.kernels.fused_merge` with ``out=``), so
 parameter objects and storage pointers never change: modules that hold them (a stitched model, an optimizer's

@@ -1,4 +1,4 @@
-"""StitchedModel: a causal LM that runs a layer path over resident decoder layers (DESIGN.md section 4).
+"""StitchedModel: a causal LM that runs a layer path over resident decoder layers (docs/design.md section 4).
 
 Data-flow-space merging (Sakana AI, arXiv 2403.13187, sec. 3.2) evaluates a path of (layer, scale) steps drawn
 from several models. The model is *handed* its parts (torchtune's ``TransformerDecoder(layers=...)``): the input

@@ -1,7 +1,6 @@
-"""``dfsmerge search`` and ``dfsmerge inspect``: argument parsing and calls into the library (no logic here).
+"""The handlers of ``dfsmerge search`` and ``dfsmerge inspect``: calls into the library (no logic here).
 
-``dfsmerge/cli.py`` adds both sub-commands (each sets ``handler=`` via ``set_defaults``) and dispatches
-``args.handler(args)``.
+``dfsmerge/cli.py`` parses both subcommands and dispatches to these handlers (``set_defaults(handler=...)``).
 """
 
 from __future__ import annotations
@@ -9,44 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
-
-def add_search_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``search`` subcommand to an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser("search", help="evolve a merge (PS, DFS, staged or joint) and write a run directory",
-                              description="Run an explicit, checkpointed evolutionary search. Flags override the "
-                              "config file; a killed run continues with --resume.")
-    p.add_argument("config", help="search config YAML (dfsmerge form, or a mergekit-evolve config)")
-    p.add_argument("--out", required=True, help="run directory (new and empty unless --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--seed", type=int, default=None, help="override seed")
-    p.add_argument("--max-evals", type=int, default=None,
-                   help="override budget.max_evals (and stage2.budget.max_evals)")
-    p.add_argument("--max-generations", type=int, default=None,
-                   help="override budget.max_generations (and stage2.budget.max_generations)")
-    p.add_argument("--time-limit", type=float, default=None, help="override budget.time_limit (and stage2's; seconds)")
-    p.add_argument("--backend", choices=("local", "ray"), default=None, help="override backend")
-    p.add_argument("--address", default=None, help="Ray cluster address (with --backend ray)")
-    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
-    p.add_argument("--device", default=None, help="override device (cpu, cuda, cuda:N, auto)")
-    p.add_argument("--task-path", action="append", default=None,
-                   help="extra lm-eval task directory (repeatable; mergekit-evolve's --task-search-path)")
-    p.add_argument("--zoo-dir", default=None, help="toy zoo directory for zoo:<name> models")
-    p.add_argument("--quiet", action="store_true", help="no progress bar; one log line per generation")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="memory a worker may hold, e.g. 16GB (default: the machine's); a larger estimate is refused")
-    p.set_defaults(handler=search_command)
-    return p
-
-
-def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``inspect`` subcommand (re-draws ``RUN/report`` and prints the summary)."""
-    p = subparsers.add_parser("inspect", help="write the report of a search run (also while it runs)")
-    p.add_argument("run", help="run directory of `dfsmerge search`")
-    p.add_argument("--significance", action="store_true",
-                   help="rescore the best, the start and each source and report paired tests (loads the models)")
-    p.set_defaults(handler=inspect_command)
-    return p
 
 
 class _StderrHandler(logging.StreamHandler):

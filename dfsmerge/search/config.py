@@ -104,13 +104,13 @@ class DFSSection(BaseModel):
     init_on: float = Field(0.5, gt=0)
     init_off: float = Field(-0.5, le=0)
     embed_choices: tuple[str, ...] = ()
-    """Models (names) that may supply the input embedding (DESIGN.md section 3, "embed source option")."""
+    """Models (names) that may supply the input embedding (docs/design.md section 3, "embed source option")."""
 
     _models = field_validator("models", mode="before")(classmethod(lambda cls, v: _entries(v)))
 
 
 class GenomeSection(BaseModel):
-    """What is searched: the mode, the models and the PS / DFS genome options (DESIGN.md section 3)."""
+    """What is searched: the mode, the models and the PS / DFS genome options (docs/design.md section 3)."""
 
     model_config = _FROZEN
 

@@ -1,4 +1,4 @@
-"""The search loop of DESIGN.md section 7, explicit and checkpointed (never a callback, unlike mergekit-evolve's
+"""The search loop of docs/design.md section 7, explicit and checkpointed (never a callback, unlike mergekit-evolve's
 ``cma.fmin2(callback=...)``, which can never resume)::
 
     state = load_or_new(run_dir)

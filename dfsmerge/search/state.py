@@ -1,4 +1,4 @@
-"""The run directory and its durable state (DESIGN.md section 7).
+"""The run directory and its durable state (docs/design.md section 7).
 
 Layout::
 

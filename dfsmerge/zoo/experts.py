@@ -83,7 +83,7 @@ class ExpertSet:
 def _default(target: str, *, languages: tuple[str, ...] = ()) -> ExpertSet:
     """40 seen templates (plus 10 held out) with 40 English training instances each: the arithmetic of a template
     needs many instances (one epoch over 64 templates x 16 instances gave the math expert +5 points on test; a
-    probe with 40 templates x 26 instances +20 on new instances of them, ``../shared/notes/real-material.md``)."""
+    probe with 40 templates x 26 instances +20 on new instances of them, docs/real-experts.md)."""
     langs = tuple(dict.fromkeys(("eng", target, *languages)))
     return ExpertSet(
         name=f"smollm2-{target}", base="real:smollm2-135m",

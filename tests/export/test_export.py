@@ -415,31 +415,28 @@ def test_draw_path():
 
 
 def test_cli_plan_and_run(run_dir, sources, tmp_path, capsys):
-    import argparse
+    from dfsmerge.cli import build_parser
 
-    from dfsmerge.export.cli import add_export_parser
-
-    parser = argparse.ArgumentParser()
-    add_export_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     a, b = sources["llama"]
     plan_file = tmp_path / "plan.yaml"
     random_plan(1, a, b).save(plan_file)
     args = parser.parse_args(["export", "--plan", str(plan_file), "--out", str(tmp_path / "p"), "--format", "compact"])
-    assert args.func(args) == 0 and (tmp_path / "p" / "compact_modeling.py").is_file()
+    assert args.handler(args) == 0 and (tmp_path / "p" / "compact_modeling.py").is_file()
     args = parser.parse_args(["export", str(run_dir), "--candidate", "best", "--out", str(tmp_path / "r")])
-    assert args.func(args) == 0 and (tmp_path / "r" / "config.json").is_file()
+    assert args.handler(args) == 0 and (tmp_path / "r" / "config.json").is_file()
     rel = random_plan(1, Path("..") / a.parent.name / a.name, Path("..") / b.parent.name / b.name)
     (a.parent.parent / "plans").mkdir(exist_ok=True)
     rel.save(a.parent.parent / "plans" / "rel.yaml")  # model paths relative to the plan file's directory
     args = parser.parse_args(["export", "--plan", str(a.parent.parent / "plans" / "rel.yaml"), "--out",
                               str(tmp_path / "rel")])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     got = load_file(tmp_path / "rel" / "model.safetensors")
     want = load_file(export_plan(random_plan(1, a, b), tmp_path / "abs") / "model.safetensors")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     args = parser.parse_args(["export", str(run_dir), "--plan", str(plan_file), "--out", str(tmp_path / "z")])
     with pytest.raises(ConfigError, match="not both"):
-        args.func(args)
+        args.handler(args)
 
 
 def test_sharded_output_and_dtype(sources, pools, tmp_path):
