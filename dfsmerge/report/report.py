@@ -103,21 +103,41 @@ def _plt():
     return plt
 
 
-def plot_fitness(evals: list[dict[str, Any]], out: Path) -> Path:
-    """Fitness of every candidate and the best so far, by evaluation id."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+def _fitness_axis(evals: list[dict[str, Any]]) -> str:
+    """The plotted score's name: the objective itself when the fitness is minus one objective's value for every
+    scored candidate, else minus the minimised fitness."""
+    keys = {k for r in evals if math.isfinite(_fit(r)) for k in (r.get("objectives") or {})}
+    if len(keys) == 1:
+        (k,) = keys
+        if all(abs(float(r["objectives"][k]) + _fit(r)) <= 1e-9 * max(1.0, abs(_fit(r)))
+               for r in evals if math.isfinite(_fit(r))):
+            return f"{k} (higher is better)"
+    return "score = minus the minimised fitness (higher is better)"
+
+
+def fitness_series(evals: list[dict[str, Any]]) -> tuple[list[int], list[float], list[int], list[float]]:
+    """``(ids, scores, best ids, best so far)`` as :func:`plot_fitness` draws them: score = minus the fitness, so the
+    best so far never falls within a stage (it restarts with each stage of a staged run)."""
     ids = [r["id"] for r in evals if math.isfinite(_fit(r))]
-    fs = [_fit(r) for r in evals if math.isfinite(_fit(r))]
-    ax.scatter(ids, fs, s=8, alpha=0.5, label="candidate")
+    fs = [-_fit(r) for r in evals if math.isfinite(_fit(r))]
     b, xs, ys, cur = math.inf, [], [], None
     for r in evals:
-        if r.get("stage", 1) != cur:  # the best so far restarts with each stage of a staged run
+        if r.get("stage", 1) != cur:
             b, cur = math.inf, r.get("stage", 1)
         b = min(b, _fit(r))
         if math.isfinite(b):
             xs.append(r["id"])
-            ys.append(b)
+            ys.append(-b)
+    return ids, fs, xs, ys
+
+
+def plot_fitness(evals: list[dict[str, Any]], out: Path) -> Path:
+    """Every candidate's score and the best so far, by evaluation id; up is better (the score is minus the fitness
+    the optimizer minimises: the objective itself for one maximised objective)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ids, fs, xs, ys = fitness_series(evals)
+    ax.scatter(ids, fs, s=8, alpha=0.5, label="candidate")
     ax.step(xs, ys, where="post", color="C3", label="best so far")
     for r0, r1 in zip(evals, evals[1:], strict=False):
         if r0.get("stage", 1) != r1.get("stage", 1):
@@ -125,10 +145,10 @@ def plot_fitness(evals: list[dict[str, Any]], out: Path) -> Path:
             ax.text(r1["id"], ax.get_ylim()[1], " stage 2", va="top", fontsize=8)
     failed = [r["id"] for r in evals if not math.isfinite(_fit(r))]
     if failed and fs:
-        ax.scatter(failed, [max(fs)] * len(failed), marker="x", color="gray", s=12, label="failed / infeasible")
+        ax.scatter(failed, [min(fs)] * len(failed), marker="x", color="gray", s=12, label="failed / infeasible")
     ax.set_xlabel("evaluation id")
-    ax.set_ylabel("fitness (lower is better)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(_fitness_axis(evals))
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     _replace(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

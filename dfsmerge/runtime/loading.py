@@ -44,14 +44,20 @@ def load_model_or_plan(ref: str | Path, *, device: str = "cpu", dtype: torch.dty
         pool = LayerPool(models, base=plan.base, device=device, dtype=dtype)
         return StitchedModel.from_pool(pool, plan), pool.tokenizer
     from transformers import AutoModelForCausalLM  # only a checkpoint load needs transformers
+    from transformers.utils import logging as hf_logging
 
     from dfsmerge.io.tokenizer import load_tokenizer
 
     path = open_checkpoint(resolve_model_ref(str(ref), zoo_dir=zoo_dir), allow_pickle=allow_pickle).path
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local load (any download is done): transformers' per-tensor bar is noise
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=not allow_pickle or None)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"model {str(ref)!r}: transformers cannot load {path} ({str(e).splitlines()[0]})") \
             from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer

@@ -121,3 +121,20 @@ def test_path_figure_at_real_depth_names_models_as_written(tmp_path):
     assert model_label("math", path["models"]["math"], names) == "math (zoo:math)"
     assert model_label("merged", "@ps", names) == "merged (PS merge)"
     assert model_label("m1", "/some/cache/m1", {}) == "m1"
+
+
+def test_fitness_plot_rises_when_the_objective_improves():
+    """fitness.png draws minus the minimised fitness: for one maximised objective, the objective itself, and the best
+    so far never falls (each stage of a staged run restarts it)."""
+    from dfsmerge.report.report import _fitness_axis, fitness_series
+
+    scores = [0.1, 0.3, 0.2, 0.5, 0.4]
+    evals = [{"id": i, "fitness": -v, "objectives": {"acc": v}, "stage": 1} for i, v in enumerate(scores)]
+    evals.append({"id": 5, "fitness": None, "objectives": {}, "stage": 1})
+    evals += [{"id": 6 + i, "fitness": -v, "objectives": {"acc": v}, "stage": 2} for i, v in enumerate([0.2, 0.6])]
+    ids, fs, xs, ys = fitness_series(evals)
+    assert fs == [0.1, 0.3, 0.2, 0.5, 0.4, 0.2, 0.6] and ids == [0, 1, 2, 3, 4, 6, 7]
+    assert ys == [0.1, 0.3, 0.3, 0.5, 0.5, 0.5, 0.2, 0.6]  # the best so far, stage 2 restarting at its own first
+    assert _fitness_axis(evals) == "acc (higher is better)"
+    evals[0]["objectives"] = {"acc": 0.1, "hops": 3.0}  # several objectives: minus the scalar fitness
+    assert _fitness_axis(evals).startswith("score = minus")
