@@ -174,16 +174,10 @@ def check_subset_task(prepared) -> None:
     """
     from dfsmerge.errors import ConfigError
 
+    from dfsmerge.objectives.tasks import require_native_mean
+
     o = prepared.objective
-    if prepared.native is None:
-        raise ConfigError(f"objective {o.name!r} has subset but is scored through lm-eval (native: false); subset "
-                          "fitness needs native: true")
-    metric = prepared.metric.split(",")[0]
-    agg = prepared.task.aggregation().get(metric)
-    if getattr(agg, "__name__", "") != "mean":
-        raise ConfigError(f"objective {o.name!r} has subset but its metric {metric!r} aggregates with "
-                          f"{getattr(agg, '__name__', agg)!r}, not a mean over documents; subset fitness needs a "
-                          "mean of per-document 0/1 or [0, 1] values (acc, acc_norm, exact_match): drop subset")
+    require_native_mean(prepared, "subset is set", "subset fitness", "drop subset")
     n = len(prepared.native.docs)
     if o.subset is not None and o.subset.size >= n:
         raise ConfigError(f"objective {o.name!r} subset.size={o.subset.size} is not below the task's {n} documents; "

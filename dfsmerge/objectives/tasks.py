@@ -118,6 +118,25 @@ def _count_docs(task) -> int:
         return sum(1 for _ in task.eval_docs)
 
 
+def require_native_mean(p, setting: str, feature: str, drop: str) -> None:
+    """Refuse a prepared task that ``feature`` (racing, subset fitness: both score a candidate document by document)
+    cannot use: scored through lm-eval, or a metric that is not a mean over documents.
+
+    Raises:
+        ConfigError: ``"{setting}, but objective ..."``, naming the fix and ``drop`` (how to turn the feature off).
+    """
+    o = p.objective
+    if p.native is None:
+        raise ConfigError(f"{setting}, but objective {o.name!r} is scored through lm-eval (native: false); {feature} "
+                          f"needs native: true, or {drop}")
+    metric = p.metric.split(",")[0]
+    agg = p.task.aggregation().get(metric)
+    if getattr(agg, "__name__", "") != "mean":
+        raise ConfigError(f"{setting}, but objective {o.name!r} metric {metric!r} aggregates with "
+                          f"{getattr(agg, '__name__', agg)!r}, not a mean over documents; {feature} needs a mean of "
+                          f"per-document 0/1 or [0, 1] values (acc, acc_norm, exact_match), or {drop}")
+
+
 @dataclass
 class PreparedTask:
     """One task objective, loaded once: the lm-eval ``Task``, its metric direction and its doc count."""
@@ -337,16 +356,7 @@ class TaskSuite:
         self._blocks: dict[str, list[list[int]]] = {}
         for p in self.prepared:
             o = p.objective
-            if p.native is None:
-                raise ConfigError(f"racing.enabled=true but objective {o.name!r} is scored through lm-eval "
-                                  "(native: false); racing needs native: true objectives, or set racing.enabled: "
-                                  "false")
-            metric = p.metric.split(",")[0]
-            agg = p.task.aggregation().get(metric)
-            if getattr(agg, "__name__", "") != "mean":
-                raise ConfigError(f"racing.enabled=true but objective {o.name!r} metric {metric!r} aggregates with "
-                                  f"{getattr(agg, '__name__', agg)!r}, not a mean over documents; racing needs a "
-                                  "mean (acc, acc_norm, exact_match), or set racing.enabled: false")
+            require_native_mean(p, "racing.enabled=true", "racing", "set racing.enabled: false")
             if o.name not in self._blocks:
                 n = len(p.native.docs)
                 order = np.random.default_rng([seed, n]).permutation(n).tolist()
