@@ -100,17 +100,22 @@ def task_index_entry(tm, name: str) -> tuple[str | None, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _no_request_bars() -> Iterator[None]:
-    """lm-eval draws a progress bar each time a task builds its requests (``Task.build_all_requests``, no option to
-    turn it off); a search builds them for every candidate, so inside dfsmerge's calls that bar is off."""
+def no_progress_bars() -> Iterator[None]:
+    """Inside: no bar from lm-eval building a task's requests (``Task.build_all_requests`` draws one, with no option
+    to turn it off) and none from ``datasets`` preparing a task's JSONL splits. A search builds requests for every
+    candidate; its own progress is the only one it shows."""
+    import datasets.utils.logging as ds_logging
     import lm_eval.api.task as lm_task
 
-    drawn = lm_task.tqdm
+    drawn, ds_bars = lm_task.tqdm, ds_logging.is_progress_bar_enabled()
     lm_task.tqdm = functools.partial(drawn, disable=True)
+    ds_logging.disable_progress_bar()
     try:
         yield
     finally:
         lm_task.tqdm = drawn
+        if ds_bars:
+            ds_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------- task objects
@@ -131,7 +136,7 @@ def prepared_instances(task, limit: int | None, *, chat_template=None, system_in
     """The task's requests for its first ``limit`` documents, built as ``lm_eval.evaluator.evaluate`` builds them
     (``chat_template``: the callable rendering a chat, ``HFLM.apply_chat_template``'s role, used when
     ``apply_chat_template``); the task keeps no copy (the harness path builds its own)."""
-    with _no_request_bars():
+    with no_progress_bars():
         task.build_all_requests(limit=limit, rank=0, world_size=1, system_instruction=system_instruction,
                                 apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
                                 chat_template=chat_template if apply_chat_template else None,
@@ -173,7 +178,7 @@ def evaluate_tasks(lm, tasks: Mapping[str, Any], *, limit: int | None, **chat_ar
         ``{task name: lm-eval's result dict}``.
     """
     task_dict = {"tasks": dict(tasks), "groups": {}, "group_map": {}}
-    with _no_request_bars():
+    with no_progress_bars():
         out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR",
                            **chat_args)
     return out["results"]
@@ -188,7 +193,7 @@ def evaluate_task_samples(lm, tasks: Mapping[str, Any], *, limit: int | None,
         document's metric values (``"acc": 1.0``), as lm-eval logs them.
     """
     task_dict = {"tasks": dict(tasks), "groups": {}, "group_map": {}}
-    with _no_request_bars():
+    with no_progress_bars():
         out = _lm_evaluate(lm, task_dict, limit=limit, bootstrap_iters=0, log_samples=True, verbosity="ERROR",
                            **chat_args)
     return {name: list(samples) for name, samples in (out.get("samples") or {}).items()}
@@ -196,5 +201,5 @@ def evaluate_task_samples(lm, tasks: Mapping[str, Any], *, limit: int | None,
 
 def run_simple_evaluate(lm, tasks: Sequence[str], *, task_manager, limit, **kwargs) -> dict:
     """``lm_eval.simple_evaluate`` over an LM object, with the caller's task manager."""
-    with _no_request_bars():
+    with no_progress_bars():
         return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit, **kwargs)

@@ -169,8 +169,11 @@ def _empty_data_files(tm, name: str) -> list[str]:
 
 
 def _load_one(tm, obj: ObjectiveConfig, cfg: EvalConfig):
+    from dfsmerge.objectives.lm_eval_compat import no_progress_bars
+
     try:
-        loaded = tm.load([obj.name])
+        with no_progress_bars():
+            loaded = tm.load([obj.name])
     except DfsmergeError:
         raise
     except Exception as e:  # noqa: BLE001 - lm-eval/datasets raise many types; name the task and the cause

@@ -218,16 +218,26 @@ def test_no_task_paths_and_no_builtins_is_a_clean_error():
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_no_third_party_progress_bar(task_dir, tiny_model, capfd, native):
-    """lm-eval draws a bar whenever a task builds its requests; dfsmerge's evaluation shows none (a search builds
-    them for every candidate). The bar is lm-eval's again outside dfsmerge's calls."""
+def test_no_third_party_progress_bar(tiny_model, tmp_path, capfd, native):
+    """lm-eval draws a bar whenever a task builds its requests, and ``datasets`` one per split it prepares from a
+    JSONL file it has not seen; dfsmerge's evaluation shows neither (a search builds requests for every candidate).
+    Both are theirs again outside dfsmerge's calls."""
+    import uuid
+
+    import datasets.utils.logging as ds_logging
     import lm_eval.api.task as lm_task
+    from objectives_helpers import write_task
 
     model, tok = tiny_model
-    drawn = lm_task.tqdm
+    fresh = uuid.uuid4().hex  # new file contents: datasets prepares (and would draw) the splits anew
+    docs = [{"question": f"q{i} {fresh}", "choices": ["a", "b"], "label": i % 2} for i in range(6)]
+    write_task(tmp_path, "dfst_fresh", "output_type: multiple_choice\nvalidation_split: validation\n"
+               "doc_to_text: '{{question}}'\ndoc_to_choice: choices\ndoc_to_target: label\n"
+               "metric_list:\n  - metric: acc\n", {"validation": docs})
+    drawn, ds_bars = lm_task.tqdm, ds_logging.is_progress_bar_enabled()
     capfd.readouterr()
-    r = evaluate_model(model, tok, [MC_TASK], task_paths=[str(task_dir)], split="validation", native=native)
-    assert 0.0 <= r["results"][MC_TASK]["acc,none"] <= 1.0
+    r = evaluate_model(model, tok, ["dfst_fresh"], task_paths=[str(tmp_path)], split="validation", native=native)
+    assert 0.0 <= r["results"]["dfst_fresh"]["acc,none"] <= 1.0
     err = capfd.readouterr().err
-    assert "it/s" not in err and "%|" not in err, err
-    assert lm_task.tqdm is drawn
+    assert "it/s" not in err and "%|" not in err and "examples/s" not in err, err
+    assert lm_task.tqdm is drawn and ds_logging.is_progress_bar_enabled() == ds_bars
