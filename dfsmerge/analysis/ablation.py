@@ -320,7 +320,9 @@ def _write_tables(rows: list[AblationRow], out_dir: Path, cand_id: int, keys: li
             "tests": {k: (None if t is None else t.to_json()) for k, t in r.tests.items()}})
     (out_dir / "table.json").write_text(json.dumps(table, indent=2) + "\n")
     head = ["#", "row", *(c for k in keys for c in (k, "Δ", "p")), "files"]
+    docs = ", ".join(f"{k} {len(cand.per_document[k])}" for k in keys)
     lines = [f"# Ablation of candidate {cand_id}" + (f" on split `{split}`" if split else ""), "",
+             f"Documents per row (each objective's own `limit` applies): {docs}.", "",
              "Δ: the row's score minus the candidate's; p: paired test against the candidate on the same documents "
              "(exact McNemar for 0/1 outcomes, paired bootstrap otherwise).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -69,6 +69,7 @@ def test_ablation_rows_equal_separate_evals_of_the_plans_it_wrote(joint_run, mc_
     assert cand_docs["results"][MC_TASK]["acc,none"] == pytest.approx(cmp["results"][0][MC_TASK]["acc,none"])
     md = (out / "table.md").read_text()
     assert md.count("\n| ") == len(rows) + 1  # header + one line per row
+    assert f"{key} {rows[0]['documents'][key]}." in md and rows[0]['documents'][key] > 0  # documents per row
     assert (out / "contribution.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "rows" / "00-candidate" / "recipe.yaml").is_file()
 
