@@ -170,6 +170,8 @@ def main() -> int:
     p.add_argument("--rank-limit", type=int, default=48, help="validation documents per candidate (rank stage)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--max-evals", type=int, default=None, help="override the search configs' budget.max_evals "
+                   "(a finished or paused run continues to it with --resume)")
     p.add_argument("--record", action="store_true", help="searches keep every candidate's per-document fitness "
                    "(RUN/subset/responses.jsonl, all documents scored) for benchmarks/subset_fitness.py --real-run; "
                    "not in staged mode")
@@ -230,6 +232,8 @@ def main() -> int:
         import yaml
 
         lines = [f"| bottom / top / transition (of 30) | fitness: {args.target} steps, validation |", "|---|---|"]
+        for name, d in sources.items():  # the sources' fitness, the bar the grid is read against
+            lines.append(f"| {name} (source) | {100 * fitness(name.replace(' ', '_'), d, args, tasks_dir):.1f} |")
         best = None
         for b, t, tr in SWAP_GRID:
             swap = LayerSwap(30, b, t, tr)
@@ -266,7 +270,9 @@ def main() -> int:
                 cfg.write_text(text)
                 t1 = time.time()
                 resume = ["--resume"] if (run / "evals.jsonl").is_file() else []
-                _run(["dfsmerge", "search", str(cfg), "--out", str(run), "--seed", str(seed), "--quiet", *resume])
+                budget = ["--max-evals", str(args.max_evals)] if args.max_evals else []
+                _run(["dfsmerge", "search", str(cfg), "--out", str(run), "--seed", str(seed), "--quiet", *resume,
+                      *budget])
                 timing[f"{mode}-s{seed}"] = round(time.time() - t1, 1)
                 model = work / "models" / f"{mode}-s{seed}"
                 if not (model / "config.json").is_file():

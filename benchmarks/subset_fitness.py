@@ -213,7 +213,8 @@ def main() -> None:
         full = Path(args.real_run)
         cfg = yaml.safe_load((full / "config.yaml").read_text())
         key = cfg["objectives"][0]["name"]
-        lines += corr_table(f"real: {full.name} ({cfg['genome']['mode']} over {', '.join(cfg['genome']['models'])}), "
+        models = [m["model"] if isinstance(m, dict) else str(m) for m in cfg["genome"]["models"]]
+        lines += corr_table(f"real: {full.name} ({cfg['genome']['mode']} over {', '.join(models)}), "
                             f"{key}", responses(full), key, sizes, args)
     elif "real-corr" in parts:
         full = work / "real-full"
