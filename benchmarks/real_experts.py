@@ -271,9 +271,12 @@ def main() -> int:
                 t1 = time.time()
                 resume = ["--resume"] if (run / "evals.jsonl").is_file() else []
                 budget = ["--max-evals", str(args.max_evals)] if args.max_evals else []
-                _run(["dfsmerge", "search", str(cfg), "--out", str(run), "--seed", str(seed), "--quiet", *resume,
-                      *budget])
-                timing[f"{mode}-s{seed}"] = round(time.time() - t1, 1)
+                want = args.max_evals or yaml_budget(cfg)
+                done = (run / "evals.jsonl").read_text().count("\n") if resume else 0
+                if not (resume and (run / "best" / "best.json").is_file() and want and done >= want):
+                    _run(["dfsmerge", "search", str(cfg), "--out", str(run), "--seed", str(seed), "--quiet", *resume,
+                          *budget])
+                    timing[f"{mode}-s{seed}"] = round(time.time() - t1, 1)  # a finished run is not timed again
                 model = work / "models" / f"{mode}-s{seed}"
                 if not (model / "config.json").is_file():
                     _run(["dfsmerge", "export", str(run), "--candidate", "best", "--out", str(model), "--force"])
@@ -320,6 +323,13 @@ def rank_candidates(run: Path, args, tasks_dir: Path, work: Path, out: Path) -> 
     print(text)
 
 
+def yaml_budget(cfg: Path) -> int | None:
+    """A search config's ``budget.max_evals`` (None when it has none)."""
+    import yaml
+
+    return (yaml.safe_load(cfg.read_text()).get("budget") or {}).get("max_evals")
+
+
 def _resolve(ref: str) -> str:
     from dfsmerge.io.reader import resolve_model_path
 
@@ -351,7 +361,7 @@ def write_table(rows: dict[str, dict], timing: dict[str, float], args, out: Path
         best_src = max(srcs, key=lambda k: srcs[k][comb]["score"])
         for other in [best_src, *(k for k in rows if k.startswith("layer swap"))]:
             pt = paired_test(searched[best_s][comb]["docs"], rows[other][comb]["docs"])
-            notes.append(f"- {best_s} vs {other} on {comb} test: {pt}")
+            notes.append(f"- {best_s} vs {other} on {comb} test: {pt.describe()}")
     text = "\n".join([f"# Real experts ({args.set}), test split", "", *lines, "", *notes, "",
                       "Search wall times (s): " + json.dumps(timing)]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
