@@ -201,7 +201,6 @@ def check_subset_task(prepared) -> None:
         ConfigError: naming the objective and the fix.
     """
     from dfsmerge.errors import ConfigError
-
     from dfsmerge.objectives.tasks import require_native_mean
 
     o = prepared.objective
