@@ -2,8 +2,14 @@
 estimated from them (issue 26).
 
 - ``anchor`` (Vivek et al., *Anchor Points: Benchmarking Models with Much Fewer Examples*, arXiv 2309.08638):
-  documents are clustered by their correctness pattern across the models scored in full; the medoids are the
-  subset, each weighted by its cluster's share of the documents; the estimate is the weighted mean.
+  documents are clustered by their correctness pattern across the models scored in full, into at most ``size / 2``
+  clusters (never more than the distinct patterns); each cluster gives its medoid plus a share of the other
+  ``size - k`` documents about proportional to its size (:func:`allocate`; seeded draws from its members), and the
+  estimate is the stratified mean: each cluster's share of the documents times its drawn documents' mean. One
+  medoid per cluster (the paper's choice) fails a search: fitted on candidates that solve almost nothing, nearly
+  every document falls in one "never solved" cluster whose single medoid then carried 99% of the estimate (toy
+  joint search, generation 0: 297 of 300 documents), so progress on those documents, which is what the search has
+  to find, was invisible to it.
 - ``irt`` (Polo et al., *tinyBenchmarks*, arXiv 2402.14992, sec. 3; MERGE^3, Mencattini et al., arXiv 2502.10436): a
   2PL item response model ``P(correct) = sigmoid(a_d * theta_m - b_d)`` is fitted on the same responses; the
   subset is the medoids of the documents clustered by their IRT parameters ``(a_d, b_d)``; a candidate's ability
@@ -122,6 +128,18 @@ def fit_theta(r: np.ndarray, a: np.ndarray, b: np.ndarray, *, iters: int = 30, p
     return theta
 
 
+def allocate(counts: np.ndarray, size: int) -> np.ndarray:
+    """Split ``size`` draws over clusters of ``counts`` documents: one each, then each further draw to the cluster
+    whose drawn documents weigh most (``counts / draws``, D'Hondt's divisor rule; ties to the lower index), never more
+    than its documents. Draws end up about proportional to the sizes and no document carries a large weight. Needs
+    ``len(counts) <= size <= sum(counts)``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    alloc = np.ones(len(counts), dtype=np.int64)
+    for _ in range(size - len(counts)):
+        alloc[int(np.argmax(np.where(alloc < counts, counts / alloc, -np.inf)))] += 1
+    return alloc
+
+
 def fit_subset(method: str, R: np.ndarray, size: int, seed: int) -> dict:
     """Choose ``size`` documents from full responses ``R`` (models, documents) and fit the estimator.
 
@@ -137,10 +155,20 @@ def fit_subset(method: str, R: np.ndarray, size: int, seed: int) -> dict:
         pos = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
         return {**out, "positions": pos.tolist()}
     if method == "anchor":
-        med, assign = kmedoids(R.T, size, seed)  # documents as points: their correctness across the models
-        weights = np.bincount(assign, minlength=size) / n
-        order = np.argsort(med)
-        return {**out, "positions": med[order].tolist(), "weights": weights[order].tolist()}
+        X = R.T  # (n, m): documents as points, their correctness across the models
+        k = min(-(-size // 2), len(np.unique(X, axis=0)))  # room for proportional draws; no duplicate medoids
+        med, assign = kmedoids(X, k, seed)
+        counts = np.bincount(assign, minlength=k)  # (k,)
+        alloc = allocate(counts, size)
+        rng = np.random.default_rng(seed)
+        pos, weights = [], []
+        for c in range(k):  # the medoid, then seeded draws among the cluster's other documents
+            others = np.flatnonzero(assign == c)
+            others = rng.permutation(others[others != med[c]])
+            pos.extend([int(med[c]), *others[:alloc[c] - 1].tolist()])
+            weights.extend([counts[c] / n / alloc[c]] * int(alloc[c]))  # stratified mean: cluster share / draws
+        order = np.argsort(pos)
+        return {**out, "positions": np.asarray(pos)[order].tolist(), "weights": np.asarray(weights)[order].tolist()}
     theta, a, b = fit_irt(R)
     emb = np.stack([a, b], 1)  # (n, 2): tinyBenchmarks' IRT anchor points cluster the item parameters
     emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-9)
@@ -173,7 +201,6 @@ def check_subset_task(prepared) -> None:
         ConfigError: naming the objective and the fix.
     """
     from dfsmerge.errors import ConfigError
-
     from dfsmerge.objectives.tasks import require_native_mean
 
     o = prepared.objective

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from dfsmerge.errors import ConfigError
 from dfsmerge.objectives.config import ObjectiveConfig
-from dfsmerge.objectives.subset import estimate, fit_irt, fit_subset, fit_theta, kmedoids
+from dfsmerge.objectives.subset import allocate, estimate, fit_irt, fit_subset, fit_theta, kmedoids
 from tests.search.conftest import MC_TASK, make_config, mc_task_dir, read_evals, tiny_models  # noqa: F401
 
 
@@ -25,11 +25,40 @@ def _clustered(rng, n_models=12, n_patterns=6, copies=(5, 9, 3, 7, 11, 4)):
 def test_anchor_weights_are_cluster_shares_and_exact_on_clustered_documents():
     rng = np.random.default_rng(0)
     R, cols = _clustered(rng)
-    fit = fit_subset("anchor", R, 6, seed=1)
-    assert np.isclose(sum(fit["weights"]), 1.0)
-    assert sorted(cols[fit["positions"]].tolist()) == list(range(6))  # one medoid per group
+    fit = fit_subset("anchor", R, 12, seed=1)
+    assert np.isclose(sum(fit["weights"]), 1.0) and len(set(fit["positions"])) == 12
+    assert sorted(set(cols[fit["positions"]].tolist())) == list(range(6))  # every group drawn from
+    for g, count in enumerate(np.bincount(cols)):  # a group's weight is its share of the documents
+        assert np.isclose(sum(w for p, w in zip(fit["positions"], fit["weights"]) if cols[p] == g), count / len(cols))
     new = (rng.random(6) < 0.5).astype(float)[cols]  # a new model that also answers each group alike
     assert np.isclose(estimate(fit, new[fit["positions"]]), new.mean())
+
+
+def test_anchor_spreads_a_large_cluster_over_many_documents():
+    """Fitted on models that solve almost nothing, nearly every document is in one "never solved" cluster; its
+    share goes to many documents drawn from it, not to one medoid, so a candidate's progress on those documents
+    shows in the estimate (one medoid per cluster gave one document 99% of the weight and 47 of 50 weight 0)."""
+    R = np.zeros((12, 300))
+    R[0, 0] = R[1, 1] = R[1, 2] = 1.0  # three documents solved once; 297 never
+    fit = fit_subset("anchor", R, 50, seed=0)
+    pos, w = np.asarray(fit["positions"]), np.asarray(fit["weights"])
+    assert len(set(pos.tolist())) == 50 and np.isclose(w.sum(), 1.0)
+    never = pos >= 3
+    assert never.sum() >= 45 and np.allclose(w[never], 297 / 300 / never.sum())  # drawn and weighted alike
+    assert w.max() < 3 / 50  # no document carries a cluster alone
+    for k in (0, 5, 20):  # a model solving k of the drawn never-solved documents: the stratified mean
+        r = np.zeros(50)
+        r[np.flatnonzero(never)[:k]] = 1.0
+        assert estimate(fit, r) == pytest.approx(297 / 300 * k / never.sum())
+
+
+def test_allocate_one_per_cluster_then_heaviest_first():
+    counts = np.array([297, 2, 1])
+    a = allocate(counts, 50)
+    assert a.sum() == 50 and (a >= 1).all() and (a <= counts).all()
+    assert a.tolist() == [48, 1, 1]
+    a = allocate(np.array([30, 30, 3]), 10)  # proportional where room allows; never more draws than documents
+    assert a.sum() == 10 and a[2] == 1 and abs(a[0] - a[1]) <= 1
 
 
 def test_random_subset_estimate_is_its_mean_and_fits_are_deterministic():
