@@ -263,7 +263,6 @@ def main() -> int:
                 text = _set_refs((CONFIGS / f"{mode}.yaml").read_text(), spec.name)
                 if args.record and mode != "staged":
                     import yaml
-
                     from subset_fitness import RECORD, with_subset
 
                     text = yaml.safe_dump(with_subset(yaml.safe_load(text), RECORD), sort_keys=False)

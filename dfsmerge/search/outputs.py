@@ -3,8 +3,9 @@
 ``best/mergekit.yaml`` is the PS recipe for PS-only candidates; for a layer path it is the mergekit ``passthrough``
 recipe of :mod:`dfsmerge.genome.mergekit_yaml` with the step scales folded into the residual-branch outputs
 (docs/design.md section 6: step k's branch outputs divided by the cumulative scale C_k; exact up to the norm's eps),
-or a header that says why mergekit cannot express the path. In joint/staged mode the path's model A is the PS-merged model (``@ps`` in the
-plan), so that passthrough reads ``./merged`` and is run after ``mergekit-yaml recipe.yaml ./merged``.
+or a header that says why mergekit cannot express the path. In joint/staged mode the path's model A is the PS-merged
+model (``@ps`` in the plan), so that passthrough reads ``./merged`` and is run after ``mergekit-yaml recipe.yaml
+./merged``.
 ``dfsmerge export RUN`` is the exact route to a checkpoint.
 """
 
