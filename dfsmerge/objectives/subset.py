@@ -193,6 +193,27 @@ def estimate(fit: dict, r: np.ndarray) -> float:
     return float(p.mean())
 
 
+def require_native_mean(p, setting: str, feature: str, drop: str) -> None:
+    """Refuse a prepared task that ``feature`` (racing, subset fitness: both score a candidate document by document)
+    cannot use: scored through lm-eval, or a metric that is not a mean over documents.
+
+    Raises:
+        ConfigError: ``"{setting}, but objective ..."``, naming the fix and ``drop`` (how to turn the feature off).
+    """
+    from dfsmerge.errors import ConfigError
+
+    o = p.objective
+    if p.native is None:
+        raise ConfigError(f"{setting}, but objective {o.name!r} is scored through lm-eval (native: false); {feature} "
+                          f"needs native: true, or {drop}")
+    metric = p.metric.split(",")[0]
+    agg = p.task.aggregation().get(metric)
+    if getattr(agg, "__name__", "") != "mean":
+        raise ConfigError(f"{setting}, but objective {o.name!r} metric {metric!r} aggregates with "
+                          f"{getattr(agg, '__name__', agg)!r}, not a mean over documents; {feature} needs a mean of "
+                          f"per-document 0/1 or [0, 1] values (acc, acc_norm, exact_match), or {drop}")
+
+
 def check_subset_task(prepared) -> None:
     """Refuse a prepared task (:class:`dfsmerge.objectives.tasks.PreparedTask`) that subset fitness cannot score:
     not native, or a metric that is not a mean over documents.
@@ -201,8 +222,6 @@ def check_subset_task(prepared) -> None:
         ConfigError: naming the objective and the fix.
     """
     from dfsmerge.errors import ConfigError
-    from dfsmerge.objectives.tasks import require_native_mean
-
     o = prepared.objective
     require_native_mean(prepared, "subset is set", "subset fitness", "drop subset")
     n = len(prepared.native.docs)

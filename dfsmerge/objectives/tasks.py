@@ -19,6 +19,7 @@ from typing import Any
 
 from dfsmerge.errors import ConfigError, DfsmergeError
 from dfsmerge.objectives.config import EvalConfig, ObjectiveConfig
+from dfsmerge.objectives.subset import require_native_mean
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +117,6 @@ def _count_docs(task) -> int:
         return len(task.eval_docs)
     except (TypeError, ValueError):
         return sum(1 for _ in task.eval_docs)
-
-
-def require_native_mean(p, setting: str, feature: str, drop: str) -> None:
-    """Refuse a prepared task that ``feature`` (racing, subset fitness: both score a candidate document by document)
-    cannot use: scored through lm-eval, or a metric that is not a mean over documents.
-
-    Raises:
-        ConfigError: ``"{setting}, but objective ..."``, naming the fix and ``drop`` (how to turn the feature off).
-    """
-    o = p.objective
-    if p.native is None:
-        raise ConfigError(f"{setting}, but objective {o.name!r} is scored through lm-eval (native: false); {feature} "
-                          f"needs native: true, or {drop}")
-    metric = p.metric.split(",")[0]
-    agg = p.task.aggregation().get(metric)
-    if getattr(agg, "__name__", "") != "mean":
-        raise ConfigError(f"{setting}, but objective {o.name!r} metric {metric!r} aggregates with "
-                          f"{getattr(agg, '__name__', agg)!r}, not a mean over documents; {feature} needs a mean of "
-                          f"per-document 0/1 or [0, 1] values (acc, acc_norm, exact_match), or {drop}")
 
 
 @dataclass
