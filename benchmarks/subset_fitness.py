@@ -19,7 +19,7 @@ Parts (``--parts``):
   (elite rescoring included).
 
     python benchmarks/subset_fitness.py [--parts toy-corr,toy-search,real-corr] [--seeds 0,1] [--toy-config joint]
-        [--sizes 10,25,50,100] [--fit-generations 1] [--refit-every 10] [--workdir runs/subset_fitness]
+        [--sizes 10,25,50,100] [--fit-generations 1] [--refit-every 10] [--full-below 5] [--workdir runs/subset_fitness]
         [--out benchmarks/results/subset_fitness.md] [--threads 1]
 """
 
