@@ -19,7 +19,7 @@ Parts (``--parts``):
   (elite rescoring included).
 
     python benchmarks/subset_fitness.py [--parts toy-corr,toy-search,real-corr] [--seeds 0,1] [--toy-config joint]
-        [--sizes 10,25,50,100] [--fit-generations 1] [--refit-every 10] [--workdir runs/subset_fitness]
+        [--sizes 10,25,50,100] [--fit-generations 1] [--refit-every 10] [--full-below 5] [--workdir runs/subset_fitness]
         [--out benchmarks/results/subset_fitness.md] [--threads 1]
 """
 
@@ -38,7 +38,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_table import ROOT, dfsmerge, score, timed_search  # noqa: E402 - the toy table's CLI helpers, one home
 
-from dfsmerge.objectives.subset import estimate, fit_subset  # noqa: E402
+from dfsmerge.objectives.subset import estimate, fit_subset, low_signal  # noqa: E402
 
 RECORD = {"method": "random", "size": 1, "fit_generations": 10 ** 6}  # every generation in full, results recorded
 
@@ -82,27 +82,29 @@ def responses(path: Path) -> list[dict]:
 
 
 def simulate(entries: list[dict], key: str, method: str, size: int, seed: int, fit_generations: int,
-             refit_every: int | None) -> dict:
-    """Estimate every candidate of the non-full generations as a search with this schedule would."""
-    def full(g):
+             refit_every: int | None, full_below: float | None = None) -> dict:
+    """Estimate every candidate of the non-full generations as a search with this schedule would (a generation after
+    one whose scores, estimated or full, are :func:`~dfsmerge.objectives.subset.low_signal` is full too)."""
+    def scheduled(g):
         g0 = fit_generations - 1
         return g <= g0 or (refit_every is not None and (g - g0) % refit_every == 0)
 
-    gens = sorted({e["generation"] for e in entries})
     fits: dict[int, dict] = {}
-    est, truth, n_full = [], [], 0
-    for e in sorted(entries, key=lambda e: (e["generation"], e["key"])):
-        g, r = e["generation"], np.asarray(e["responses"][key], dtype=np.float64)
-        if full(g):
-            n_full += 1
+    est, truth, n_full, last, prev = [], [], 0, None, []
+    for g in sorted({e["generation"] for e in entries}):
+        gen = sorted((e for e in entries if e["generation"] == g), key=lambda e: e["key"])
+        rs = [np.asarray(e["responses"][key], dtype=np.float64) for e in gen]
+        if scheduled(g) or (prev and low_signal(prev, size, full_below)):
+            n_full += len(gen)
+            last, prev = g, [float(r.mean()) for r in rs]
             continue
-        last = max(x for x in gens if x < g and full(x))
         if last not in fits:
             rows = sorted((x for x in entries if x["generation"] <= last), key=lambda x: x["key"])
             fits[last] = fit_subset(method, np.array([x["responses"][key] for x in rows]), size, seed)
         fit = fits[last]
-        est.append(estimate(fit, r[fit["positions"]]))
-        truth.append(float(r.mean()))
+        prev = [estimate(fit, r[fit["positions"]]) for r in rs]
+        est.extend(prev)
+        truth.extend(float(r.mean()) for r in rs)
     est, truth = np.array(est), np.array(truth)
     n_docs = len(entries[0]["responses"][key])
     rho = float(spearmanr(est, truth)[0]) if len(est) > 2 and truth.std() > 0 else float("nan")
@@ -112,7 +114,8 @@ def simulate(entries: list[dict], key: str, method: str, size: int, seed: int, f
 
 def corr_table(label: str, entries: list[dict], key: str, sizes: list[int], args) -> list[str]:
     lines = [f"**{label}** ({len(entries)} distinct candidates, {len(entries[0]['responses'][key])} documents; "
-             f"fit on generations < {args.fit_generations}, refit every {args.refit_every or '-'}):", "",
+             f"fit on generations < {args.fit_generations}, refit every {args.refit_every or '-'}, full after a "
+             f"low-signal generation: full_below {args.full_below or '-'}):", "",
              "| N | anchor: Spearman / MAE | irt: Spearman / MAE | random (mean of "
              f"{args.random_seeds}): Spearman / MAE | candidates estimated | docs per candidate |",
              "|---|---|---|---|---|---|"]
@@ -120,9 +123,10 @@ def corr_table(label: str, entries: list[dict], key: str, sizes: list[int], args
     for size in sizes:
         if size >= n_docs:
             continue
-        res = {m: simulate(entries, key, m, size, 0, args.fit_generations, args.refit_every)
+        res = {m: simulate(entries, key, m, size, 0, args.fit_generations, args.refit_every, args.full_below)
                for m in ("anchor", "irt")}
-        rnd = [simulate(entries, key, "random", size, s, args.fit_generations, args.refit_every)
+        rnd = [simulate(entries, key, "random", size, s, args.fit_generations, args.refit_every,
+                        args.full_below)
                for s in range(args.random_seeds)]
         rr, rm = np.nanmean([r["rho"] for r in rnd]), np.mean([r["mae"] for r in rnd])
         a, i = res["anchor"], res["irt"]
@@ -159,6 +163,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,25,50,100")
     ap.add_argument("--fit-generations", type=int, default=1)
     ap.add_argument("--refit-every", type=int, default=10)
+    ap.add_argument("--full-below", type=float, default=5.0, help="subset.full_below (0: never)")
     ap.add_argument("--random-seeds", type=int, default=10)
     ap.add_argument("--search-method", default="anchor")
     ap.add_argument("--search-size", type=int, default=50)
@@ -172,6 +177,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     args.refit_every = args.refit_every or None
+    args.full_below = args.full_below or None
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     work, parts = Path(args.workdir), set(args.parts.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -192,8 +198,9 @@ def main() -> None:
                                 "zoo_math_b", sizes, args)
         if "toy-search" in parts:
             sub = {"method": args.search_method, "size": args.search_size, "fit_generations": args.fit_generations,
-                   "refit_every": args.refit_every, "elite": 3}
-            est = work / f"toy-{args.toy_config}-s{seed}-{args.search_method}{args.search_size}"
+                   "refit_every": args.refit_every, "elite": 3, "full_below": args.full_below}
+            est = work / (f"toy-{args.toy_config}-s{seed}-{args.search_method}{args.search_size}"
+                          f"-r{args.refit_every or 0}-fb{args.full_below or 0:g}")
             wall_e, recs_e = run(with_subset(base, sub), est, env)
             for label, path, recs, wall in (("full set", full, recs_f, wall_f),
                                             (f"{args.search_method} N={args.search_size}", est, recs_e, wall_e)):

@@ -464,7 +464,7 @@ class Search:
         xs, cs = [X[todo[k][0]] for k in fresh], [cands[todo[k][0]] for k in fresh]
         pre: dict[int, Any] = {}
         if self.subset is not None and fresh:
-            self.subset.begin_generation(gen, self.backend)
+            self.subset.begin_generation(gen, self.backend, self.run.evals)
         if self.config.eval_dtype == "auto" and self.eval_dtype is None and self.config.needs_model and fresh:
             pre = self._choose_eval_dtype(xs, cs)
         racing = self.config.racing

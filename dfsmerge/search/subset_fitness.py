@@ -3,6 +3,8 @@
 The first ``fit_generations`` generations (and, with ``refit_every``, one generation every so often) are scored on
 every document; their per-document results fit the subset and the estimator of each task, which later generations
 are scored with: a candidate is scored on ``size`` documents and the optimizer sees the estimated full-set score.
+A generation that follows one whose scores the subset cannot rank (all near 0 or all near 1,
+:func:`~dfsmerge.objectives.subset.low_signal`) is also scored on every document, and the subset refitted after it.
 At the end the best ``elite`` estimated candidates are scored on every document and the run's best is picked among
 candidates scored in full, so it is never an estimate.
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from dfsmerge.errors import ConfigError
 from dfsmerge.objectives.fitness import objective_values, scalar_fitness
-from dfsmerge.objectives.subset import estimate, fit_subset
+from dfsmerge.objectives.subset import estimate, fit_subset, low_signal
 from dfsmerge.search.state import atomic_write, jsonable
 
 
@@ -56,7 +58,7 @@ def check_subset_search(config) -> None:
                               "is scored once per candidate: give both the same subset")
     first = next(iter(subs.values()))
     for name, s in subs.items():
-        for k in ("fit_generations", "refit_every", "elite"):
+        for k in ("fit_generations", "refit_every", "elite", "full_below"):
             if getattr(s, k) != getattr(first, k):
                 raise ConfigError(f"objective {name!r} subset.{k}={getattr(s, k)!r} differs from another "
                                   f"objective's {getattr(first, k)!r}; the schedule is one per search: use the same")
@@ -78,6 +80,7 @@ class SubsetFitness:
                      for name in self.tasks}
         first = next(iter(self.tasks.values()))
         self.fit_generations, self.refit_every, self.elite = first.fit_generations, first.refit_every, first.elite
+        self.full_below = first.full_below
         self.dir = Path(run_path) / "subset"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.responses: dict[str, dict] = {}  # candidate key -> {"generation", "responses": {objective key: [...]}}
@@ -90,20 +93,28 @@ class SubsetFitness:
         self.directions: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ schedule
-    def is_full(self, gen: int) -> bool:
-        """Generation ``gen`` is scored on every document (fitting data) rather than estimated."""
+    def is_full(self, gen: int, evals=()) -> bool:
+        """Generation ``gen`` is scored on every document (fitting data) rather than estimated: a fitting or refit
+        generation of the schedule, or one after a generation (in ``evals``, the run's records) whose scores on a
+        subset task are too close to 0 or 1 for the subset to rank (:func:`low_signal`)."""
         g0 = self.fit_generations - 1
-        return gen <= g0 or (self.refit_every is not None and (gen - g0) % self.refit_every == 0)
+        if gen <= g0 or (self.refit_every is not None and (gen - g0) % self.refit_every == 0):
+            return True
+        prev = [r for r in evals if r.generation == gen - 1 and r.ok and math.isfinite(r.fitness)]
+        return any(low_signal([r.objectives[k] for r in prev if r.objectives.get(k) is not None], sub.size,
+                              self.full_below) for task, sub in self.tasks.items() for k in self.keys[task])
 
-    def begin_generation(self, gen: int, backend) -> None:
-        """Point the backend at every document (a full generation) or at the subsets fitted for ``gen``."""
+    def begin_generation(self, gen: int, backend, evals=()) -> None:
+        """Point the backend at every document (a full generation) or at the subsets fitted for ``gen`` (after the
+        last generation scored in full; ``evals``: the run's records, for :meth:`is_full`)."""
         if self.directions is None:
             self.directions = dict(backend.worker.directions)
-        if self.is_full(gen):
+        if self.is_full(gen, evals):
             self.active = None
             backend.set_doc_positions(None)
             return
-        last = max(g for g in range(gen) if self.is_full(g))  # the fit after the last full generation
+        done = [e["generation"] for e in self.responses.values() if e["generation"] < gen]
+        last = max(done, default=self.fit_generations - 1)  # the fit after the last generation scored in full
         fid = str(last)
         if fid not in self.fits:
             self.fits[fid] = self._fit(last)

@@ -11,7 +11,15 @@ from pydantic import ValidationError
 
 from dfsmerge.errors import ConfigError
 from dfsmerge.objectives.config import ObjectiveConfig
-from dfsmerge.objectives.subset import allocate, estimate, fit_irt, fit_subset, fit_theta, kmedoids
+from dfsmerge.objectives.subset import (
+    allocate,
+    estimate,
+    fit_irt,
+    fit_subset,
+    fit_theta,
+    kmedoids,
+    low_signal,
+)
 from tests.search.conftest import MC_TASK, make_config, mc_task_dir, read_evals, tiny_models  # noqa: F401
 
 
@@ -93,6 +101,14 @@ def test_irt_recovers_the_generating_model():
     assert np.corrcoef(est, full)[0, 1] > 0.9
 
 
+def test_low_signal_is_a_generation_near_0_or_1_in_subset_documents():
+    assert low_signal([0.0, 0.02, 0.04], 50, 5)  # its best answers ~2 of 50 documents
+    assert not low_signal([0.0, 0.12], 50, 5)  # 6 of 50
+    assert low_signal([0.95, 0.99], 50, 5) and not low_signal([0.2, 0.95], 50, 5)  # near 1: too few misses
+    assert low_signal([0.4], 4, 5) and not low_signal([0.25, 0.5], 4, 5)  # floor capped at half the subset
+    assert not low_signal([0.0], 50, None) and not low_signal([], 50, 5)
+
+
 def test_subset_needs_a_native_task_objective():
     with pytest.raises(ValidationError, match="native"):
         ObjectiveConfig(name="t", subset={"method": "anchor", "size": 5})
@@ -102,12 +118,34 @@ def test_subset_needs_a_native_task_objective():
 
 @pytest.fixture
 def subset_search(make_config, mc_task_dir):  # noqa: F811
-    def make(method="anchor", size=4, **extra):
+    def make(method="anchor", size=4, full_below=None, max_evals=12, **extra):
         obj = {"name": MC_TASK, "split": "validation", "native": True,
-               "subset": {"method": method, "size": size, "elite": 2}}
-        return make_config("dfs", "cma", popsize=4, max_evals=12, task_paths=[str(mc_task_dir)], objectives=[obj],
-                           dfs={"repetitions": 2, "max_length": 4}, eval_dtype="float32", **extra)
+               "subset": {"method": method, "size": size, "elite": 2, "full_below": full_below}}
+        return make_config("dfs", "cma", popsize=4, max_evals=max_evals, task_paths=[str(mc_task_dir)],
+                           objectives=[obj], dfs={"repetitions": 2, "max_length": 4}, eval_dtype="float32", **extra)
     return make
+
+
+def _rec(gen, score, ok=True):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(generation=gen, ok=ok, fitness=-score if ok else float("inf"),
+                           objectives={MC_TASK: score if ok else None})
+
+
+def test_a_generation_after_one_the_subset_cannot_rank_is_scored_in_full(subset_search, tmp_path):
+    from dfsmerge.search import load_search_config
+    from dfsmerge.search.subset_fitness import SubsetFitness
+
+    sf = SubsetFitness(load_search_config(subset_search(full_below=5, size=4)), tmp_path)
+    assert sf.keys == {MC_TASK: [MC_TASK]}
+    assert sf.is_full(0, [])  # the fitting generation
+    assert sf.is_full(1, [_rec(0, 0.0), _rec(0, 0.25)])  # best 1 of 4 documents: below the floor of 2
+    assert not sf.is_full(1, [_rec(0, 0.0), _rec(0, 0.5)])
+    assert sf.is_full(2, [_rec(0, 0.5), _rec(1, 0.75), _rec(1, 1.0)])  # only the previous generation counts
+    assert not sf.is_full(2, [_rec(1, 0.0, ok=False), _rec(1, 0.5), _rec(1, 0.25)])  # failures do not count
+    off = SubsetFitness(load_search_config(subset_search(full_below=None, size=4)), tmp_path / "off")
+    assert not off.is_full(1, [_rec(0, 0.0), _rec(0, 0.25)])
 
 
 def test_refusals_come_before_the_run_directory(subset_search, tmp_path):
@@ -157,3 +195,46 @@ def test_search_on_estimates_rescores_the_elite_and_resumes_exactly(subset_searc
     assert plain_recs(tmp_path / "part") == plain_recs(tmp_path / "run")
     assert (tmp_path / "part/subset/fits.json").read_text() == (tmp_path / "run/subset/fits.json").read_text()
     assert json.loads((tmp_path / "part/best/best.json").read_text())["objectives"] == best["objectives"]
+
+
+def test_search_scores_in_full_after_a_low_signal_generation_and_resumes_exactly(subset_search, tmp_path,
+                                                                                  monkeypatch):
+    """``full_below``: each generation is scored in full exactly when :meth:`SubsetFitness.is_full` says so from the
+    records before it; each estimated generation uses the fit after the last full one; a resumed run takes the same
+    decisions. (The tiny task's scores sit at 0.5, which no floor reaches, so the decision is replaced by another
+    function of the previous generation's scores, one that goes both ways here; the floor itself is tested above.)"""
+    from types import SimpleNamespace
+
+    import dfsmerge.search.subset_fitness as subset_fitness
+    from dfsmerge.search import load_search_config, run_search
+    from dfsmerge.search.subset_fitness import SubsetFitness
+
+    monkeypatch.setattr(subset_fitness, "low_signal", lambda scores, size, floor: round(100 * sum(scores)) % 3 == 0)
+    cfg = load_search_config(subset_search(full_below=2, max_evals=24))
+    run_search(cfg, tmp_path / "run", progress=False)
+    recs = read_evals(tmp_path / "run")
+    sf = SubsetFitness(cfg, tmp_path / "probe")
+    views = [SimpleNamespace(generation=r["generation"], ok=r["error"] is None, fitness=r["fitness"],
+                             objectives=r["objectives"]) for r in recs]
+    full_gens = []
+    for g in sorted({r["generation"] for r in recs}):
+        fresh = [r for r in recs if r["generation"] == g and not r["cached"] and r["error"] is None]
+        if not fresh:
+            continue
+        full = all("estimate" not in r for r in fresh)
+        assert full or all("estimate" in r for r in fresh)
+        assert full == sf.is_full(g, [v for v in views if v.generation < g]), g
+        assert all(r["cost"]["docs"] == (10 if full else 4) for r in fresh)
+        if full:
+            full_gens.append(g)
+        else:  # estimated with the fit made after the last generation scored in full
+            assert {r["estimate"]["fit"] for r in fresh} == {max(x for x in full_gens if x < g)}
+    assert len(full_gens) > 1 and len(full_gens) < len({r["generation"] for r in recs})  # the rule fired, not always
+    run_search(cfg, tmp_path / "part", progress=False, **{"budget.max_evals": 12})
+    run_search(cfg, tmp_path / "part", progress=False, resume=True)
+
+    def plain(run):
+        return [{k: v for k, v in r.items() if k not in ("time", "timings", "cost")} for r in read_evals(run)]
+
+    assert plain(tmp_path / "part") == plain(tmp_path / "run")
+    assert (tmp_path / "part/subset/fits.json").read_text() == (tmp_path / "run/subset/fits.json").read_text()
