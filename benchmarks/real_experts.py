@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 CONFIGS = ROOT / "configs" / "real" / "experts"
 MODES = ("ps", "dfs", "staged", "joint")
-SOURCES = ("base", "math_expert", "language_expert")
 SWAP_GRID = ((1, 1, 0), (2, 1, 0), (2, 2, 1), (4, 2, 0), (4, 2, 1), (6, 3, 0), (6, 3, 1), (6, 3, 2), (8, 4, 2),
              (10, 4, 2))  # (bottom, top, transition) of 30 layers; the paper's best sit near 4-7 / 2-3 / 1-2 of 32
 
@@ -106,13 +105,14 @@ def _validation_tasks(tasks_dir: Path, names: list[str]) -> Path:
 
 
 def cached_score(name: str, model_dir: str, args, tasks_dir: Path, *, split: str = "test",
-                 limit: int | None = None) -> dict:
+                 limit: int | None = None, english: bool | None = None) -> dict:
+    """``english``: score English math too (default ``--no-english`` decides; the sources always do)."""
     path = Path(args.out) / "scores" / f"{name}.{split}{'' if limit is None else f'.limit{limit}'}.json"
     if path.is_file():
         return json.loads(path.read_text())
     t0 = time.time()
     res = score(model_dir, tasks_dir, args.target, split=split, limit=limit, batch_size=args.batch_size,
-                dtype=args.dtype, english=args.english or name in SOURCES)
+                dtype=args.dtype, english=args.english if english is None else english)
     res["_seconds"] = round(time.time() - t0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
@@ -223,7 +223,7 @@ def main() -> int:
         (out / "language_choice.md").write_text("\n".join(lines) + "\n")
     if "sources" in stages:
         for name, d in sources.items():
-            rows[name] = cached_score(name.replace(" ", "_"), d, args, tasks_dir, limit=args.limit)
+            rows[name] = cached_score(name.replace(" ", "_"), d, args, tasks_dir, limit=args.limit, english=True)
     if "baselines" in stages:
         for name in ("task_arithmetic", "ties", "dare_ties"):
             d = merged(name, _set_refs((CONFIGS / "recipes" / f"{name}.yaml").read_text(), spec.name), work)
