@@ -370,9 +370,11 @@ def plot_contributions(rows: list[AblationRow], key: str, out: Path, names: Mapp
     ax.set_xlabel("step of the path")
     ax.set_ylabel(f"{key}: candidate − without the step")
     ax.set_title("per-step contribution (* paired p < 0.05)", fontsize=9)
-    for m in models:
-        ax.bar([], [], color=colors[m], label=f"{m} ({names.get(m, m)})" if names.get(m, m) != m else m)
-    ax.legend(fontsize=7)
+    from matplotlib.patches import Patch
+
+    # explicit handles: an empty ax.bar has no patch, so its legend entry took the default colour, not the model's
+    ax.legend(handles=[Patch(color=colors[m], label=f"{m} ({names[m]})" if names.get(m, m) != m else m)
+                       for m in models], fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

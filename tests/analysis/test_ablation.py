@@ -107,3 +107,26 @@ def test_inspect_significance_rewrites_the_tests_of_the_current_best(joint_run, 
     assert main(["inspect", str(joint_run), "--significance"]) == 0
     assert json.loads(f.read_text())["best"] == open_run(joint_run).best.id
     assert "Is the best significantly better?" in md.read_text()
+
+
+def test_contribution_figure_colours_each_step_and_its_legend_entry_by_source_model(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from dfsmerge.analysis.ablation import AblationRow, Variant, plot_contributions
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to read it back
+    models = ["merged", "math", "merged", "lang"]
+    rows = [AblationRow(Variant("candidate", "the candidate", "candidate", None, None), {"t": 0.5}, {}, {"t": None},
+                        ())]
+    rows += [AblationRow(Variant(f"drop-{i}", f"step {i}", "drop", None, None, step=i, model=m), {"t": 0.1 * i}, {},
+                         {"t": None}, ()) for i, m in enumerate(models)]
+    assert plot_contributions(rows, "t", tmp_path / "c.png", {"math": "real:smollm2-fra/math"}) is not None
+    ax = figs[0].axes[0]
+    bar_colour = {m: to_rgba(p.get_facecolor()) for m, p in zip(models, ax.patches, strict=False)}
+    assert len(set(bar_colour.values())) == 3  # one colour per source model
+    legend = {t.get_text(): to_rgba(h.get_facecolor()) for t, h in zip(ax.get_legend().get_texts(),
+                                                                        ax.get_legend().legend_handles, strict=True)}
+    assert legend == {"merged": bar_colour["merged"], "math (real:smollm2-fra/math)": bar_colour["math"],
+                      "lang": bar_colour["lang"]}
