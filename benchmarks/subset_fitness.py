@@ -13,6 +13,11 @@ Parts (``--parts``):
   on the N documents (:func:`~dfsmerge.objectives.subset.estimate`), and the table gives Spearman's rank correlation
   with its full-set score over those candidates, the mean absolute error, and the documents scored per candidate
   (fitting generations included). ``random`` is the mean over ``--random-seeds`` subsets.
+- ``real-search``: each finished real search of ``--real-runs`` (full-set runs with recorded responses, e.g.
+  benchmarks/real_experts.py --record writes runs/real_experts/ps-s0) rerun from its own config and seed on the
+  estimate (``--search-method``, N = ``--search-size``) at equal candidate count: best validation (full set, elite
+  rescored), the best's score on the fitness task's test split (exported, ``dfsmerge eval --native`` in the run's
+  dtype), documents per candidate (the fitting generation and elite rescoring included).
 - ``toy-search``: the same toy search run on the estimate (``--search-method``, N = ``--search-size``) at equal
   candidate count, against the full-set run of ``toy-corr``: the best candidate's validation score (always a full
   score: the elite is rescored), its test score (exported, scored by ``dfsmerge eval``), documents per candidate
@@ -154,6 +159,59 @@ def toy_test(path: Path, zoo: Path, env: dict) -> float:
     return done["test"]
 
 
+def real_test(path: Path, cfg: dict, env: dict) -> float:
+    """The best candidate of run ``path`` on its fitness task's test split (%), exported once and cached in
+    ``path/bench_test.json``."""
+    done = path / "bench_test.json"
+    if done.is_file():
+        return json.loads(done.read_text())["test"]
+    key = cfg["objectives"][0]["name"]
+    out = path / "export"
+    if not (out / "config.json").is_file():
+        dfsmerge("export", str(path), "--candidate", "best", "--out", str(out), "--force", "--quiet", env=env)
+    from dfsmerge.objectives.tasks import task_dirs
+
+    res = dfsmerge("eval", str(out), "--tasks", key, *(a for t in task_dirs(cfg.get("task_paths") or [])
+                                                       for a in ("--task-search-path", t)),
+                   "--split", "test", "--native", "--dtype", str(cfg.get("eval_dtype") or "float32"), "--json",
+                   env=env)
+    val = 100.0 * next(iter(json.loads(res[res.index("{"):])["results"][key].values()))
+    done.write_text(json.dumps({"test": val}))
+    return val
+
+
+def real_search(args, work: Path, env: dict) -> list[str]:
+    """``real-search``: each run of ``--real-runs`` against the same search on the estimate."""
+    rows = []
+    for full in (Path(r) for r in args.real_runs.split(",") if r):
+        cfg = yaml.safe_load((full / "config.yaml").read_text())
+        key = cfg["objectives"][0]["name"]
+        recs_f = [json.loads(x) for x in (full / "evals.jsonl").open()]
+        sub = {"method": args.search_method, "size": args.search_size, "fit_generations": args.fit_generations,
+               "refit_every": args.refit_every, "elite": args.elite, "full_below": args.full_below}
+        base = dict(cfg, budget={"max_evals": len(recs_f)})
+        est = work / (f"real-{full.name}-{args.search_method}{args.search_size}-r{args.refit_every or 0}"
+                      f"-e{args.elite}")
+        wall_e, recs_e = run(with_subset(base, sub), est, env)
+        bench = full / "bench.json"  # a run made elsewhere: from its first candidate's start to its last's end
+        wall_f = (json.loads(bench.read_text())["wall_s"] if bench.is_file()
+                  else recs_f[-1]["time"] - recs_f[0]["time"] + recs_f[0]["timings"]["total_s"])
+        for label, path, recs, wall in (("full set", full, recs_f, wall_f),
+                                        (f"{args.search_method} N={args.search_size}", est, recs_e, wall_e)):
+            best = json.loads((path / "best/best.json").read_text())
+            rows.append((full.name, label, len(recs), 100 * best["objectives"][key], real_test(path, cfg, env),
+                         docs_per_candidate(path, recs), wall))
+            print(rows[-1], flush=True)
+    if not rows:
+        return []
+    return ["**Real search on the estimate vs on the full set** (equal candidate count; validation = the best's "
+            "full-set score, test = its score on the fitness task's test split, %):", "",
+            "| run | fitness | evals | best validation | best test | docs per candidate | wall s |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {r} | {lab} | {n} | {v:.1f} | {t:.1f} | {d:.1f} | {w:.0f} |" for r, lab, n, v, t, d, w in rows),
+            ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="toy-corr,toy-search,real-corr")
@@ -171,6 +229,8 @@ def main() -> None:
     ap.add_argument("--real-run", default=None, help="real-corr on this finished run instead of a new DFS search: a "
                     "search that recorded every candidate's per-document results (e.g. benchmarks/real_experts.py "
                     "--record writes runs/real_experts/MODE-sS)")
+    ap.add_argument("--real-runs", default="", help="real-search: comma-separated finished full-set runs")
+    ap.add_argument("--elite", type=int, default=3, help="subset.elite of the searches on the estimate")
     ap.add_argument("--max-evals", type=int, default=None, help="toy budget override (default: the config's)")
     ap.add_argument("--workdir", default=str(ROOT / "runs/subset_fitness"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/subset_fitness.md"))
@@ -198,7 +258,7 @@ def main() -> None:
                                 "zoo_math_b", sizes, args)
         if "toy-search" in parts:
             sub = {"method": args.search_method, "size": args.search_size, "fit_generations": args.fit_generations,
-                   "refit_every": args.refit_every, "elite": 3, "full_below": args.full_below}
+                   "refit_every": args.refit_every, "elite": args.elite, "full_below": args.full_below}
             est = work / (f"toy-{args.toy_config}-s{seed}-{args.search_method}{args.search_size}"
                           f"-r{args.refit_every or 0}-fb{args.full_below or 0:g}")
             wall_e, recs_e = run(with_subset(base, sub), est, env)
@@ -216,6 +276,8 @@ def main() -> None:
         lines += [f"| {s} | {lab} | {n} | {v:.1f} | {t:.1f} | {d:.0f} | {w:.0f} |"
                   for s, lab, n, v, t, d, w in search_rows]
         lines.append("")
+    if "real-search" in parts:
+        lines += real_search(args, work, env)
     if "real-corr" in parts and args.real_run:
         full = Path(args.real_run)
         cfg = yaml.safe_load((full / "config.yaml").read_text())
