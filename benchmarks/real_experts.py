@@ -220,7 +220,9 @@ def main() -> int:
             lines.append(f"| {lang} | {100 * v:.1f} |")
             _log(lines[-1])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "language_choice.md").write_text("\n".join(lines) + "\n")
+        (out / "language_choice.md").write_text(
+            f"# The target language: the math expert's greedy worked answers, {args.swap_limit} validation documents "
+            f"per language ({args.dtype})\n\n" + "\n".join(lines) + "\n")
     if "sources" in stages:
         for name, d in sources.items():
             rows[name] = cached_score(name.replace(" ", "_"), d, args, tasks_dir, limit=args.limit, english=True)

@@ -141,12 +141,13 @@ def corr_table(label: str, entries: list[dict], key: str, sizes: list[int], args
     return lines + ["", "(MAE in points of the metric, %.)", ""]
 
 
-def docs_per_candidate(path: Path, recs: list[dict]) -> float:
-    docs = sum((r.get("cost") or {}).get("docs", 0) for r in recs)
+def docs_per_candidate(path: Path, recs: list[dict], what: str = "docs") -> float:
+    """Mean ``cost[what]`` (``docs`` or ``forward_tokens``) per candidate, the elite's rescoring included."""
+    total = sum((r.get("cost") or {}).get(what, 0) for r in recs)
     resc = path / "subset/rescored.jsonl"
     if resc.is_file():
-        docs += sum(json.loads(x)["cost"].get("docs", 0) for x in resc.read_text().splitlines())
-    return docs / len(recs)
+        total += sum(json.loads(x)["cost"].get(what, 0) for x in resc.read_text().splitlines())
+    return total / len(recs)
 
 
 def toy_test(path: Path, zoo: Path, env: dict) -> float:
@@ -168,7 +169,7 @@ def real_test(path: Path, cfg: dict, env: dict) -> float:
     key = cfg["objectives"][0]["name"]
     out = path / "export"
     if not (out / "config.json").is_file():
-        dfsmerge("export", str(path), "--candidate", "best", "--out", str(out), "--force", "--quiet", env=env)
+        dfsmerge("export", str(path), "--candidate", "best", "--out", str(out), "--force", env=env)
     from dfsmerge.objectives.tasks import task_dirs
 
     res = dfsmerge("eval", str(out), "--tasks", key, *(a for t in task_dirs(cfg.get("task_paths") or [])
@@ -200,16 +201,18 @@ def real_search(args, work: Path, env: dict) -> list[str]:
                                         (f"{args.search_method} N={args.search_size}", est, recs_e, wall_e)):
             best = json.loads((path / "best/best.json").read_text())
             rows.append((full.name, label, len(recs), 100 * best["objectives"][key], real_test(path, cfg, env),
-                         docs_per_candidate(path, recs), wall))
+                         docs_per_candidate(path, recs), docs_per_candidate(path, recs, "forward_tokens"), wall))
             print(rows[-1], flush=True)
     if not rows:
         return []
     return ["**Real search on the estimate vs on the full set** (equal candidate count; validation = the best's "
             "full-set score, test = its score on the fitness task's test split, %):", "",
-            "| run | fitness | evals | best validation | best test | docs per candidate | wall s |",
-            "|---|---|---|---|---|---|---|",
-            *(f"| {r} | {lab} | {n} | {v:.1f} | {t:.1f} | {d:.1f} | {w:.0f} |" for r, lab, n, v, t, d, w in rows),
-            ""]
+            "| run | fitness | evals | best validation | best test | docs per candidate | forward tokens per "
+            "candidate | wall s |", "|---|---|---|---|---|---|---|---|",
+            *(f"| {r} | {lab} | {n} | {v:.1f} | {t:.1f} | {d:.1f} | {f:.0f} | {w:.0f} |"
+              for r, lab, n, v, t, d, f, w in rows),
+            "", "Wall times are of runs made at different times on a shared 2-core machine (not comparable); the "
+            "documents and forward tokens are the cost measure.", ""]
 
 
 def main() -> None:
