@@ -110,6 +110,9 @@ def cached_score(name: str, model_dir: str, args, tasks_dir: Path, *, split: str
     path = Path(args.out) / "scores" / f"{name}.{split}{'' if limit is None else f'.limit{limit}'}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if args.table_only:
+        _log(f"{name}: not scored yet ({path.name}); left out of the table (run without --table-only)")
+        return None
     t0 = time.time()
     res = score(model_dir, tasks_dir, args.target, split=split, limit=limit, batch_size=args.batch_size,
                 dtype=args.dtype, english=args.english if english is None else english)
@@ -127,6 +130,9 @@ def fitness(name: str, model_dir: str, args, tasks_dir: Path) -> float:
     path = Path(args.out) / "scores" / f"{name}.fitness.limit{args.fitness_limit}.{args.dtype}.json"
     if path.is_file():
         return json.loads(path.read_text())["score"]
+    if args.table_only:
+        _log(f"{name}: no fitness yet ({path.name}); run without --table-only")
+        return None
     import torch
 
     from dfsmerge.objectives import evaluate_model
@@ -181,6 +187,8 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None, help="test documents per task (default: all)")
     p.add_argument("--no-english", dest="english", action="store_false", help="merged models: leave English math "
                    "(greedy generation, half of a row's time) unscored; the sources always have it")
+    p.add_argument("--table-only", action="store_true", help="remake the table from the cached scores: no search, "
+                   "no scoring; a row not scored yet is left out (with a line saying so)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", help="scoring dtype (bfloat16: what eval_dtype auto picks for "
                    "SmolLM2 on a CPU with native bf16; float32 is 1.5x slower)")
@@ -228,24 +236,30 @@ def main() -> int:
             rows[name] = cached_score(name.replace(" ", "_"), d, args, tasks_dir, limit=args.limit, english=True)
     if "baselines" in stages:
         for name in ("task_arithmetic", "ties", "dare_ties"):
-            d = merged(name, _set_refs((CONFIGS / "recipes" / f"{name}.yaml").read_text(), spec.name), work)
+            d = "" if args.table_only else merged(
+                name, _set_refs((CONFIGS / "recipes" / f"{name}.yaml").read_text(), spec.name), work)
             rows[name.replace("_", " ")] = cached_score(name, d, args, tasks_dir, limit=args.limit)
     if "swap" in stages:
         import yaml
 
         lines = [f"| bottom / top / transition (of 30) | fitness: {args.target} steps, validation |", "|---|---|"]
         for name, d in sources.items():  # the sources' fitness, the bar the grid is read against
-            lines.append(f"| {name} (source) | {100 * fitness(name.replace(' ', '_'), d, args, tasks_dir):.1f} |")
+            v = fitness(name.replace(" ", "_"), d, args, tasks_dir)
+            lines.append(f"| {name} (source) | {'-' if v is None else f'{100 * v:.1f}'} |")
         best = None
         for b, t, tr in SWAP_GRID:
             swap = LayerSwap(30, b, t, tr)
             recipe = layer_swap_recipe(swap, math=str(root / "math"), lang=str(root / "lang"))
-            d = merged(f"swap_{b}_{t}_{tr}", yaml.safe_dump(recipe), work)
+            d = "" if args.table_only else merged(f"swap_{b}_{t}_{tr}", yaml.safe_dump(recipe), work)
             val = fitness(f"swap_{b}_{t}_{tr}", d, args, tasks_dir)
+            if val is None:
+                continue
             lines.append(f"| {b} / {t} / {tr} | {100 * val:.1f} |")
             if best is None or val > best[0]:
                 best = (val, swap, d)
-        val, swap, d = best
+        if best is not None:
+            val, swap, d = best
+    if "swap" in stages and best is not None and not args.table_only:
         (out / "layer_swap_grid.md").write_text(
             f"# Layer Swapping split points, chosen on the search's fitness (validation, {args.fitness_limit} rows of "
             f"mgsm_{args.target}_steps, {args.dtype})\n\n" + "\n".join(lines) + "\n")
@@ -254,6 +268,7 @@ def main() -> int:
             f"{100 * val:.1f}) among {SWAP_GRID}: bottom {swap.bottom}, top {swap.top}, transition {swap.transition}\n"
             + yaml.safe_dump(layer_swap_recipe(swap, math=f"real:{spec.name}/math", lang=f"real:{spec.name}/lang"),
                              sort_keys=False, default_flow_style=None))
+    if "swap" in stages and best is not None:
         rows[f"layer swap ({swap.bottom}/{swap.top}/{swap.transition})"] = cached_score(
             "layer_swap", d, args, tasks_dir, limit=args.limit)
     if "search" in stages:
@@ -274,6 +289,11 @@ def main() -> int:
                 budget = ["--max-evals", str(args.max_evals)] if args.max_evals else []
                 want = args.max_evals or yaml_budget(cfg)
                 done = (run / "evals.jsonl").read_text().count("\n") if resume else 0
+                if args.table_only:
+                    r = cached_score(f"{mode}-s{seed}", "", args, tasks_dir, limit=args.limit)
+                    if r is not None:
+                        rows[f"{mode} search (seed {seed})"] = r
+                    continue
                 if not (resume and (run / "best" / "best.json").is_file() and want and done >= want):
                     _run(["dfsmerge", "search", str(cfg), "--out", str(run), "--seed", str(seed), "--quiet", *resume,
                           *budget])
@@ -285,7 +305,7 @@ def main() -> int:
                                                                      limit=args.limit)
     if "rank" in stages:
         rank_candidates(work / args.rank_run, args, tasks_dir, work, out)
-    write_table(rows, timing, args, out)
+    write_table({k: v for k, v in rows.items() if v is not None}, timing, args, out)
     return 0
 
 
