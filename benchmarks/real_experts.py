@@ -105,8 +105,9 @@ def _validation_tasks(tasks_dir: Path, names: list[str]) -> Path:
 
 
 def cached_score(name: str, model_dir: str, args, tasks_dir: Path, *, split: str = "test",
-                 limit: int | None = None, english: bool | None = None) -> dict:
-    """``english``: score English math too (default ``--no-english`` decides; the sources always do)."""
+                 limit: int | None = None, english: bool | None = None) -> dict | None:
+    """``english``: score English math too (default ``--no-english`` decides; the sources always do). None: not
+    scored yet under ``--table-only``."""
     path = Path(args.out) / "scores" / f"{name}.{split}{'' if limit is None else f'.limit{limit}'}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -124,9 +125,9 @@ def cached_score(name: str, model_dir: str, args, tasks_dir: Path, *, split: str
     return res
 
 
-def fitness(name: str, model_dir: str, args, tasks_dir: Path) -> float:
+def fitness(name: str, model_dir: str, args, tasks_dir: Path) -> float | None:
     """The searches' fitness of one model: ``mgsm_TARGET_steps`` on the validation split, ``--fitness-limit`` rows,
-    native, in ``--dtype`` (cached in --out/scores/NAME.fitness.json)."""
+    native, in ``--dtype`` (cached in --out/scores/NAME.fitness.json; None: not scored yet under ``--table-only``)."""
     path = Path(args.out) / "scores" / f"{name}.fitness.limit{args.fitness_limit}.{args.dtype}.json"
     if path.is_file():
         return json.loads(path.read_text())["score"]
@@ -274,6 +275,11 @@ def main() -> int:
     if "search" in stages:
         for mode in args.modes.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
+                if args.table_only:  # its cached test score, or nothing
+                    r = cached_score(f"{mode}-s{seed}", "", args, tasks_dir, limit=args.limit)
+                    if r is not None:
+                        rows[f"{mode} search (seed {seed})"] = r
+                    continue
                 run = work / f"{mode}-s{seed}"
                 cfg = work / f"{mode}.yaml"
                 cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -289,11 +295,6 @@ def main() -> int:
                 budget = ["--max-evals", str(args.max_evals)] if args.max_evals else []
                 want = args.max_evals or yaml_budget(cfg)
                 done = (run / "evals.jsonl").read_text().count("\n") if resume else 0
-                if args.table_only:
-                    r = cached_score(f"{mode}-s{seed}", "", args, tasks_dir, limit=args.limit)
-                    if r is not None:
-                        rows[f"{mode} search (seed {seed})"] = r
-                    continue
                 if not (resume and (run / "best" / "best.json").is_file() and want and done >= want):
                     _run(["dfsmerge", "search", str(cfg), "--out", str(run), "--seed", str(seed), "--quiet", *resume,
                           *budget])

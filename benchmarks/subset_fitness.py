@@ -70,6 +70,16 @@ def with_subset(cfg: dict, subset: dict) -> dict:
     return out
 
 
+def estimate_subset(args) -> tuple[dict, str]:
+    """The ``subset`` of the searches on the estimate (toy-search, real-search) and the run-name part that tells
+    their settings apart (so a cached run is reused only for the same settings)."""
+    sub = {"method": args.search_method, "size": args.search_size, "fit_generations": args.fit_generations,
+           "refit_every": args.refit_every, "elite": args.elite, "full_below": args.full_below}
+    tag = (f"{args.search_method}{args.search_size}-r{args.refit_every or 0}-fb{args.full_below or 0:g}"
+           f"-e{args.elite}")
+    return sub, tag
+
+
 def run(cfg: dict, path: Path, env: dict) -> tuple[float, list[dict]]:
     done = path / "bench.json"
     if done.is_file():
@@ -188,11 +198,9 @@ def real_search(args, work: Path, env: dict) -> list[str]:
         cfg = yaml.safe_load((full / "config.yaml").read_text())
         key = cfg["objectives"][0]["name"]
         recs_f = [json.loads(x) for x in (full / "evals.jsonl").open()]
-        sub = {"method": args.search_method, "size": args.search_size, "fit_generations": args.fit_generations,
-               "refit_every": args.refit_every, "elite": args.elite, "full_below": args.full_below}
+        sub, tag = estimate_subset(args)
         base = dict(cfg, budget={"max_evals": len(recs_f)})
-        est = work / (f"real-{full.name}-{args.search_method}{args.search_size}-r{args.refit_every or 0}"
-                      f"-e{args.elite}")
+        est = work / f"real-{full.name}-{tag}"
         wall_e, recs_e = run(with_subset(base, sub), est, env)
         bench = full / "bench.json"  # a run made elsewhere: from its first candidate's start to its last's end
         wall_f = (json.loads(bench.read_text())["wall_s"] if bench.is_file()
@@ -260,10 +268,8 @@ def main() -> None:
             lines += corr_table(f"toy {args.toy_config}, seed {seed}, zoo_math_b", responses(full),
                                 "zoo_math_b", sizes, args)
         if "toy-search" in parts:
-            sub = {"method": args.search_method, "size": args.search_size, "fit_generations": args.fit_generations,
-                   "refit_every": args.refit_every, "elite": args.elite, "full_below": args.full_below}
-            est = work / (f"toy-{args.toy_config}-s{seed}-{args.search_method}{args.search_size}"
-                          f"-r{args.refit_every or 0}-fb{args.full_below or 0:g}")
+            sub, tag = estimate_subset(args)
+            est = work / f"toy-{args.toy_config}-s{seed}-{tag}"
             wall_e, recs_e = run(with_subset(base, sub), est, env)
             for label, path, recs, wall in (("full set", full, recs_f, wall_f),
                                             (f"{args.search_method} N={args.search_size}", est, recs_e, wall_e)):

@@ -14,10 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.search.conftest import make_config, mc_task_dir, read_evals, tiny_models  # noqa: F401 - fixtures
+from tests.search.conftest import (  # noqa: F401 - fixtures
+    make_config,
+    mc_task_dir,
+    read_evals,
+    strip_volatile,
+    tiny_models,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-VOLATILE = {"time", "timings", "cost"}
 
 # DFSMERGE_TEST_SLOW=s: every candidate takes s more seconds.
 # DFSMERGE_TEST_ENOSPC=GLOB:N[:KEEP]: the N-th write to files whose path matches GLOB fails with ENOSPC after KEEP
@@ -42,15 +47,11 @@ RUNNER = textwrap.dedent('''
 ''')
 
 
-def strip(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in VOLATILE}
-
-
 def same_evals(run: Path, ref: Path) -> None:
     got, want = read_evals(run), read_evals(ref)
     assert [r["id"] for r in got] == list(range(len(got))), "a gap or a duplicate id"
     assert len(got) == len(want)
-    assert [strip(r) for r in got] == [strip(r) for r in want]
+    assert [strip_volatile(r) for r in got] == [strip_volatile(r) for r in want]
 
 
 class Dfsmerge:

@@ -20,7 +20,7 @@ from dfsmerge.objectives.subset import (
     kmedoids,
     low_signal,
 )
-from tests.search.conftest import MC_TASK, make_config, mc_task_dir, read_evals, tiny_models  # noqa: F401
+from tests.search.conftest import MC_TASK, make_config, mc_task_dir, read_evals, stable_evals, tiny_models  # noqa: F401
 
 
 def _clustered(rng, n_models=12, n_patterns=6, copies=(5, 9, 3, 7, 11, 4)):
@@ -185,16 +185,19 @@ def test_search_on_estimates_rescores_the_elite_and_resumes_exactly(subset_searc
         {"name": MC_TASK, "split": "validation", "native": True}]})
     full = Worker(plain).evaluate(np.asarray(best["genome"]))
     assert full.scores == pytest.approx(best["objectives"])
-    # resume: 8 evaluations, then on to 12, equals the uninterrupted run
-    run_search(cfg, tmp_path / "part", progress=False, **{"budget.max_evals": 8})
-    run_search(cfg, tmp_path / "part", progress=False, resume=True)
-
-    def plain_recs(run):
-        return [{k: v for k, v in r.items() if k not in ("time", "timings", "cost")} for r in read_evals(run)]
-
-    assert plain_recs(tmp_path / "part") == plain_recs(tmp_path / "run")
-    assert (tmp_path / "part/subset/fits.json").read_text() == (tmp_path / "run/subset/fits.json").read_text()
+    _resumed_run_equals(cfg, tmp_path / "part", tmp_path / "run", stop_at=8)  # 8 evaluations, then on to 12
     assert json.loads((tmp_path / "part/best/best.json").read_text())["objectives"] == best["objectives"]
+
+
+def _resumed_run_equals(cfg, part, ref, *, stop_at: int) -> None:
+    """A search stopped after ``stop_at`` evaluations and resumed writes the records and subset fits of ``ref``, its
+    uninterrupted run."""
+    from dfsmerge.search import run_search
+
+    run_search(cfg, part, progress=False, **{"budget.max_evals": stop_at})
+    run_search(cfg, part, progress=False, resume=True)
+    assert stable_evals(part) == stable_evals(ref)
+    assert (part / "subset/fits.json").read_text() == (ref / "subset/fits.json").read_text()
 
 
 def test_search_scores_in_full_after_a_low_signal_generation_and_resumes_exactly(subset_search, tmp_path,
@@ -230,11 +233,4 @@ def test_search_scores_in_full_after_a_low_signal_generation_and_resumes_exactly
         else:  # estimated with the fit made after the last generation scored in full
             assert {r["estimate"]["fit"] for r in fresh} == {max(x for x in full_gens if x < g)}
     assert len(full_gens) > 1 and len(full_gens) < len({r["generation"] for r in recs})  # the rule fired, not always
-    run_search(cfg, tmp_path / "part", progress=False, **{"budget.max_evals": 12})
-    run_search(cfg, tmp_path / "part", progress=False, resume=True)
-
-    def plain(run):
-        return [{k: v for k, v in r.items() if k not in ("time", "timings", "cost")} for r in read_evals(run)]
-
-    assert plain(tmp_path / "part") == plain(tmp_path / "run")
-    assert (tmp_path / "part/subset/fits.json").read_text() == (tmp_path / "run/subset/fits.json").read_text()
+    _resumed_run_equals(cfg, tmp_path / "part", tmp_path / "run", stop_at=12)

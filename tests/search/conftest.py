@@ -42,6 +42,20 @@ def read_evals(run: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run) / "evals.jsonl").read_text().splitlines()]
 
 
+VOLATILE = {"time", "timings", "cost"}  # cost is measured work (a fresh process starts with an empty prefix
+# store), not a result
+
+
+def strip_volatile(rec: dict) -> dict:
+    """An evals.jsonl record without what differs between two equal runs (wall times, measured cost)."""
+    return {k: v for k, v in rec.items() if k not in VOLATILE}
+
+
+def stable_evals(run: Path) -> list[dict]:
+    """``run``'s records as two equal runs write them alike (:func:`strip_volatile`)."""
+    return [strip_volatile(r) for r in read_evals(run)]
+
+
 MC_TASK = "dfss_mc"
 
 

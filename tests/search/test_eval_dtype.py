@@ -13,7 +13,7 @@ from dfsmerge.objectives.evaluator import EvalResult
 from dfsmerge.search import eval_dtype as ed
 from dfsmerge.search import load_search_config, run_search
 from dfsmerge.search.backends import LocalBackend
-from tests.search.conftest import MC_TASK, read_evals
+from tests.search.conftest import MC_TASK, read_evals, stable_evals
 
 TOY = {"model_type": "llama", "hidden_size": 64, "vocab_size": 64}  # the toy zoo's shape
 SMOL = {"model_type": "llama", "hidden_size": 576, "vocab_size": 49152}  # SmolLM2-135M's
@@ -84,10 +84,6 @@ def _state(run):
     return json.loads((run / "state" / "state.json").read_text())
 
 
-def _plain(recs):
-    return [{k: v for k, v in r.items() if k not in ("time", "timings", "cost")} for r in recs]
-
-
 def test_auto_reruns_choose_alike_and_equal_the_explicit_run_of_their_choice(mc_search, tmp_path):
     cfg = load_search_config(mc_search())
     names = [f"auto{i}" for i in range(1, 6)]  # five reruns of the same search
@@ -97,9 +93,9 @@ def test_auto_reruns_choose_alike_and_equal_the_explicit_run_of_their_choice(mc_
     assert all(_state(tmp_path / name)["eval_dtype"] == choice for name in names)
     # the tiny models are 16 wide: the rule keeps float32 without scoring anything twice
     assert choice["dtype"] == "float32" and not choice["measured"]
-    assert _plain(read_evals(tmp_path / "auto1")) == _plain(read_evals(tmp_path / "auto2"))
+    assert stable_evals(tmp_path / "auto1") == stable_evals(tmp_path / "auto2")
     run_search(load_search_config(mc_search(eval_dtype="float32")), tmp_path / "fixed", progress=False)
-    assert _plain(read_evals(tmp_path / "auto1")) == _plain(read_evals(tmp_path / "fixed"))
+    assert stable_evals(tmp_path / "auto1") == stable_evals(tmp_path / "fixed")
 
 
 def _force_bf16(monkeypatch):

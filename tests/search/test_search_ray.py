@@ -6,23 +6,15 @@ from __future__ import annotations
 import pytest
 
 from dfsmerge.search import load_search_config, run_search
-from tests.search.conftest import MC_TASK, read_evals
+from tests.search.conftest import MC_TASK, read_evals, strip_volatile
 
 ray = pytest.importorskip("ray", reason="ray is an optional dependency (pip install ray)")
-
-VOLATILE = {"time", "timings", "cost"}  # cost is measured work (a fresh process starts with an empty prefix
-# store), not a result
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def _strip(rec):
-    return {k: v for k, v in rec.items() if k not in VOLATILE}
 
 
 def test_ray_matches_local(ray_cluster, make_config, mc_task_dir, tmp_path):
@@ -52,5 +44,5 @@ def test_ray_matches_local(ray_cluster, make_config, mc_task_dir, tmp_path):
     backend.close()
     local, remote = read_evals(tmp_path / "local"), read_evals(tmp_path / "ray")
     assert killed and backend.retries >= 1 and len(local) == len(remote) == 8
-    assert [_strip(r) for r in remote] == [_strip(r) for r in local]
+    assert [strip_volatile(r) for r in remote] == [strip_volatile(r) for r in local]
     assert any(r["objectives"][MC_TASK] is not None for r in local)

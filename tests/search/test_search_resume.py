@@ -17,7 +17,7 @@ import yaml
 
 from dfsmerge.errors import CheckpointError, ConfigError, OutputExistsError
 from dfsmerge.search import load_search_config, run_search
-from tests.search.conftest import read_evals
+from tests.search.conftest import read_evals, strip_volatile
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,14 +55,6 @@ KILLER = textwrap.dedent('''
 
 KILLS = [("after_append", 3), ("before_state", 2), ("partial", 3), ("after_state", 4), ("before_append", 6),
          ("after_state", 2)]
-VOLATILE = {"time", "timings", "cost"}  # cost is measured work (a fresh process starts with an empty prefix
-# store), not a result
-
-
-def _strip(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in VOLATILE}
-
-
 def search_with_kills(cfg_path: Path, ref: Path, run: Path, kills, *, timeout: int = 300) -> list[int]:
     """Run the search of ``cfg_path`` uninterrupted into ``ref``; then into ``run`` under the KILLER at each
     ``(where, k)`` of ``kills`` in turn (resuming after the first) and once more to the end. Returns the number of
@@ -97,12 +89,12 @@ def test_sigkill_resume_equals_uninterrupted(make_config, tmp_path):
     seen = search_with_kills(cfg_path, ref, run, KILLS)
     got, want = read_evals(run), read_evals(ref)
     assert [r["id"] for r in got] == list(range(len(got)))  # no gap, no duplicate
-    assert [_strip(r) for r in got] == [_strip(r) for r in want]
+    assert [strip_volatile(r) for r in got] == [strip_volatile(r) for r in want]
     assert len(set(seen)) > 3, f"kills happened at too few distinct points: {seen}"
     assert seen[-1] < len(want)
     best_got = json.loads((run / "best" / "best.json").read_text())
     best_want = json.loads((ref / "best" / "best.json").read_text())
-    assert _strip(best_got) == _strip(best_want)
+    assert strip_volatile(best_got) == strip_volatile(best_want)
     names = sorted(p.name for p in (ref / "best").iterdir())
     assert sorted(p.name for p in (run / "best").iterdir()) == names
     for name in names:
@@ -117,7 +109,7 @@ def test_continue_with_larger_budget_equals_one_run(make_config, tmp_path):
     run_search(cfg.with_overrides(**{"budget.max_evals": 16}), tmp_path / "b", progress=False)
     a, b = read_evals(tmp_path / "a"), read_evals(tmp_path / "b")
     assert len(a) == 16
-    assert [_strip(r) for r in a] == [_strip(r) for r in b]
+    assert [strip_volatile(r) for r in a] == [strip_volatile(r) for r in b]
 
 
 def test_new_run_refuses_nonempty_out_and_resume_checks(make_config, tmp_path):
