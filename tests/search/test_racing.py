@@ -14,8 +14,8 @@ from dfsmerge.objectives.config import ObjectiveConfig
 from dfsmerge.objectives.tasks import block_ends
 from dfsmerge.search import load_search_config, run_search
 from dfsmerge.search.racing import Tally, run_race, score_interval
-from tests.search.conftest import MC_TASK, read_evals
-from tests.search.test_search_resume import _strip, search_with_kills
+from tests.search.conftest import MC_TASK, read_evals, stable_evals
+from tests.search.test_search_resume import search_with_kills
 
 
 def _race(docs: np.ndarray, *, elite, bound="exact", delta=0.05, blocks=4, best_known=math.inf):
@@ -313,7 +313,7 @@ def test_racing_keeps_each_candidates_merge_between_blocks(mc_config, tmp_path, 
         cfg = load_search_config(mc_config("joint", racing={"enabled": True, "blocks": 3, "bound": "kl", "delta": 0.5,
                                                             "keep_merged_mb": keep}, eval_dtype="float32"))
         run_search(cfg, tmp_path / f"k{keep}", progress=False)
-        runs[keep] = [_strip(r) for r in read_evals(tmp_path / f"k{keep}")]
+        runs[keep] = stable_evals(tmp_path / f"k{keep}")
         merged[keep] = len(calls)
     assert runs[0] == runs[2048]
     fresh = [r for r in runs[0] if not r["cached"]]
@@ -341,7 +341,5 @@ def test_sigkill_resume_with_racing_and_prefix_reuse_equals_uninterrupted(mc_con
     ref, run = tmp_path / "ref", tmp_path / "run"
     search_with_kills(cfg_path, ref, run, [("after_append", 2), ("before_state", 3), ("before_append", 5),
                                            ("after_state", 2)], timeout=600)
-    volatile = {"cost"}  # the prefix store starts empty in each process: same scores, different work
-    got = [{k: v for k, v in _strip(r).items() if k not in volatile} for r in read_evals(run)]
-    want = [{k: v for k, v in _strip(r).items() if k not in volatile} for r in read_evals(ref)]
-    assert got == want
+    # cost (dropped by strip_volatile) differs: each process's prefix store starts empty
+    assert stable_evals(run) == stable_evals(ref)
