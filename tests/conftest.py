@@ -11,6 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run in the CPU interpreter (tests/kernels). triton.jit reads TRITON_INTERPRET when triton is
 # imported, and any test module may import it first (peft does, in tests/io), so it is set here, before them all.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one process per core (pytest -n): each runs torch, and the subprocesses it starts, on one thread, so two
+    # workers do not oversubscribe the cores (OpenMP barrier stalls on small matmuls). Read when torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
@@ -40,3 +44,10 @@ def tiny_family_models(tmp_path_factory):
             models[f"ft{i}"] = make_tiny_checkpoint(fam, root / fam / f"ft{i}", seed=i, like=base, delta_std=0.2)
         out[fam] = models
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-checkpoint modules (the longest) first, the rest in their order: with one worker per core
+    (``pytest -n``, ``--dist loadfile`` hands out whole modules in this order) no worker is left alone with a
+    long module at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("real") is None)  # stable: each group keeps its order

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from dfsmerge.errors import CheckpointError
+from dfsmerge.io.cache import building, cache_root
 from dfsmerge.io.checkpoint import CheckpointReader
 from dfsmerge.io.formats import TOKENIZER_FILES
-from dfsmerge.io.gguf import cache_root, file_sha256
+from dfsmerge.io.gguf import file_sha256
 from dfsmerge.io.writer import ShardedWriter
 
 __all__ = ["ADAPTER_CONFIG", "adapter_base_ref", "adapter_source", "apply_adapter", "cached_adapter_checkpoint",
@@ -269,4 +270,8 @@ def cached_adapter_checkpoint(adapter_dir: str | Path, base_path: str | Path, ov
     target = cache_root() / "adapters" / _fingerprint(adapter_dir, base_path, override)
     if (target / _DONE).is_file():
         return target
-    return apply_adapter(adapter_dir, target, base_path, base_ref=adapter_base_ref(adapter_dir, override), force=True)
+    with building(target):  # another process may be building the same entry: wait for it, then reuse it
+        if (target / _DONE).is_file():
+            return target
+        return apply_adapter(adapter_dir, target, base_path, base_ref=adapter_base_ref(adapter_dir, override),
+                             force=True)

@@ -20,17 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from dfsmerge.errors import CheckpointError, DfsmergeError, OutputExistsError
+from dfsmerge.io.cache import building, cache_root
 
-__all__ = ["cache_root", "cached_gguf_checkpoint", "check_gguf_file", "convert_gguf", "file_sha256", "gguf_model_type",
+__all__ = ["cached_gguf_checkpoint", "check_gguf_file", "convert_gguf", "file_sha256", "gguf_model_type",
            "is_gguf"]
 
 _DONE = ".dfsmerge-gguf.json"  # written last: a directory without it is an interrupted conversion
-
-
-def cache_root() -> Path:
-    """dfsmerge's cache directory: ``$DFSMERGE_CACHE`` if set, else ``~/.cache/dfsmerge``."""
-    env = os.environ.get("DFSMERGE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dfsmerge"
 
 
 def is_gguf(ref: str | Path) -> bool:
@@ -315,8 +310,30 @@ def cached_gguf_checkpoint(path: str | Path, *, sha256: str | None = None) -> Pa
         CheckpointError, ArchitectureError: as :func:`convert_gguf`.
     """
     path = Path(str(path)).expanduser().resolve()
-    _check_supported(path)  # before hashing or converting: an unsupported family fails in a second
+    if not path.is_file():
+        raise CheckpointError(f"gguf file {str(path)!r} does not exist; check the path")
     target = cache_root() / "gguf" / (sha256 or file_sha256(path))[:32]
-    if (target / _DONE).is_file():
+    if _reuse(target, path):
         return target
-    return convert_gguf(path, target, force=True)
+    with building(target):  # another process may be converting the same file: wait for it, then reuse its result
+        if _reuse(target, path):
+            return target
+        return convert_gguf(path, target, force=True)  # (it checks the family before dequantising anything)
+
+
+def _reuse(target: Path, path: Path) -> bool:
+    """Whether ``target`` holds a finished conversion, its family checked from the record the conversion wrote.
+
+    Reading the family from the file again would parse its whole metadata, vocabulary included (about 6 s for a
+    49k-token vocabulary), on every use of a cached model: a search opens its sources a dozen times.
+    """
+    try:
+        done = json.loads((target / _DONE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(done, dict) or not isinstance(done.get("model_type"), str):
+        return False  # an older or damaged record: converted again
+    from dfsmerge.arch import get_architecture
+
+    get_architecture(done["model_type"], source=str(path))  # a family this version does not support: one line
+    return True

