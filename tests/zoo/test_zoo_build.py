@@ -192,8 +192,11 @@ def test_resolution_builds_a_missing_zoo_with_identical_checksums(tiny_zoo, tmp_
 
 def test_default_dir_without_env(monkeypatch, tmp_path):
     monkeypatch.delenv("DFSMERGE_ZOO", raising=False)
+    monkeypatch.delenv("DFSMERGE_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_zoo_dir("tiny", 3) == tmp_path / ".cache" / "dfsmerge" / "zoo" / f"tiny-seed3-v{FORMAT_VERSION}"
+    monkeypatch.setenv("DFSMERGE_CACHE", str(tmp_path / "elsewhere"))  # the one cache setting moves the zoo too
+    assert default_zoo_dir("tiny", 3) == tmp_path / "elsewhere" / "zoo" / f"tiny-seed3-v{FORMAT_VERSION}"
 
 
 def test_moved_zoo_points_its_tasks_at_the_new_place(tiny_zoo, tmp_path):
