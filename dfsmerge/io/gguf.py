@@ -324,7 +324,7 @@ def cached_gguf_checkpoint(path: str | Path, *, sha256: str | None = None) -> Pa
 def _reuse(target: Path, path: Path) -> bool:
     """Whether ``target`` holds a finished conversion, its family checked from the record the conversion wrote.
 
-    Reading the family from the file again would parse its whole metadata, vocabulary included (about 6 s for a
+    Reading the family from the file again would parse its whole metadata, vocabulary included (4-6 s for a
     49k-token vocabulary), on every use of a cached model: a search opens its sources a dozen times.
     """
     try:
