@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 CONFIGS = ROOT / "configs" / "real" / "experts"
-MODES = ("ps", "dfs", "staged", "joint")
+MODES = ("ps", "dfs", "dfs-mathfirst", "staged", "joint")  # configs/real/experts/<mode>.yaml
 SWAP_GRID = ((1, 1, 0), (2, 1, 0), (2, 2, 1), (4, 2, 0), (4, 2, 1), (6, 3, 0), (6, 3, 1), (6, 3, 2), (8, 4, 2),
              (10, 4, 2))  # (bottom, top, transition) of 30 layers; the paper's best sit near 4-7 / 2-3 / 1-2 of 32
 

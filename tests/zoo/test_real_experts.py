@@ -94,7 +94,7 @@ def test_baseline_recipes_run(tiny_set_root, tmp_path, name):
     assert all(torch.isfinite(t).all() for t in merged.values())
 
 
-@pytest.mark.parametrize("mode", ["ps", "dfs", "staged", "joint"])
+@pytest.mark.parametrize("mode", ["ps", "dfs", "dfs-mathfirst", "staged", "joint"])
 def test_search_configs_run(tiny_set_root, tmp_path, mode):
     data = yaml.safe_load(_tiny_refs((CONFIGS / f"{mode}.yaml").read_text()))
     data["budget"] = {"max_evals": 4}
