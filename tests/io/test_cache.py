@@ -34,22 +34,25 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
 
 
 def test_second_process_waits_for_the_builder_and_reuses_its_entry(tmp_path):
-    """Four processes race for one entry whose build takes a while: one builds, three wait and find it built."""
+    """Four processes race for one entry whose build takes a while (``build_once``, what every cached builder
+    uses): one builds, three wait and find it built."""
     entry = tmp_path / "entry"
     code = f"""
         import os, time
         from pathlib import Path
-        from dfsmerge.io.cache import building
+        from dfsmerge.io.cache import build_once
         entry = Path({str(entry)!r})
-        with building(entry):
-            if entry.is_file():
-                print("reused", entry.read_text())
-            else:
-                time.sleep(0.5)  # a build long enough for the others to arrive meanwhile
-                tmp = entry.with_name(".entry.tmp")
-                tmp.write_text(str(os.getpid()))
-                os.replace(tmp, entry)
-                print("built", os.getpid())
+        built = []
+
+        def build():
+            time.sleep(0.5)  # a build long enough for the others to arrive meanwhile
+            tmp = entry.with_name(".entry.tmp")
+            tmp.write_text(str(os.getpid()))
+            os.replace(tmp, entry)
+            built.append(True)
+
+        assert build_once(entry, entry.is_file, build) == entry
+        print("built" if built else "reused", entry.read_text())
         """
     procs = [_start(code, _env(tmp_path)) for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]

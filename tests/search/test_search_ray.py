@@ -10,6 +10,7 @@ from tests.search.conftest import MC_TASK, read_evals, strip_volatile
 
 ray = pytest.importorskip("ray", reason="ray is an optional dependency (pip install ray)")
 
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

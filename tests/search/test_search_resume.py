@@ -55,6 +55,8 @@ KILLER = textwrap.dedent('''
 
 KILLS = [("after_append", 3), ("before_state", 2), ("partial", 3), ("after_state", 4), ("before_append", 6),
          ("after_state", 2)]
+
+
 def search_with_kills(cfg_path: Path, ref: Path, run: Path, kills, *, timeout: int = 300) -> list[int]:
     """Run the search of ``cfg_path`` uninterrupted into ``ref``; then into ``run`` under the KILLER at each
     ``(where, k)`` of ``kills`` in turn (resuming after the first) and once more to the end. Returns the number of
